@@ -22,6 +22,9 @@ from pipeline.logs import setup_logging
 
 # name -> module; the order is the order of `rollcast --help`.
 COMMANDS: dict[str, str] = {
+    "up": "jobs.up",
+    "demo": "jobs.demo",
+    "replay": "jobs.replay",
 }
 
 
@@ -47,7 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        settings = resolve_endpoints(load_settings(args.config))
+        settings = load_settings(args.config)
+        if getattr(args._module, "RESOLVE_ENDPOINTS", True):
+            settings = resolve_endpoints(settings)
         setup_logging(settings.observability)
         return int(args._module.run(settings, args) or 0)
     except ConfigError as e:

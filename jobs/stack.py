@@ -9,6 +9,7 @@ fixtures.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -129,10 +130,8 @@ class Child:
 
 
 def _signal_group(pgid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def broker_binary(configured: str | None) -> str:

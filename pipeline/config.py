@@ -326,12 +326,26 @@ def resolve_endpoints(settings: Settings) -> Settings:
         stack = json.loads(stack_file(settings).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return settings
+    if not _pid_alive(stack.get("pid")):
+        return settings  # left behind by a `rollcast up` that was killed
     changes: dict[str, Any] = {}
     if not settings.kafka.bootstrap_servers and stack.get("bootstrap_servers"):
         changes["kafka.bootstrap_servers"] = stack["bootstrap_servers"]
     if not settings.mlflow.tracking_uri and stack.get("tracking_uri"):
         changes["mlflow.tracking_uri"] = stack["tracking_uri"]
     return settings.replace(**changes) if changes else settings
+
+
+def _pid_alive(pid: object) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def require_bootstrap(settings: Settings) -> str:

@@ -7,6 +7,7 @@ consumer and admin client.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -114,10 +115,9 @@ def ensure_topics(settings: Settings, names: list[str] | None = None, partitions
             if n not in existing
         ]
         if new:
-            try:
+            # another process may create one between list and create
+            with contextlib.suppress(TopicAlreadyExistsError):
                 admin.create_topics(new, timeout_ms=int(settings.kafka.connect_timeout_s * 1000))
-            except TopicAlreadyExistsError:
-                pass  # another process created it between list and create
             log.info("created topics %s", [t.name for t in new])
     except KafkaError as e:
         raise BrokerUnavailable(f"could not create topics {names}: {e}") from e

@@ -1,0 +1,72 @@
+"""`rollcast up` and `rollcast demo` run real child processes and leave none behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.jobs.helpers import alive, descendants, rollcast, start_rollcast, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def _stack_json(data_dir: Path) -> dict | None:
+    try:
+        return json.loads((data_dir / "stack.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def test_up_then_sigterm_leaves_no_child_process(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    log = tmp_path / "up.log"
+    proc = start_rollcast("up", env={"ROLLCAST_DATA_DIR": str(data)}, log=log)
+    try:
+        info = wait_for(lambda: "Press Ctrl-C" in log.read_text() and _stack_json(data), 180, "the stack to be up")
+        kids = descendants(proc.pid)
+        names = " ".join(Path(f"/proc/{p}/cmdline").read_text(errors="replace") for p in kids if alive(p))
+        assert "tansu" in names and "mlflow" in names
+        assert info["bootstrap_servers"].startswith("127.0.0.1:")
+        assert "MLflow UI" in log.read_text() and info["tracking_uri"] in log.read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        left = [p for p in kids if alive(p)]
+        assert left == [], f"processes left behind: {left}"
+        assert not (data / "stack.json").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_up_uses_configured_broker_and_mlflow(broker: str, mlflow_server: str, tmp_path: Path) -> None:
+    env = {"ROLLCAST_DATA_DIR": str(tmp_path), "ROLLCAST_KAFKA__BOOTSTRAP_SERVERS": broker,
+           "ROLLCAST_MLFLOW__TRACKING_URI": mlflow_server}
+    proc = start_rollcast("up", "--no-jobs", env=env)
+    try:
+        wait_for(lambda: _stack_json(tmp_path), 60, "stack.json")
+        cmdlines = [Path(f"/proc/{p}/cmdline").read_text(errors="replace") for p in descendants(proc.pid)]
+        assert not any("tansu" in c or "mlflow" in c for c in cmdlines)
+        assert _stack_json(tmp_path)["bootstrap_servers"] == broker
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0
+        assert broker in out.decode() and mlflow_server in out.decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_demo_exits_by_itself_after_the_replay(tmp_path: Path) -> None:
+    r = rollcast("demo", "--exit-after-replay", "--limit", "2000",
+                 env={"ROLLCAST_DATA_DIR": str(tmp_path / "d")}, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "replayed 2000 observations of 2 series" in r.stdout
+    assert "MLflow UI" in r.stdout
+    assert not (tmp_path / "d" / "stack.json").exists()
+    stray = [p for p in map(int, filter(str.isdigit, os.listdir("/proc"))) if alive(p)
+             and str(tmp_path) in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
+    assert stray == []
