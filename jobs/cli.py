@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "up": "jobs.up",
     "demo": "jobs.demo",
     "replay": "jobs.replay",
+    "topics": "jobs.topics",
 }
 
 

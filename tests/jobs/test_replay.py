@@ -102,3 +102,11 @@ def test_one_series_file_with_constant_series_name(tmp_path: Path) -> None:
         {"series": "s1", "ts": 1577836800000, "value": 1.5},
         {"series": "s1", "ts": 1577836800000, "value": 2.5},
     ]
+
+
+def test_topics_command_creates_with_partitions(settings: Settings, test_env: dict[str, str]) -> None:
+    env = {**test_env, "ROLLCAST_TOPICS__FORECASTS": test_env["ROLLCAST_TOPICS__FORECASTS"] + "-new"}
+    r = rollcast("topics", "--partitions", "3", env=env)
+    assert r.returncode == 0, r.stderr
+    assert f"{env['ROLLCAST_TOPICS__FORECASTS']}: 3 partitions" in r.stdout
+    assert f"{settings.topics.observations}: 2 partitions" in r.stdout  # existing topic left alone
