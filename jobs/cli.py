@@ -22,6 +22,7 @@ from pipeline.logs import setup_logging
 
 # name -> module; the order is the order of `rollcast --help`.
 COMMANDS: dict[str, str] = {
+    "ingest": "jobs.ingest",
     "up": "jobs.up",
     "demo": "jobs.demo",
     "replay": "jobs.replay",

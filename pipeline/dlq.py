@@ -1,0 +1,44 @@
+"""The dead-letter topic: rejected input with its original bytes, key and headers.
+
+Headers added: ``rollcast-reason`` (one of :data:`pipeline.decode.REASONS`),
+``rollcast-error`` (a readable detail), ``rollcast-source-topic``,
+``rollcast-source-partition`` and ``rollcast-source-offset``. Rejected rows of
+an Arrow batch are sent as an Arrow IPC stream of just those rows, with
+``rollcast-rows`` giving their number.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pipeline import metrics
+from pipeline.decode import Rejected
+
+log = logging.getLogger(__name__)
+
+
+class DeadLetters:
+    """Sends :class:`Rejected` items to the DLQ topic; the caller flushes the producer."""
+
+    def __init__(self, producer: Any, topic: str):
+        self.producer = producer
+        self.topic = topic
+        self.futures: list[Any] = []
+
+    def send(self, item: Rejected) -> None:
+        r = item.record
+        headers = [
+            *(r.headers or []),
+            ("rollcast-reason", item.reason.encode()),
+            ("rollcast-error", item.detail.encode()[:1000]),
+            ("rollcast-source-topic", r.topic.encode()),
+            ("rollcast-source-partition", str(r.partition).encode()),
+            ("rollcast-source-offset", str(r.offset).encode()),
+        ]
+        if item.value is not None:
+            headers.append(("rollcast-rows", str(item.rows).encode()))
+        value = item.value if item.value is not None else r.value
+        self.futures.append(self.producer.send(self.topic, value=value, key=r.key, headers=headers))
+        metrics.REJECTED.labels(reason=item.reason).inc(item.rows)
+        log.debug("rejected %s[%d]@%d: %s: %s", r.topic, r.partition, r.offset, item.reason, item.detail)

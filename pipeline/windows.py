@@ -1,0 +1,343 @@
+"""Event-time tumbling windows over Arrow/polars tables, one batch at a time.
+
+A window is declared (:class:`TumblingWindow`: ``duration_ms``, ``grace_ms``)
+and computes a tuple of :class:`Aggregator` objects that share one small
+contract, so a new aggregate is one class:
+
+- ``initialize()``: state columns for the events of one (series, window) group;
+- ``add()``: combine the state rows of one group (older rows first);
+- ``result()``: the final column from the state.
+
+:class:`WindowState` holds the open windows of one Kafka partition and applies
+a batch of events with polars ``group_by`` (never a Python loop per event).
+Semantics, identical to processing the events one by one in offset order:
+
+- windows are aligned to the epoch: ``window_start = floor(ts / duration) * duration``;
+- the watermark is the partition's max event time seen minus ``grace_ms``;
+  the watermark *before* each event decides whether it is late;
+- an event is late when its window has already closed: its end is at or
+  below the watermark, or at or below the end of the last window emitted for
+  its series (an idle series is closed early);
+- a window closes when the watermark reaches its end, or when its series is
+  closed for idleness; emitted windows of a series are preceded by ``count=0``
+  rows filling any gap since its previous window (gaps longer than
+  ``max_gap_windows`` are not filled: the series is treated as restarted);
+- ``first``/``last`` are by event time, ties broken by offset.
+
+>>> w = TumblingWindow(duration_ms=10, grace_ms=0)
+>>> st = WindowState(w)
+>>> ev = pl.DataFrame({"series": ["a", "a", "a"], "ts": [1, 5, 23], "value": [1.0, 3.0, 7.0],
+...                    "offset": [0, 1, 2], "seq": [0, 1, 2]})
+>>> out = st.add(ev)
+>>> out.closed.select("window_start", "count", "mean").rows()
+[(0, 2, 2.0)]
+>>> st.commit_offset(3)
+2
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import polars as pl
+
+from pipeline.config import WindowSettings
+
+WINDOW_SCHEMA: dict[str, pl.DataType] = {
+    "series": pl.String,
+    "window_start": pl.Int64,
+    "window_end": pl.Int64,
+    "count": pl.Int64,
+    "first": pl.Float64,
+    "last": pl.Float64,
+    "min": pl.Float64,
+    "max": pl.Float64,
+    "mean": pl.Float64,
+    "sum": pl.Float64,
+}
+_MIN_TS = -(2**62)
+
+
+class Aggregator:
+    """Contract of one window aggregate; subclasses set ``name`` and the three methods.
+
+    Events inside a group are in offset order; state rows are combined older first.
+    """
+
+    name: str = ""
+
+    def initialize(self) -> list[pl.Expr]:
+        """State columns from raw events (columns ``ts``, ``value``) of one group."""
+        raise NotImplementedError
+
+    def add(self) -> list[pl.Expr]:
+        """State columns combining several state rows of one group."""
+        raise NotImplementedError
+
+    def result(self) -> pl.Expr:
+        """The final value (a Float64 or Int64 expression) from the state columns."""
+        raise NotImplementedError
+
+
+class Count(Aggregator):
+    name = "count"
+
+    def initialize(self) -> list[pl.Expr]:
+        return [pl.len().cast(pl.Int64).alias("count")]
+
+    def add(self) -> list[pl.Expr]:
+        return [pl.col("count").sum()]
+
+    def result(self) -> pl.Expr:
+        return pl.col("count").cast(pl.Int64)
+
+
+class _Reduce(Aggregator):
+    """sum/min/max: the state is the aggregate itself, combined with the same reduction."""
+
+    def initialize(self) -> list[pl.Expr]:
+        return [getattr(pl.col("value"), self.name)().alias(self.name)]
+
+    def add(self) -> list[pl.Expr]:
+        return [getattr(pl.col(self.name), self.name)()]
+
+    def result(self) -> pl.Expr:
+        return pl.col(self.name).cast(pl.Float64)
+
+
+class Sum(_Reduce):
+    name = "sum"
+
+
+class Min(_Reduce):
+    name = "min"
+
+
+class Max(_Reduce):
+    name = "max"
+
+
+class Mean(Aggregator):
+    name = "mean"
+
+    def initialize(self) -> list[pl.Expr]:
+        return [pl.col("value").sum().alias("_mean_sum"), pl.len().cast(pl.Int64).alias("_mean_n")]
+
+    def add(self) -> list[pl.Expr]:
+        return [pl.col("_mean_sum").sum(), pl.col("_mean_n").sum()]
+
+    def result(self) -> pl.Expr:
+        return (pl.col("_mean_sum") / pl.col("_mean_n")).cast(pl.Float64)
+
+
+class First(Aggregator):
+    """Value of the earliest event (smallest offset among equal times)."""
+
+    name = "first"
+
+    def initialize(self) -> list[pl.Expr]:
+        ts = pl.col("ts")
+        return [pl.col("value").filter(ts == ts.min()).first().alias("first"), ts.min().alias("_first_ts")]
+
+    def add(self) -> list[pl.Expr]:
+        ts = pl.col("_first_ts")
+        return [pl.col("first").filter(ts == ts.min()).first(), ts.min()]
+
+    def result(self) -> pl.Expr:
+        return pl.col("first")
+
+
+class Last(Aggregator):
+    """Value of the latest event (largest offset among equal times)."""
+
+    name = "last"
+
+    def initialize(self) -> list[pl.Expr]:
+        ts = pl.col("ts")
+        return [pl.col("value").filter(ts == ts.max()).last().alias("last"), ts.max().alias("_last_ts")]
+
+    def add(self) -> list[pl.Expr]:
+        ts = pl.col("_last_ts")
+        return [pl.col("last").filter(ts == ts.max()).last(), ts.max()]
+
+    def result(self) -> pl.Expr:
+        return pl.col("last")
+
+
+DEFAULT_AGGREGATORS: tuple[Aggregator, ...] = (Count(), First(), Last(), Min(), Max(), Mean(), Sum())
+
+
+@dataclass(frozen=True)
+class TumblingWindow:
+    """Declaration of epoch-aligned event-time tumbling windows."""
+
+    duration_ms: int
+    grace_ms: int = 0
+    max_gap_windows: int = 100_000
+    aggregators: tuple[Aggregator, ...] = DEFAULT_AGGREGATORS
+
+    @classmethod
+    def from_settings(cls, w: WindowSettings) -> TumblingWindow:
+        return cls(duration_ms=w.length_ms, grace_ms=w.lateness_ms, max_gap_windows=w.max_gap_windows)
+
+    def __post_init__(self) -> None:
+        if self.duration_ms < 1 or self.grace_ms < 0 or self.max_gap_windows < 0:
+            raise ValueError("TumblingWindow needs duration_ms >= 1, grace_ms >= 0, max_gap_windows >= 0")
+        if self.aggregators[0].name != "count":
+            raise ValueError("the first aggregator must be Count (gap rows are count = 0)")
+
+    @property
+    def schema(self) -> dict[str, pl.DataType]:
+        out: dict[str, pl.DataType] = {"series": pl.String, "window_start": pl.Int64, "window_end": pl.Int64}
+        for a in self.aggregators:
+            out[a.name] = pl.Int64 if a.name == "count" else pl.Float64
+        return out
+
+    def start_of(self, ts: pl.Expr) -> pl.Expr:
+        return (ts // self.duration_ms) * self.duration_ms
+
+
+@dataclass
+class Added:
+    """Result of :meth:`WindowState.add`: late events (for the DLQ) and closed windows."""
+
+    late: pl.DataFrame
+    closed: pl.DataFrame
+
+
+@dataclass
+class WindowState:
+    """Open windows of one partition; memory grows with series × open windows, not events.
+
+    ``max_ts`` and ``closed_until`` (end of the last window emitted per series)
+    are what a restarted job restores to continue exactly where it stopped.
+    """
+
+    spec: TumblingWindow
+    max_ts: int | None = None
+    closed_until: dict[str, int] = field(default_factory=dict)
+    last_seen: dict[str, float] = field(default_factory=dict)
+    open: pl.DataFrame | None = None
+
+    def __post_init__(self) -> None:
+        if self.open is None:
+            self.open = self._empty_open()
+
+    def _empty_open(self) -> pl.DataFrame:
+        probe = pl.DataFrame(schema={"series": pl.String, "ts": pl.Int64, "value": pl.Float64, "offset": pl.Int64})
+        return self._partial(probe.with_columns(window_start=pl.col("ts")))
+
+    @property
+    def watermark(self) -> int | None:
+        return None if self.max_ts is None else self.max_ts - self.spec.grace_ms
+
+    @property
+    def n_open(self) -> int:
+        return self.open.height
+
+    def _partial(self, events: pl.DataFrame) -> pl.DataFrame:
+        init = [e for a in self.spec.aggregators for e in a.initialize()]
+        return events.group_by("series", "window_start", maintain_order=True).agg(
+            *init, pl.col("offset").min().alias("min_offset")
+        )
+
+    def add(self, events: pl.DataFrame, now: float | None = None) -> Added:
+        """Apply events (``series, ts, value, offset, seq`` in offset order); close what the watermark passed."""
+        L = self.spec.duration_ms
+        if events.height == 0:
+            return Added(events, pl.DataFrame(schema=self.spec.schema))
+        prev_max = _MIN_TS if self.max_ts is None else self.max_ts
+        ev = events.with_columns(window_start=self.spec.start_of(pl.col("ts")))
+        ev = ev.with_columns(
+            _wm_before=pl.max_horizontal(pl.col("ts").cum_max().shift(1, fill_value=prev_max), pl.lit(prev_max))
+            - self.spec.grace_ms
+        )
+        late_expr = pl.col("window_start") + L <= pl.col("_wm_before")
+        keys = ev["series"].unique().to_list()
+        known = [(s, self.closed_until[s]) for s in keys if s in self.closed_until]
+        if known:
+            cu = pl.DataFrame(known, schema={"series": pl.String, "_closed_until": pl.Int64}, orient="row")
+            ev = ev.join(cu, on="series", how="left", maintain_order="left")
+            late_expr = late_expr | (pl.col("window_start") + L <= pl.col("_closed_until")).fill_null(False)
+        ev = ev.with_columns(_late=late_expr)
+        late = ev.filter(pl.col("_late")).select(events.columns)
+        accepted = ev.filter(~pl.col("_late"))
+        self.max_ts = max(prev_max, int(ev["ts"].max()))
+        if now is None:
+            now = time.monotonic()
+        for s in keys:
+            self.last_seen[s] = now
+        if accepted.height:
+            partial = self._partial(accepted)
+            if self.open.height:
+                merge = [e for a in self.spec.aggregators for e in a.add()]
+                self.open = pl.concat([self.open, partial]).group_by(
+                    "series", "window_start", maintain_order=True
+                ).agg(*merge, pl.col("min_offset").min())
+            else:
+                self.open = partial
+        wm = self.watermark
+        due = pl.col("window_start") + L <= wm
+        closed = self.open.filter(due)
+        if closed.height:
+            self.open = self.open.filter(~due)
+        return Added(late, self._emit(closed))
+
+    def close_series(self, series: Iterable[str]) -> pl.DataFrame:
+        """Close every open window of these series now (idle timeout); return the closed windows."""
+        names = list(series)
+        mask = pl.col("series").is_in(names)
+        closed = self.open.filter(mask)
+        self.open = self.open.filter(~mask)
+        for s in names:
+            self.last_seen.pop(s, None)
+        return self._emit(closed)
+
+    def idle_series(self, now: float, timeout_s: float) -> list[str]:
+        """Series with open windows that have seen no event for ``timeout_s`` of wall-clock time."""
+        if not self.open.height:
+            return []
+        cutoff = now - timeout_s
+        return [s for s in self.open["series"].unique().to_list() if self.last_seen.get(s, now) <= cutoff]
+
+    def commit_offset(self, position: int) -> int:
+        """The offset safe to commit: ``position``, or the earliest event of a still-open window."""
+        if self.open.height == 0:
+            return position
+        return min(position, int(self.open["min_offset"].min()))
+
+    def _emit(self, closed: pl.DataFrame) -> pl.DataFrame:
+        """Finalise closed windows, fill gaps since each series' previous window, advance ``closed_until``."""
+        L = self.spec.duration_ms
+        if closed.height == 0:
+            return pl.DataFrame(schema=self.spec.schema)
+        closed = closed.sort("series", "window_start")
+        keys = closed["series"].unique().to_list()
+        prev = pl.DataFrame(
+            {"series": keys, "_prev_end": [self.closed_until.get(s) for s in keys]},
+            schema={"series": pl.String, "_prev_end": pl.Int64},
+        )
+        closed = closed.join(prev, on="series", how="left", maintain_order="left").with_columns(
+            _prev_end=pl.coalesce(pl.col("window_start").shift(1).over("series") + L, pl.col("_prev_end"))
+        )
+        rows = closed.select(
+            "series",
+            "window_start",
+            (pl.col("window_start") + L).alias("window_end"),
+            *[a.result().alias(a.name) for a in self.spec.aggregators],
+        )
+        gap = (pl.col("window_start") - pl.col("_prev_end")) // L
+        fills = closed.filter((gap > 0) & (gap <= self.spec.max_gap_windows)).select(
+            "series", pl.int_ranges("_prev_end", "window_start", L, dtype=pl.Int64).alias("window_start")
+        )
+        if fills.height:
+            fills = fills.explode("window_start").with_columns(
+                window_end=pl.col("window_start") + L, count=pl.lit(0, dtype=pl.Int64)
+            )
+            rows = pl.concat([rows, fills], how="diagonal_relaxed").sort("series", "window_start")
+        rows = rows.select(pl.col(k).cast(v) for k, v in self.spec.schema.items())
+        ends = rows.group_by("series").agg(pl.col("window_end").max())
+        self.closed_until.update(zip(ends["series"].to_list(), ends["window_end"].to_list(), strict=True))
+        return rows

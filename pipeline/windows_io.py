@@ -1,0 +1,68 @@
+"""Closed windows on the ``windows`` topic: Arrow IPC stream messages.
+
+Each message holds the windows of series that all map to the message's
+partition under kafka-python's DefaultPartitioner (murmur2 of the UTF-8
+series id), so a forecast consumer owning a partition owns whole series.
+Consumers decode a message with :func:`decode_windows`; a restart of ingest
+may repeat a (series, window_start) row, always with the same values, so drop
+repeats by that key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import polars as pl
+import pyarrow as pa
+from kafka.partitioner.default import murmur2
+
+from pipeline.decode import ARROW_CONTENT_TYPE
+
+HEADERS = [("content-type", ARROW_CONTENT_TYPE.encode())]
+
+
+def partition_for(series: str, partitions: int) -> int:
+    """The partition kafka-python's DefaultPartitioner picks for key ``series``."""
+    return (murmur2(series.encode()) & 0x7FFFFFFF) % partitions
+
+
+def encode_windows(table: pa.Table | pl.DataFrame) -> bytes:
+    """One Arrow IPC stream message holding ``table``."""
+    if isinstance(table, pl.DataFrame):
+        table = table.to_arrow()
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def decode_windows(value: bytes) -> pa.Table:
+    """The windows in one message of the ``windows`` topic (columns of the Window contract)."""
+    return pa.ipc.open_stream(value).read_all()
+
+
+class WindowRouter:
+    """Groups closed windows by the ``windows`` partition of their series (cached murmur2)."""
+
+    def __init__(self, partitions: int, max_rows: int = 100_000):
+        self.partitions = partitions
+        self.max_rows = max_rows
+        self._cache: dict[str, int] = {}
+
+    def messages(self, windows: pl.DataFrame) -> Iterator[tuple[int, bytes]]:
+        """``(partition, Arrow IPC bytes)`` for every group of at most ``max_rows`` windows."""
+        if windows.height == 0:
+            return
+        keys = windows["series"].unique().to_list()
+        for s in keys:
+            if s not in self._cache:
+                if len(self._cache) > 1_000_000:
+                    self._cache.clear()
+                self._cache[s] = partition_for(s, self.partitions)
+        parts = pl.DataFrame({"series": keys, "_p": [self._cache[s] for s in keys]},
+                             schema={"series": pl.String, "_p": pl.Int64})
+        routed = windows.join(parts, on="series", how="left", maintain_order="left")
+        for (p,), group in routed.group_by("_p", maintain_order=True):
+            group = group.drop("_p")
+            for start in range(0, group.height, self.max_rows):
+                yield int(p), encode_windows(group.slice(start, self.max_rows))
