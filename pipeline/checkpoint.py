@@ -15,7 +15,11 @@
 4. Compute each partition's safe offset: its position, or the offset of the
    earliest event of a still-open window if that is lower, so that a restart
    re-reads every event an open window needs.
-5. Commit those offsets to the consumer group (synchronously).
+5. Commit those offsets to the consumer group: synchronously in the loop;
+   asynchronously inside a rebalance callback (kafka-python cannot block on
+   its IO thread there). Either is safe because step 3's progress record, not
+   the Kafka commit, decides what a restart treats as already processed: a
+   commit that is lost only means re-reading a little more.
 
 A restart after a crash at any step: the store's progress record says which
 offsets were already processed (their windows are in the store, their
@@ -70,8 +74,8 @@ class Checkpoint:
         self.timeout_s = timeout_s
         self.futures: list[Any] = []
 
-    def commit(self, runs: dict[int, PartitionRun]) -> None:
-        """Run the five steps for ``runs`` (partition -> state)."""
+    def commit(self, runs: dict[int, PartitionRun], blocking: bool = True) -> None:
+        """Run the five steps for ``runs`` (partition -> state); ``blocking=False`` in rebalance callbacks."""
         closed = {p: (pl.concat(r.closed) if r.closed else None) for p, r in runs.items()}
         # 1. produce closed windows
         everything = [df for df in closed.values() if df is not None and df.height]
@@ -103,8 +107,10 @@ class Checkpoint:
             # 4. safe offset
             offsets[TopicPartition(self.topic, p)] = OffsetAndMetadata(run.state.commit_offset(run.position), "", -1)
         # 5. commit
-        if offsets:
+        if offsets and blocking:
             self.consumer.commit(offsets)
+        elif offsets:
+            self.consumer.commit_async(offsets)
         metrics.CHECKPOINTS.inc()
         metrics.OPEN_WINDOWS.set(sum(r.state.n_open for r in runs.values()))
 

@@ -78,7 +78,7 @@ class Ingestor:
         """Checkpoint the revoked partitions, then forget them."""
         gone = {p: self.runs[p] for p in partitions if p in self.runs}
         if gone:
-            self.checkpointer.commit(gone)
+            self.checkpointer.commit(gone, blocking=False)
         for p in gone:
             del self.runs[p]
             log.info("revoked partition %d", p)

@@ -1,0 +1,128 @@
+"""Helpers shared by the ingest tests: produce observations, run the job, compute the reference."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import polars as pl
+
+from jobs.stack import Child
+from pipeline.config import Settings
+from pipeline.kafka import make_consumer, make_producer
+from pipeline.store import HistoryStore
+from pipeline.windows_io import decode_windows
+from tests.pipeline.reference import reference_windows
+
+INGEST_ENV = {
+    "ROLLCAST_WINDOW__LENGTH_MS": "1000",
+    "ROLLCAST_WINDOW__LATENESS_MS": "500",
+    "ROLLCAST_WINDOW__IDLE_TIMEOUT_S": "3600",
+}
+
+
+def make_observations(n: int, series: int, seed: int = 0, t0: int = 1_700_000_000_000) -> list[dict]:
+    """Observations in roughly increasing event time, some out of order (a few late), with gaps."""
+    rng = random.Random(seed)
+    out = []
+    t = t0
+    for _ in range(n):
+        t += rng.choice([0, 40, 90, 150]) if rng.random() > 0.01 else 4000  # occasional gap
+        jitter = rng.randint(-900, 0) if rng.random() < 0.1 else 0  # late-ish events
+        out.append({"series": f"s{rng.randrange(series)}", "ts": t + jitter, "value": round(rng.uniform(-50, 50), 3)})
+    return out
+
+
+def produce(settings: Settings, observations: list[dict]) -> list[tuple[int, int, dict]]:
+    """Send JSON observations keyed by series; return (partition, offset, obs) for each."""
+    producer = make_producer(settings)
+    futures = [
+        (producer.send(settings.topics.observations, json.dumps(o).encode(), key=o["series"].encode()), o)
+        for o in observations
+    ]
+    producer.flush()
+    out = []
+    for fut, o in futures:
+        md = fut.get(timeout=30)
+        out.append((md.partition, md.offset, o))
+    producer.close()
+    return out
+
+
+def reference(sent: list[tuple[int, int, dict]], length: int = 1000, grace: int = 500) -> pl.DataFrame:
+    """Windows the per-event reference closes, partition by partition (offset order)."""
+    return reference_and_late(sent, length, grace)[0]
+
+
+def reference_and_late(sent: list[tuple[int, int, dict]], length: int = 1000, grace: int = 500) -> tuple[pl.DataFrame, int]:
+    """Reference windows and the number of late events."""
+    rows: list[dict] = []
+    late = 0
+    for p in sorted({p for p, _, _ in sent}):
+        items = [("event", o["series"], o["ts"], o["value"], off) for q, off, o in sorted(sent, key=lambda x: x[1]) if q == p]
+        windows, late_seqs = reference_windows(items, length, grace)
+        rows.extend(windows)
+        late += len(late_seqs)
+    df = pl.DataFrame(rows, schema=HistoryStore("/nonexistent").read().schema).sort("series", "window_start")
+    return df, late
+
+
+def assert_frames_equal(got: pl.DataFrame, want: pl.DataFrame) -> None:
+    keys = ["series", "window_start"]
+    assert got.select(keys).is_duplicated().sum() == 0, "a window was stored twice"
+    assert got.select(keys).rows() == want.select(keys).rows()
+    assert got["count"].to_list() == want["count"].to_list()
+    assert got["window_end"].to_list() == want["window_end"].to_list()
+    for c in ("first", "last", "min", "max", "mean", "sum"):
+        a, b = got[c], want[c]
+        assert (a.is_null() == b.is_null()).all(), c
+        diff = (a - b).abs().fill_null(0.0)
+        assert float(diff.max() or 0.0) < 1e-6, c
+
+
+def ingest_child(test_env: dict[str, str], tmp: Path, name: str, *args: str) -> Child:
+    env = {**os.environ, **test_env, **INGEST_ENV, "ROLLCAST_KAFKA__MAX_POLL_RECORDS": "400"}
+    argv = [sys.executable, "-m", "jobs.cli", "ingest", "--checkpoint-interval-s", "0.1", *args]
+    return Child(name, argv, tmp / f"{name}.log", env=env).start()
+
+
+def wait_for(check: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def wait_exit(child: Child, timeout_s: float = 60) -> int:
+    wait_for(lambda: not child.alive(), timeout_s, f"{child.name} to exit; log:\n{child.tail(30)}")
+    return child.proc.returncode
+
+
+def consume_all(settings: Settings, topic: str, expect: Callable[[list], bool], timeout_s: float = 30) -> list:
+    consumer = make_consumer(settings, None)
+    from kafka.structs import TopicPartition
+
+    parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []]
+    consumer.assign(parts)
+    consumer.seek_to_beginning(*parts)
+    got: list = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not expect(got):
+        for recs in consumer.poll(timeout_ms=200).values():
+            got.extend(recs)
+    consumer.close()
+    return got
+
+
+def windows_from_topic(records: list) -> pl.DataFrame:
+    frames = [pl.from_arrow(decode_windows(r.value)) for r in records]
+    if not frames:
+        return pl.DataFrame()
+    return pl.concat(frames).unique(["series", "window_start"], keep="first").sort("series", "window_start")
