@@ -60,8 +60,9 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
             now = time.monotonic()
             for tp, records in batch.items():
                 ingestor.process(tp.partition, records, now)
-            if batch or not consumer.assignment():
+            if batch or ingestor.rebalancing:
                 last_data = now  # the idle clock runs only while partitions are assigned
+            last_data = max(last_data, ingestor.last_assigned)
             ingestor.close_idle(now)
             ingestor.maybe_checkpoint(now)
             if args.exit_when_idle is not None and now - last_data >= args.exit_when_idle:

@@ -55,11 +55,15 @@ class Ingestor:
         self._last_checkpoint = time.monotonic()
         self.accepted = 0
         self.messages = 0
+        self.rebalancing = True  # until the first assignment, and between a revoke and the next assign
+        self.last_assigned = time.monotonic()
 
     # -- partitions -------------------------------------------------------------------------
 
     def assign(self, partitions: Iterable[int]) -> None:
         """Rebuild state for newly assigned partitions from the history store."""
+        self.rebalancing = False
+        self.last_assigned = time.monotonic()
         new = [p for p in partitions if p not in self.runs]
         if not new:
             return
@@ -76,6 +80,7 @@ class Ingestor:
 
     def revoke(self, partitions: Iterable[int]) -> None:
         """Checkpoint the revoked partitions, then forget them."""
+        self.rebalancing = True
         gone = {p: self.runs[p] for p in partitions if p in self.runs}
         if gone:
             self.checkpointer.commit(gone, blocking=False)
@@ -84,6 +89,7 @@ class Ingestor:
             log.info("revoked partition %d", p)
 
     def listener(self) -> ConsumerRebalanceListener:
+        """The rebalance listener to pass to ``consumer.subscribe``."""
         ingestor = self
 
         class _Listener(ConsumerRebalanceListener):
