@@ -53,8 +53,9 @@ class Ingestor:
         self.runs: dict[int, PartitionRun] = {}
         self.interval_s = checkpoint_interval_s
         self._last_checkpoint = time.monotonic()
-        self.accepted = 0
-        self.messages = 0
+        self.accepted = 0  # observations placed in a window
+        self.messages = 0  # Kafka messages processed
+        self.rows = 0  # observations decoded or rejected (an Arrow message holds many)
         self.rebalancing = True  # until the first assignment, and between a revoke and the next assign
         self.last_assigned = time.monotonic()
 
@@ -128,6 +129,7 @@ class Ingestor:
         n_ok = decoded.events.height - added.late.height
         self.accepted += n_ok
         self.messages += len(records)
+        self.rows += decoded.events.height + sum(x.rows for x in decoded.rejected)
         fmt = "arrow" if decoded.arrow_messages else "json"
         metrics.MESSAGES.labels(format=fmt).inc(len(records))
         metrics.OBSERVATIONS.labels(format=fmt).inc(n_ok)

@@ -139,11 +139,11 @@ class First(Aggregator):
 
     def initialize(self) -> list[pl.Expr]:
         ts = pl.col("ts")
-        return [pl.col("value").filter(ts == ts.min()).first().alias("first"), ts.min().alias("_first_ts")]
+        return [pl.col("value").get(ts.arg_min()).alias("first"), ts.min().alias("_first_ts")]
 
     def add(self) -> list[pl.Expr]:
         ts = pl.col("_first_ts")
-        return [pl.col("first").filter(ts == ts.min()).first(), ts.min()]
+        return [pl.col("first").get(ts.arg_min()), ts.min()]
 
     def result(self) -> pl.Expr:
         return pl.col("first")
@@ -155,12 +155,12 @@ class Last(Aggregator):
     name = "last"
 
     def initialize(self) -> list[pl.Expr]:
-        ts = pl.col("ts")
-        return [pl.col("value").filter(ts == ts.max()).last().alias("last"), ts.max().alias("_last_ts")]
+        ts = pl.col("ts")  # arg_max finds the first maximum; reversed, that is the last one
+        return [pl.col("value").reverse().get(ts.reverse().arg_max()).alias("last"), ts.max().alias("_last_ts")]
 
     def add(self) -> list[pl.Expr]:
         ts = pl.col("_last_ts")
-        return [pl.col("last").filter(ts == ts.max()).last(), ts.max()]
+        return [pl.col("last").reverse().get(ts.reverse().arg_max()), ts.max()]
 
     def result(self) -> pl.Expr:
         return pl.col("last")
