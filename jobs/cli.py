@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "demo": "jobs.demo",
     "replay": "jobs.replay",
     "topics": "jobs.topics",
+    "train": "jobs.train",
 }
 
 
