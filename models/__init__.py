@@ -1,0 +1,31 @@
+"""Forecasting models behind one registry, plus their data preparation, training and judging.
+
+The public surface other jobs use:
+
+- :func:`create_model` / :func:`available_models` — build any model by name;
+- :func:`save_model` / :func:`load_model` — ``config.json`` + ``weights.pt`` directories;
+- :func:`predict` — batched plain-PyTorch inference, ``(B, L)`` values -> ``(B, H, Q)``;
+- :func:`make_inputs` — the ``(B, L, C)`` model input with calendar features when configured;
+- submodules :mod:`models.data`, :mod:`models.training`, :mod:`models.metrics`,
+  :mod:`models.backtest`.
+"""
+
+from __future__ import annotations
+
+from models.base import ForecastModel, ModelConfig
+from models.data import make_inputs
+from models.io import load_model, predict, save_model
+from models.registry import available_models, config_class, create_model, register_model
+
+__all__ = [
+    "ForecastModel",
+    "ModelConfig",
+    "available_models",
+    "config_class",
+    "create_model",
+    "load_model",
+    "make_inputs",
+    "predict",
+    "register_model",
+    "save_model",
+]

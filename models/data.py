@@ -1,0 +1,180 @@
+"""From history-store window tables to training samples, with array striding (no per-sample loops).
+
+A window table has one row per (series, window_start) on a regular grid:
+``series, window_start, window_end, count, first, last, min, max, mean, sum``.
+Gap rows (``count = 0``) carry null aggregates; the target is forward-filled
+across them. :func:`windows_to_matrix` turns the table into one ``(S, T)``
+array on a shared time grid (NaN before a series starts), :func:`make_samples`
+cuts sliding (context, horizon) samples from it, and :func:`time_split`
+splits the time axis into train, validation and holdout target spans.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+from numpy.lib.stride_tricks import sliding_window_view
+
+from models.base import CALENDAR_CHANNELS, ModelConfig
+from pipeline.errors import DatasetError, NotEnoughData
+
+WINDOW_COLUMNS = ("series", "window_start", "window_end", "count", "first", "last", "min", "max", "mean", "sum")
+DAY_MS = 86_400_000
+WEEK_MS = 7 * DAY_MS
+
+
+@dataclass(frozen=True)
+class SeriesMatrix:
+    """Series on one regular grid: ``values (S, T)``, ``window_end_ms (T,)``."""
+
+    series: list[str]
+    values: np.ndarray
+    window_end_ms: np.ndarray
+    step_ms: int
+
+    def slice(self, start: int, stop: int) -> SeriesMatrix:
+        """The time steps ``[start, stop)``."""
+        return SeriesMatrix(self.series, self.values[:, start:stop], self.window_end_ms[start:stop], self.step_ms)
+
+
+@dataclass(frozen=True)
+class Samples:
+    """Model inputs ``x (N, L, C)`` and targets ``y (N, H)``, float32."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+
+@dataclass(frozen=True)
+class TimeSplit:
+    """Target spans ``[start, stop)`` on the time axis."""
+
+    train: tuple[int, int]
+    val: tuple[int, int]
+    holdout: tuple[int, int]
+
+
+def ffill(values: np.ndarray) -> np.ndarray:
+    """Forward-fill NaNs along the last axis (leading NaNs stay NaN).
+
+    >>> ffill(np.array([[np.nan, 1.0, np.nan, 3.0, np.nan]])).tolist()
+    [[nan, 1.0, 1.0, 3.0, 3.0]]
+    """
+    values = np.asarray(values, dtype=np.float64)
+    idx = np.where(np.isnan(values), 0, np.arange(values.shape[-1]))
+    np.maximum.accumulate(idx, axis=-1, out=idx)
+    out = np.take_along_axis(values, idx, axis=-1)
+    return out
+
+
+def windows_to_matrix(df: pl.DataFrame | pa.Table, target: str = "mean") -> SeriesMatrix:
+    """Pivot a window table into a :class:`SeriesMatrix` of ``target``, gaps forward-filled."""
+    if isinstance(df, pa.Table):
+        df = pl.from_arrow(df)
+    assert isinstance(df, pl.DataFrame)
+    missing = [c for c in ("series", "window_start", "window_end", "count", target) if c not in df.columns]
+    if missing:
+        raise DatasetError(f"window table lacks column(s) {missing}; it has {df.columns}")
+    if df.height == 0:
+        raise NotEnoughData("the window table is empty")
+    df = df.select(
+        pl.col("series").cast(pl.Utf8),
+        pl.col("window_start").cast(pl.Int64),
+        pl.col("window_end").cast(pl.Int64),
+        pl.when(pl.col("count") > 0).then(pl.col(target).cast(pl.Float64)).fill_nan(None).alias("y"),
+    ).unique(subset=["series", "window_start"], keep="last")
+    starts = np.unique(df["window_start"].to_numpy())
+    step = int(np.diff(starts).min()) if len(starts) > 1 else int(
+        (df["window_end"] - df["window_start"]).max()
+    )
+    if step <= 0:
+        raise DatasetError("window_start values do not form a regular grid")
+    t0 = int(starts[0])
+    n_t = int((starts[-1] - t0) // step) + 1
+    series = sorted(df["series"].unique().to_list())
+    s_idx = df["series"].replace_strict({s: i for i, s in enumerate(series)}, return_dtype=pl.Int64).to_numpy()
+    t_idx = (df["window_start"].to_numpy() - t0) // step
+    values = np.full((len(series), n_t), np.nan)
+    values[s_idx, t_idx] = df["y"].to_numpy().astype(np.float64)
+    length = int((df["window_end"] - df["window_start"]).median())
+    ends = t0 + np.arange(n_t, dtype=np.int64) * step + length
+    return SeriesMatrix(series, ffill(values), ends, step)
+
+
+def calendar_features(window_end_ms: np.ndarray) -> np.ndarray:
+    """``(..., 4)`` sin/cos of hour of day and of day of week at each window end (UTC)."""
+    t = np.asarray(window_end_ms, dtype=np.int64)
+    day = 2 * np.pi * (t % DAY_MS) / DAY_MS
+    week = 2 * np.pi * ((t + 4 * DAY_MS) % WEEK_MS) / WEEK_MS  # epoch was a Thursday
+    return np.stack([np.sin(day), np.cos(day), np.sin(week), np.cos(week)], axis=-1)
+
+
+def make_inputs(values: np.ndarray, window_end_ms: np.ndarray | None, config: ModelConfig) -> np.ndarray:
+    """Raw target context ``(B, L)`` (+ window ends ``(B, L)`` or ``(L,)``) -> model input ``(B, L, C)``."""
+    values = np.asarray(values, dtype=np.float32)
+    if values.ndim == 3:
+        return values
+    x = values[..., None]
+    if not config.calendar:
+        return x
+    if window_end_ms is None:
+        from pipeline.errors import ModelConfigError
+
+        raise ModelConfigError("this model uses calendar features: pass the window end times of the context")
+    cal = calendar_features(np.broadcast_to(np.asarray(window_end_ms), values.shape)).astype(np.float32)
+    assert cal.shape[-1] == CALENDAR_CHANNELS
+    return np.concatenate([x, cal], axis=-1)
+
+
+def make_samples(
+    data: SeriesMatrix,
+    context: int,
+    horizon: int,
+    target_span: tuple[int, int] | None = None,
+    calendar: bool = False,
+    stride: int = 1,
+) -> Samples:
+    """Every (context, horizon) sample whose target steps lie in ``target_span``, over all series.
+
+    Sample ``t`` has context steps ``[t - L, t)`` and targets ``[t, t + H)``;
+    samples touching NaN (before a series starts) are dropped.
+    """
+    lo, hi = target_span if target_span is not None else (context, data.values.shape[1])
+    lo = max(lo, context)
+    width = context + horizon
+    if hi - lo < horizon:
+        return Samples(np.zeros((0, context, 1 + CALENDAR_CHANNELS * calendar), np.float32),
+                       np.zeros((0, horizon), np.float32))
+    block = data.values[:, lo - context : hi]  # (S, span)
+    win = sliding_window_view(block, width, axis=1)[:, ::stride]  # (S, N_t, L + H)
+    n_s, n_t = win.shape[:2]
+    flat = win.reshape(n_s * n_t, width)
+    keep = ~np.isnan(flat).any(axis=1)
+    x = flat[keep, :context].astype(np.float32)[..., None]  # (N, L, 1)
+    y = flat[keep, context:].astype(np.float32)  # (N, H)
+    if calendar:
+        ends = sliding_window_view(data.window_end_ms[lo - context : hi], width)[::stride, :context]
+        cal = np.broadcast_to(calendar_features(ends)[None], (n_s, n_t, context, CALENDAR_CHANNELS))
+        x = np.concatenate([x, cal.reshape(n_s * n_t, context, -1)[keep].astype(np.float32)], axis=-1)
+    return Samples(np.ascontiguousarray(x), np.ascontiguousarray(y))
+
+
+def time_split(n_steps: int, context: int, horizon: int, val_fraction: float = 0.1, holdout: int = 0) -> TimeSplit:
+    """Split ``[context, n_steps)`` target steps into train / validation / holdout spans by time."""
+    usable = n_steps - context - holdout
+    n_val = int(round(usable * val_fraction))
+    if n_val and n_val < horizon:
+        n_val = horizon
+    if usable - n_val < horizon:
+        raise NotEnoughData(
+            f"{n_steps} steps are too few for context {context}, horizon {horizon}, holdout {holdout} "
+            f"and a validation fraction of {val_fraction}; need at least {context + holdout + n_val + horizon}"
+        )
+    a = n_steps - holdout - n_val
+    return TimeSplit(train=(context, a), val=(a, n_steps - holdout), holdout=(n_steps - holdout, n_steps))

@@ -1,0 +1,93 @@
+"""Temporal convolutional network: residual blocks of dilated causal Conv1d (Bai et al., 2018).
+
+Block ``i`` has two causal convolutions of dilation ``2**i``; the number of
+blocks is the smallest that makes the receptive field cover the context,
+unless ``levels`` fixes it. The head reads the features at the last step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import weight_norm
+
+from models.base import ForecastModel, ModelConfig
+from models.registry import register_model
+
+
+@dataclass
+class TCNConfig(ModelConfig):
+    channels_hidden: int = 32
+    kernel_size: int = 3
+    levels: int | None = None
+    weight_norm: bool = False
+
+    def check(self) -> list[str]:
+        out = []
+        if self.kernel_size < 2:
+            out.append(f"kernel_size must be >= 2 (got {self.kernel_size})")
+        if self.levels is not None and self.levels < 1:
+            out.append(f"levels must be >= 1 or None (got {self.levels})")
+        if self.channels_hidden < 1:
+            out.append("channels_hidden must be >= 1")
+        return out
+
+    @property
+    def n_levels(self) -> int:
+        """Blocks: ``levels`` or the fewest with ``1 + 2(k-1)(2**n - 1) >= context``."""
+        if self.levels is not None:
+            return self.levels
+        need = (self.context - 1) / (2 * (self.kernel_size - 1)) + 1
+        return max(1, math.ceil(math.log2(need)))
+
+
+def receptive_field(kernel_size: int, levels: int) -> int:
+    """Steps one output sees: two convolutions per block, dilation doubling per block."""
+    return 1 + 2 * (kernel_size - 1) * (2**levels - 1)
+
+
+class CausalConv(nn.Module):
+    def __init__(self, c_in: int, c_out: int, kernel: int, dilation: int, wn: bool):
+        super().__init__()
+        self.pad = (kernel - 1) * dilation
+        conv = nn.Conv1d(c_in, c_out, kernel, dilation=dilation)
+        self.conv = weight_norm(conv) if wn else conv
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.pad(x, (self.pad, 0)))  # left padding only: causal
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, kernel: int, dilation: int, dropout: float, wn: bool):
+        super().__init__()
+        self.net = nn.Sequential(
+            CausalConv(c_in, c_out, kernel, dilation, wn), nn.ReLU(), nn.Dropout(dropout),
+            CausalConv(c_out, c_out, kernel, dilation, wn), nn.ReLU(), nn.Dropout(dropout),
+        )
+        self.down = nn.Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.net(x) + self.down(x))
+
+
+@register_model("tcn", TCNConfig)
+class TCNForecaster(ForecastModel):
+    def __init__(self, config: TCNConfig):
+        super().__init__(config)
+        c, k = config.channels_hidden, config.kernel_size
+        self.blocks = nn.Sequential(*[
+            ResidualBlock(config.channels if i == 0 else c, c, k, 2**i, config.dropout, config.weight_norm)
+            for i in range(config.n_levels)
+        ])
+        self._build_head(c)
+
+    @property
+    def receptive_field(self) -> int:
+        return receptive_field(self.config.kernel_size, self.config.n_levels)
+
+    def backbone(self, x: Tensor) -> Tensor:
+        h = self.blocks(x.transpose(1, 2))  # (B, L, C) -> (B, C, L) -> (B, c, L)
+        return h[:, :, -1]  # (B, c): the last step sees the whole receptive field
