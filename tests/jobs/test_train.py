@@ -1,0 +1,253 @@
+"""The train job against a real MLflow server and a real history store: runs, versions, champion."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+import models
+from jobs import registry, stack
+from jobs.train import Candidate, decide, run_cycle
+from pipeline.errors import MlflowUnavailable
+from pipeline.store import HistoryStore
+from tests.jobs.helpers import rollcast, start_rollcast, wait_for
+from tests.jobs.train_helpers import drifting_daily_windows, train_env, train_settings, write_windows
+
+TINY = '{tcn = {channels_hidden = 8, dropout = 0.0}, lstm = {hidden = 8, layers = 1, dropout = 0.0}}'
+# One epoch: a weak model that still beats seasonal naive on the drifting series.
+WEAK = {
+    "ROLLCAST_MODEL__PARAMS": TINY,
+    "ROLLCAST_MODEL__MAX_EPOCHS": "1",
+    "ROLLCAST_MODEL__LEARNING_RATE": "0.01",
+    "ROLLCAST_MODEL__BATCH_SIZE": "128",
+    "ROLLCAST_TRAIN__SPAN_WINDOWS": "800",
+    "ROLLCAST_TRAIN__HOLDOUT_WINDOWS": "96",
+    "ROLLCAST_KAFKA__CLIENT": '{sasl_plain_username = "svc", sasl_plain_password = "hunter2-secret"}',
+}
+
+
+def settings_for(uri: str, data_dir: Path, **extra: str):
+    return train_settings(uri, data_dir, **{**WEAK, **extra})
+
+
+def champion_of(s) -> str | None:
+    found = registry.champion_version(s)
+    return None if found is None else str(found.version)
+
+
+def test_cycles_log_runs_register_versions_and_gate_the_champion(mlflow_server: str, tmp_path: Path) -> None:
+    s = settings_for(mlflow_server, tmp_path / "data")
+    write_windows(s, drifting_daily_windows(800))
+    client = MlflowClient(mlflow_server)
+    name = s.mlflow.registered_model
+
+    # 1. First model: beats seasonal naive, so it becomes the champion.
+    first = run_cycle(s)
+    (c1,) = first.candidates
+    assert c1.metrics["holdout_mae"] < c1.metrics["seasonal_naive_holdout_mae"]
+    assert first.promoted == c1.version == "1" and champion_of(s) == "1"
+
+    run = client.get_run(c1.run_id)
+    assert run.info.status == "FINISHED"
+    p = run.data.params
+    assert p["model_type"] == "tcn" and p["model.context"] == "48" and p["model.horizon"] == "12"
+    assert p["model.channels_hidden"] == "8" and p["train.holdout_windows"] == "96"
+    assert int(p["data_end_ms"]) - int(p["data_start_ms"]) == 800 * 3_600_000
+    assert p["data_end"].endswith("Z") and p["data_series"] == "3"
+    everything = " ".join([*p.values(), *run.data.tags.values()])
+    assert "hunter2-secret" not in everything and "sasl" not in everything
+    for key in ("holdout_mae", "holdout_rmse", "holdout_smape", "holdout_mase", "holdout_coverage",
+                "seasonal_naive_holdout_mae", "holdout_rel_mae_seasonal_naive"):
+        assert math.isfinite(run.data.metrics[key]), key
+    assert "champion_holdout_mae" not in run.data.metrics  # there was no champion to score
+    train_hist = client.get_metric_history(c1.run_id, "train_loss")
+    assert [m.step for m in train_hist] == list(range(len(c1.train_loss))) == [0]
+    assert [m.value for m in train_hist] == pytest.approx(c1.train_loss)
+    assert len(client.get_metric_history(c1.run_id, "val_loss")) == 1
+    plots = {a.path for a in client.list_artifacts(c1.run_id, "plots")}
+    assert "plots/loss.png" in plots
+    assert sum(path.startswith("plots/forecast_") and path.endswith(".png") for path in plots) == 3
+
+    v1 = client.get_model_version(name, "1")
+    assert v1.run_id == c1.run_id
+    assert v1.tags["validation_status"] == "passed" and v1.tags["model_type"] == "tcn"
+    assert v1.tags["data_start_ms"] == p["data_start_ms"] and v1.tags["code_version"]
+    assert float(v1.tags["holdout_mae"]) == pytest.approx(c1.mae, rel=1e-5)
+    assert v1.tags["promotion"] == "promoted"
+
+    # 2. Two better types in one cycle: both beat the champion, only the best moves the alias.
+    second = run_cycle(s.replace(**{"model.types": ["tcn", "lstm"], "model.max_epochs": 3}))
+    by_type = {c.model_type: c for c in second.candidates}
+    assert all(c.mae < c1.mae for c in second.candidates)
+    best = min(second.candidates, key=lambda c: c.mae)
+    assert second.champion_before == "1" and second.promoted == best.version
+    assert champion_of(s) == best.version
+    loser = next(c for c in second.candidates if c is not best)
+    assert client.get_model_version(name, loser.version).tags["promotion"].startswith("not promoted")
+    assert client.get_run(by_type["tcn"].run_id).data.metrics["champion_holdout_mae"] == pytest.approx(c1.mae)
+
+    # 3. A worse model (barely trained) is registered but does not move the alias.
+    third = run_cycle(s.replace(**{"model.learning_rate": 1e-9}))
+    (c3,) = third.candidates
+    assert c3.mae > best.mae and third.promoted is None
+    assert champion_of(s) == best.version
+    assert client.get_model_version(name, c3.version).tags["promotion"].startswith("not promoted")
+
+    # 4. A diverging model (SGD at lr 1e6, no clipping): NaN loss, failing tag, never promoted.
+    diverging = {"tcn": {"channels_hidden": 8, "optimizer": "sgd", "learning_rate": 1e6, "grad_clip": 0.0}}
+    fourth = run_cycle(s.replace(**{"model.params": diverging}))
+    (c4,) = fourth.candidates
+    assert c4.failure and "non-finite" in c4.failure and fourth.promoted is None
+    v4 = client.get_model_version(name, c4.version)
+    assert v4.tags["validation_status"] == "failed" and "non-finite" in v4.tags["validation_reason"]
+    assert client.get_run(c4.run_id).data.tags["validation_status"] == "failed"
+    assert champion_of(s) == best.version
+    with pytest.raises(ValueError, match="did not pass validation"):
+        registry.promote(s, c4.version)
+    assert champion_of(s) == best.version
+
+
+def test_pyfunc_champion_predicts_like_the_saved_model(mlflow_server: str, tmp_path: Path) -> None:
+    s = settings_for(mlflow_server, tmp_path / "data")
+    write_windows(s, drifting_daily_windows(800))
+    result = run_cycle(s)
+    assert result.promoted == "1"
+
+    version, model_dir = registry.champion(s)
+    assert version == "1" and (model_dir / "weights.pt").is_file() and (model_dir / "config.json").is_file()
+    assert registry.champion(s) == (version, model_dir)  # cached: no second download
+
+    L, H = s.model.context, s.model.horizon
+    recent = HistoryStore(s).last_windows(L + 5)  # extra rows: the model uses the last L per series
+    frame = pd.DataFrame({
+        "series": recent["series"].to_list(),
+        "window_end": recent["window_end"].to_numpy(),
+        "value": recent["mean"].to_numpy(),
+    })
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{s.mlflow.registered_model}@{s.mlflow.champion_alias}")
+    out = pyfunc.predict(frame)
+    assert list(out.columns) == ["series", "step", "ts", "mean", "q0.1", "q0.5", "q0.9"]
+    assert len(out) == 3 * H
+
+    model = models.load_model(model_dir)
+    tail = recent.group_by("series", maintain_order=True).tail(L)
+    names = tail["series"].unique(maintain_order=True).to_list()
+    ctx = tail["mean"].to_numpy().reshape(len(names), L)
+    ends = tail["window_end"].to_numpy().reshape(len(names), L)
+    expected = models.predict(model, ctx, window_end_ms=ends)  # (B, H, Q)
+    got = out.sort_values(["series", "step"])
+    np.testing.assert_allclose(got[["q0.1", "q0.5", "q0.9"]].to_numpy().reshape(len(names), H, 3), expected,
+                               rtol=1e-6)
+    np.testing.assert_allclose(got["mean"].to_numpy(), expected[:, :, 1].reshape(-1), rtol=1e-6)
+    assert got["series"].iloc[0] == names[0]
+    assert (got.groupby("series")["ts"].min().to_numpy() == ends[:, -1]).all()  # step 1 starts at the last end
+    assert (np.diff(got["ts"].to_numpy()[:H]) == s.window.length_ms).all()
+
+
+def test_mlflow_down_mid_cycle_leaves_the_champion_and_the_next_cycle_succeeds(tmp_path: Path) -> None:
+    port = stack.free_port()
+    root = tmp_path / "mlflow"
+    server = stack.start_mlflow(root, port, root / "logs", timeout_s=180)
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        s = settings_for(uri, tmp_path / "data", ROLLCAST_TRAIN__MAX_RETRIES="1",
+                         ROLLCAST_TRAIN__RETRY_BACKOFF_S="0.2")
+        write_windows(s, drifting_daily_windows(800))
+        assert run_cycle(s).promoted == "1"
+
+        def stop_mlflow(candidates: list[Candidate]) -> None:
+            assert candidates  # trained and scored; nothing logged yet
+            server.stop()
+
+        with pytest.raises(MlflowUnavailable, match="gave up after 2 attempt"):
+            run_cycle(s.replace(**{"model.max_epochs": 3}), on_trained=stop_mlflow)
+
+        server = stack.start_mlflow(root, port, root / "logs", timeout_s=180)
+        client = MlflowClient(uri)
+        versions = client.search_model_versions(f"name='{s.mlflow.registered_model}'")
+        assert [v.version for v in versions] == ["1"]  # nothing half-registered
+        assert champion_of(s) == "1"
+        experiment = client.get_experiment_by_name(s.mlflow.experiment)
+        runs = client.search_runs([experiment.experiment_id])
+        assert [r.info.status for r in runs] == ["FINISHED"]
+
+        third = run_cycle(s.replace(**{"model.max_epochs": 3}))
+        assert third.champion_before == "1" and third.candidates[0].version == "2"
+        assert third.promoted == "2" and champion_of(s) == "2"
+    finally:
+        server.stop()
+
+
+def test_unreachable_mlflow_is_retried_with_backoff_then_reported(tmp_path: Path) -> None:
+    s = settings_for(f"http://127.0.0.1:{stack.free_port()}", tmp_path / "data",
+                     ROLLCAST_TRAIN__MAX_RETRIES="2", ROLLCAST_TRAIN__RETRY_BACKOFF_S="0.2")
+    t0 = time.monotonic()
+    with pytest.raises(MlflowUnavailable, match="gave up after 3 attempt"):
+        run_cycle(s)
+    assert time.monotonic() - t0 >= 0.2 + 0.4  # backoff 0.2 s, then 0.4 s
+
+
+def _candidate(model_type: str, mae: float, failure: str | None = None) -> Candidate:
+    return Candidate(model_type, {}, None, [0.1], [0.1], {"holdout_mae": mae}, None, 0.0, failure=failure)
+
+
+def test_decide_promotes_at_most_the_best_eligible_candidate() -> None:
+    a, b, c = _candidate("tcn", 0.8), _candidate("lstm", 0.7), _candidate("hrnn", 0.5, failure="non-finite loss")
+    assert decide([a, b, c], baseline_mae=1.0, champion_mae=0.9, min_improvement=0.0) is b
+    assert b.decision == "promoted" and "lstm is better" in a.decision and "failed validation" in c.decision
+    # the margin is relative to the champion's MAE: 0.7 < 0.9 * (1 - 0.2) = 0.72, but not < 0.9 * 0.5
+    assert decide([a, b], baseline_mae=1.0, champion_mae=0.9, min_improvement=0.2) is b
+    assert decide([a, b], baseline_mae=1.0, champion_mae=0.9, min_improvement=0.5) is None
+    assert "by the margin 0.5" in b.decision
+    # with no champion the first model only has to beat seasonal naive
+    assert decide([a], baseline_mae=0.75, champion_mae=None, min_improvement=0.0) is None
+    assert "seasonal naive" in a.decision
+    assert decide([_candidate("tcn", math.nan)], baseline_mae=1.0, champion_mae=None, min_improvement=0.0) is None
+
+
+def test_train_once_with_too_little_history_says_so(mlflow_server: str, tmp_path: Path) -> None:
+    env = train_env(mlflow_server, tmp_path / "data")
+    s = train_settings(mlflow_server, tmp_path / "data")
+    write_windows(s, drifting_daily_windows(100))
+    proc = rollcast("train", "--once", env=env)
+    assert proc.returncode == 1, proc.stderr
+    assert "rollcast train: error:" in proc.stderr and "training needs at least" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_train_job_runs_on_schedule_and_stops_on_sigterm(mlflow_server: str, tmp_path: Path) -> None:
+    env = {**train_env(mlflow_server, tmp_path / "data"), **WEAK}
+    s = train_settings(mlflow_server, tmp_path / "data", **WEAK)
+    write_windows(s, drifting_daily_windows(800))
+    proc = start_rollcast("train", "--every-minutes", "60", "--after-windows", "24", "--poll-s", "0.2",
+                          env=env, log=tmp_path / "train.log")
+    try:
+        client = MlflowClient(mlflow_server)
+
+        def versions() -> list[str]:
+            try:
+                return [v.version for v in client.search_model_versions(f"name='{s.mlflow.registered_model}'")]
+            except mlflow.exceptions.MlflowException:
+                return []
+
+        wait_for(lambda: versions() == ["1"], 120, "the start-up cycle to register version 1")
+        # 24 new windows reach the store: the next cycle runs without waiting an hour.
+        later = drifting_daily_windows(824)
+        write_windows(s, later.filter(later["window_start"] >= later["window_start"].min() + 800 * 3_600_000))
+        wait_for(lambda: sorted(versions()) == ["1", "2"], 120, "a cycle after 24 new windows")
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "train job stopped" in (tmp_path / "train.log").read_text()
