@@ -27,7 +27,10 @@ COMMANDS: dict[str, str] = {
     "demo": "jobs.demo",
     "replay": "jobs.replay",
     "topics": "jobs.topics",
+    "backtest": "jobs.backtest",
     "train": "jobs.train",
+    "forecast": "jobs.forecast",
+    "query": "jobs.query",
 }
 
 

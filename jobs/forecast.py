@@ -1,0 +1,393 @@
+"""Publish a rolling forecast for every series each time one of its windows closes.
+
+Consumes the windows topic in a consumer group, keeps the last L windows of
+each series in memory (rebuilt from the history store on start, so it can
+forecast at once), and for every batch of closed windows runs one batched
+inference in plain PyTorch with the model that carries the `champion` alias
+in MLflow, producing one JSON forecast per (series, window) to the forecasts
+topic. Offsets of the windows topic are committed only after the broker has
+acknowledged the forecasts for them. The alias is checked every
+forecast.champion_poll_s; a new champion is swapped in between batches. With
+no champion yet the job waits; if MLflow is unreachable it keeps serving the
+model it has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import logging
+import signal
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from prometheus_client import Counter, Gauge, Histogram
+
+from pipeline.config import Settings
+from pipeline.errors import MlflowUnavailable
+
+HELP = "publish rolling forecasts from the champion model for every closed window"
+
+log = logging.getLogger("rollcast.forecast")
+
+FORECASTS = Counter("rollcast_forecast_forecasts_total", "Forecast messages produced")
+WINDOWS_IN = Counter("rollcast_forecast_windows_total", "Windows consumed from the windows topic")
+SKIPPED = Counter("rollcast_forecast_skipped_total", "Windows not forecast, by reason", ["reason"])
+INFERENCE_S = Histogram(
+    "rollcast_forecast_inference_seconds", "Batched inference time per batch",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+END_TO_END_S = Histogram(
+    "rollcast_forecast_end_to_end_seconds",
+    "From a window message's broker timestamp until its forecast is acknowledged",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+MODEL_VERSION = Gauge("rollcast_forecast_model_version", "Registered model version in use (0: none)")
+MLFLOW_UP = Gauge("rollcast_forecast_mlflow_reachable", "1 if the last champion check reached MLflow")
+SERIES = Gauge("rollcast_forecast_series", "Series held in memory")
+LAG = Gauge("rollcast_forecast_consumer_lag", "Windows messages behind the partition's end", ["partition"])
+
+BUFFER_SLACK = 32  # windows kept beyond L so repeats after a restart still find their context
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--exit-when-idle", type=float, metavar="SECONDS",
+        help="exit 0 after no window arrived for this long (tests, benchmarks)",
+    )
+    parser.add_argument("--model-dir", type=Path, help="serve this saved model instead of the MLflow champion")
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclass
+class SeriesBuffer:
+    """The most recent windows of one series: window ends and target values, sorted, bounded."""
+
+    capacity: int
+    ends: list[int] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)
+
+    def put(self, end: int, value: float) -> None:
+        """Insert or replace the window ending at ``end`` (repeats after a restart replace)."""
+        if not self.ends or end > self.ends[-1]:
+            self.ends.append(end)
+            self.values.append(value)
+        else:
+            i = bisect.bisect_left(self.ends, end)
+            if i < len(self.ends) and self.ends[i] == end:
+                self.values[i] = value
+            else:
+                self.ends.insert(i, end)
+                self.values.insert(i, value)
+        if len(self.ends) > self.capacity:
+            del self.ends[: len(self.ends) - self.capacity]
+            del self.values[: len(self.values) - self.capacity]
+
+    def context(self, end: int, length: int, step_ms: int) -> np.ndarray | None:
+        """The target values of the ``length`` windows ending exactly at ``end``, on a regular grid;
+        None when the buffer cannot supply them."""
+        i = bisect.bisect_right(self.ends, end)
+        if i < length or self.ends[i - 1] != end:
+            return None
+        if self.ends[i - 1] - self.ends[i - length] != (length - 1) * step_ms:
+            return None
+        return np.asarray(self.values[i - length : i], dtype=np.float64)
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    version: str
+    module: Any
+    context: int
+    horizon: int
+    quantiles: list[float]
+
+
+def load_saved_model(model_dir: Path, version: str) -> LoadedModel:
+    import models
+
+    module = models.load_model(model_dir)
+    cfg = module.config
+    return LoadedModel(
+        name=module.name,
+        version=str(version),
+        module=module,
+        context=int(cfg.context),
+        horizon=int(cfg.horizon),
+        quantiles=[float(q) for q in cfg.quantiles],
+    )
+
+
+# --------------------------------------------------------------------------- messages
+
+
+def forecast_messages(
+    series: list[str],
+    last_ends: list[int],
+    preds: np.ndarray,
+    model: LoadedModel,
+    step_ms: int,
+    issued_at: int,
+) -> list[tuple[str, bytes]]:
+    """One JSON forecast per row of ``preds`` (B, H, Q), in DESIGN.md's format.
+
+    Point ``h`` (1-based) covers the window starting at ``last_window_end + (h-1)*step_ms``;
+    its ``ts`` is that window's start, matching ``window_start`` in the history store.
+    """
+    qkeys = [f"{q:g}" for q in model.quantiles]
+    median = model.quantiles.index(0.5)
+    out = []
+    for b, (s, end) in enumerate(zip(series, last_ends, strict=True)):
+        p = preds[b]
+        points = [
+            {
+                "ts": end + h * step_ms,
+                "mean": float(p[h, median]),
+                "quantiles": {k: float(p[h, j]) for j, k in enumerate(qkeys)},
+            }
+            for h in range(p.shape[0])
+        ]
+        msg = {
+            "series": s,
+            "issued_at": issued_at,
+            "last_window_end": end,
+            "model": {"name": model.name, "version": model.version},
+            "step_ms": step_ms,
+            "points": points,
+        }
+        out.append((s, json.dumps(msg, separators=(",", ":")).encode()))
+    return out
+
+
+# --------------------------------------------------------------------------- the job
+
+
+class Forecaster:
+    """In-memory context of every series plus the model serving them."""
+
+    def __init__(self, settings: Settings, model: LoadedModel):
+        self.settings = settings
+        self.model = model
+        self.step_ms = settings.window.length_ms
+        self.target = settings.window.target
+        self.capacity = max(settings.model.context, model.context) + BUFFER_SLACK
+        self.buffers: dict[str, SeriesBuffer] = {}
+
+    def swap(self, model: LoadedModel) -> None:
+        if model.context + BUFFER_SLACK > self.capacity:
+            self.capacity = model.context + BUFFER_SLACK
+            self.rebuild()
+        self.model = model
+
+    def rebuild(self) -> None:
+        """Reload the last windows of every series from the history store."""
+        from pipeline.store import HistoryStore
+
+        frame = HistoryStore(self.settings).last_windows(self.capacity)
+        self.buffers.clear()
+        self.add(frame.to_arrow())
+        SERIES.set(len(self.buffers))
+        log.info("rebuilt context of %d series from the history store", len(self.buffers))
+
+    def add(self, table: pa.Table) -> list[tuple[str, int]]:
+        """Put windows into the buffers; return their (series, window_end) in arrival order."""
+        series = table.column("series").to_pylist()
+        ends = table.column("window_end").to_pylist()
+        values = table.column(self.target).to_numpy(zero_copy_only=False).astype(np.float64)
+        counts = table.column("count").to_numpy(zero_copy_only=False)
+        if self.target != "count":
+            values = np.where(counts > 0, values, np.nan)
+        for s, e, v in zip(series, ends, values.tolist(), strict=True):
+            buf = self.buffers.get(s)
+            if buf is None:
+                buf = self.buffers[s] = SeriesBuffer(self.capacity)
+            buf.put(e, v)
+        return list(zip(series, ends, strict=True))
+
+    def forecast(self, keys: Iterable[tuple[str, int]], issued_at: int) -> list[tuple[str, bytes]]:
+        """One batched inference over every (series, window_end) with enough context."""
+        import models
+
+        rows, ok_series, ok_ends = [], [], []
+        length = self.model.context
+        for s, end in dict.fromkeys(keys):
+            buf = self.buffers[s]
+            ctx = buf.context(end, length, self.step_ms)
+            if ctx is None and buf.ends and buf.ends[0] > end - (length - 1) * self.step_ms:
+                ctx = self._context_from_store(s, end, length)  # older than the buffer: lagging
+            if ctx is None:
+                SKIPPED.labels("short_context").inc()
+                continue
+            if np.isnan(ctx[0]):  # gap rows are forward-filled; a context cannot start with one
+                SKIPPED.labels("leading_gap").inc()
+                continue
+            rows.append(ctx)
+            ok_series.append(s)
+            ok_ends.append(end)
+        if not rows:
+            return []
+        ends = np.asarray(ok_ends, dtype=np.int64)[:, None] - self.step_ms * np.arange(length - 1, -1, -1)
+        t0 = time.perf_counter()
+        preds = models.predict(self.model.module, np.stack(rows), window_end_ms=ends)
+        INFERENCE_S.observe(time.perf_counter() - t0)
+        return forecast_messages(ok_series, ok_ends, np.asarray(preds), self.model, self.step_ms, issued_at)
+
+
+    def _context_from_store(self, series: str, end: int, length: int) -> np.ndarray | None:
+        """The context of a window older than the in-memory buffer (after a restart with lag)."""
+        from pipeline.store import HistoryStore
+
+        frame = HistoryStore(self.settings).read(series=series, start_ms=end - length * self.step_ms, end_ms=end)
+        buf = SeriesBuffer(length)
+        tmp = Forecaster.__new__(Forecaster)
+        tmp.target, tmp.capacity, tmp.buffers = self.target, length, {series: buf}
+        tmp.add(frame.to_arrow())
+        return buf.context(end, length, self.step_ms)
+
+
+def decode_windows(value: bytes) -> pa.Table:
+    from pipeline.windows_io import decode_windows as decode
+
+    return decode(value)
+
+
+class Shutdown:
+    """SIGTERM/SIGINT set a flag; the loop finishes its batch, commits and exits."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._set)
+        signal.signal(signal.SIGINT, self._set)
+
+    def _set(self, signum: int, frame: object) -> None:
+        self.requested = True
+
+
+def wait_for_champion(settings: Settings, shutdown: Shutdown, health: Any) -> LoadedModel | None:
+    """Block until the registered model has a champion (None if asked to shut down first)."""
+    from jobs import registry
+
+    said = False
+    while not shutdown.requested:
+        try:
+            found = registry.champion(settings)
+            MLFLOW_UP.set(1)
+        except MlflowUnavailable as e:  # say so and keep waiting
+            MLFLOW_UP.set(0)
+            log.warning("MLflow unreachable while looking for a champion: %s", e)
+            found = None
+        if found is not None:
+            version, model_dir = found
+            return load_saved_model(model_dir, version)
+        if not said:
+            log.info("no %r alias on %s yet; waiting for the first promoted model",
+                     settings.mlflow.champion_alias, settings.mlflow.registered_model)
+            said = True
+        health.facts["waiting_for"] = "champion"
+        health.polled()
+        time.sleep(min(settings.forecast.champion_poll_s, 2.0))
+    return None
+
+
+def check_champion(settings: Settings, current: LoadedModel) -> LoadedModel | None:
+    """A newer champion to swap in, or None (no change, or MLflow unreachable)."""
+    from jobs import registry
+
+    try:
+        found = registry.champion(settings)
+        MLFLOW_UP.set(1)
+    except MlflowUnavailable as e:  # keep serving the model we have
+        MLFLOW_UP.set(0)
+        log.warning("MLflow unreachable (%s); still serving %s version %s", e, current.name, current.version)
+        return None
+    if found is None or found[0] == current.version:
+        return None
+    version, model_dir = found
+    model = load_saved_model(model_dir, version)
+    log.info("champion moved: %s version %s -> %s", current.name, current.version, version)
+    return model
+
+
+def run(settings: Settings, args: argparse.Namespace) -> int:
+    from pipeline.kafka import ensure_topics, make_consumer, make_producer
+    from pipeline.observability import Health, serve_http
+
+    shutdown = Shutdown()
+    health = Health("forecast", poll_interval_s=max(60.0, settings.forecast.champion_poll_s * 3))
+    if settings.observability.metrics_port is not None:
+        serve_http(settings.observability.metrics_port, health)
+    ensure_topics(settings)
+
+    if args.model_dir:
+        model: LoadedModel | None = load_saved_model(args.model_dir, "local")
+    else:
+        model = wait_for_champion(settings, shutdown, health)
+    if model is None:
+        return 0
+    MODEL_VERSION.set(float(model.version) if model.version.isdigit() else -1)
+    health.facts.update(waiting_for=None, model=model.name, model_version=model.version)
+
+    forecaster = Forecaster(settings, model)
+    forecaster.rebuild()
+    producer = make_producer(settings)
+    consumer = make_consumer(settings, settings.groups.forecast, settings.topics.windows)
+    last_check = time.monotonic()
+    last_data = time.monotonic()
+    try:
+        while not shutdown.requested:
+            batch = consumer.poll(timeout_ms=200)
+            health.polled()
+            if batch or not consumer.assignment():  # the idle clock runs only while assigned
+                last_data = time.monotonic()
+            if batch:
+                process_batch(batch, forecaster, producer, consumer, settings)
+            elif args.exit_when_idle is not None and time.monotonic() - last_data > args.exit_when_idle:
+                log.info("no windows for %.1fs; exiting", args.exit_when_idle)
+                break
+            if not args.model_dir and time.monotonic() - last_check > settings.forecast.champion_poll_s:
+                last_check = time.monotonic()
+                new = check_champion(settings, forecaster.model)
+                if new is not None:
+                    forecaster.swap(new)
+                    MODEL_VERSION.set(float(new.version) if new.version.isdigit() else -1)
+                    health.facts.update(model=new.name, model_version=new.version)
+    finally:
+        producer.flush()
+        consumer.close(autocommit=False)
+        producer.close()
+    return 0
+
+
+def process_batch(batch: dict, forecaster: Forecaster, producer: Any, consumer: Any, settings: Settings) -> None:
+    """Windows of one poll -> forecasts acknowledged by the broker -> offsets committed."""
+    from kafka import OffsetAndMetadata
+
+    keys: list[tuple[str, int]] = []
+    oldest_ts = None
+    commits = {}
+    for tp, records in batch.items():
+        for rec in records:
+            table = decode_windows(rec.value)
+            WINDOWS_IN.inc(table.num_rows)
+            keys.extend(forecaster.add(table))
+            oldest_ts = rec.timestamp if oldest_ts is None else min(oldest_ts, rec.timestamp)
+        commits[tp] = OffsetAndMetadata(records[-1].offset + 1, "", -1)
+    SERIES.set(len(forecaster.buffers))
+    messages = forecaster.forecast(keys, issued_at=int(time.time() * 1000))
+    futures = [producer.send(settings.topics.forecasts, value, key=key.encode()) for key, value in messages]
+    producer.flush()
+    for f in futures:
+        f.get(timeout=30)  # raises if the broker did not acknowledge: offsets stay uncommitted
+    FORECASTS.inc(len(messages))
+    if oldest_ts is not None:
+        END_TO_END_S.observe(max(0.0, time.time() - oldest_ts / 1000))
+    consumer.commit(commits)

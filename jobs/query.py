@@ -1,0 +1,182 @@
+"""Print the latest forecast of each series from the forecasts topic.
+
+Reads only the partitions the series' keys hash to (Kafka's murmur2
+partitioner), from the beginning, and prints the newest forecast of each
+series (by last_window_end) as a table, or as JSON with --json. --follow
+keeps printing new forecasts as they arrive, until Ctrl-C. --plot FILE writes
+a PNG of the recent actuals from the history store with the forecast and its
+outer quantile interval. Exits 1 when none of the series has a forecast yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Settings
+
+HELP = "print the latest forecast of series from the forecasts topic"
+
+log = logging.getLogger("rollcast.query")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("series", nargs="+", help="series ids")
+    parser.add_argument("--json", action="store_true", help="print the forecast messages as JSON lines")
+    parser.add_argument("--follow", action="store_true", help="keep printing new forecasts until Ctrl-C")
+    parser.add_argument("--plot", type=Path, metavar="PNG", help="write recent actuals and the forecast to a PNG")
+    parser.add_argument("--history", type=int, default=96, help="windows of actuals in the plot (default 96)")
+    parser.add_argument("--idle-ms", type=int, default=1500,
+                        help="stop reading when no record arrived for this long (default 1500)")
+
+
+def read_latest(settings: Settings, series: list[str], idle_ms: int = 1500) -> tuple[dict[str, dict], Any]:
+    """Scan the series' partitions to the current end; return the newest forecast per series and
+    the consumer (positioned at the end, for --follow)."""
+    from kafka import TopicPartition
+
+    from pipeline.kafka import make_consumer
+    from pipeline.windows_io import partition_for
+
+    topic = settings.topics.forecasts
+    consumer = make_consumer(settings, None)
+    parts = sorted(consumer.partitions_for_topic(topic) or [])
+    if not parts:
+        consumer.close()
+        from pipeline.errors import RollcastError
+
+        raise RollcastError(f"topic {topic} does not exist on {settings.kafka.bootstrap_servers}")
+    wanted = set(series)
+    tps = sorted({TopicPartition(topic, partition_for(s, len(parts))) for s in series})
+    consumer.assign(tps)
+    consumer.seek_to_beginning(*tps)
+    latest: dict[str, dict] = {}
+    # Read until the partitions go quiet: the broker's end offset is not trusted here
+    # (some Kafka-protocol brokers report it wrongly), and an idle gap is a safe end.
+    quiet_since = time.monotonic()
+    while (time.monotonic() - quiet_since) * 1000 < idle_ms:
+        batch = consumer.poll(timeout_ms=200)
+        if batch:
+            quiet_since = time.monotonic()
+        for records in batch.values():
+            for rec in records:
+                _keep_newest(latest, rec.value, wanted)
+    return latest, consumer
+
+
+def _keep_newest(latest: dict[str, dict], value: bytes, wanted: set[str]) -> dict | None:
+    try:
+        msg = json.loads(value)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    s = msg.get("series")
+    if s not in wanted:
+        return None
+    old = latest.get(s)
+    if old is None or msg["last_window_end"] >= old["last_window_end"]:
+        latest[s] = msg
+        return msg
+    return None
+
+
+def _iso(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def print_table(latest: dict[str, dict], series: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for s in series:
+        msg = latest.get(s)
+        if msg is None:
+            console.print(f"[yellow]{s}: no forecast yet[/yellow]")
+            continue
+        qs = list(msg["points"][0]["quantiles"]) if msg["points"] else []
+        table = Table(
+            title=f"{s} — model {msg['model']['name']} v{msg['model']['version']}, "
+            f"after window ending {_iso(msg['last_window_end'])} UTC"
+        )
+        table.add_column("window start (UTC)")
+        table.add_column("forecast", justify="right")
+        for q in qs:
+            table.add_column(f"q{q}", justify="right")
+        for p in msg["points"]:
+            table.add_row(_iso(p["ts"]), f"{p['mean']:.4g}", *(f"{p['quantiles'][q]:.4g}" for q in qs))
+        console.print(table)
+
+
+def plot(settings: Settings, msg: dict, path: Path, history: int) -> None:
+    """PNG of the last ``history`` actual windows, the forecast and its outer interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pipeline.store import HistoryStore
+
+    step = msg["step_ms"]
+    start = msg["last_window_end"] - history * step
+    actual = HistoryStore(settings).read(series=[msg["series"]], start_ms=start)
+    target = settings.window.target
+    fig, ax = plt.subplots(figsize=(10, 4))
+    if actual.height:
+        ax.plot([dt.datetime.fromtimestamp(t / 1000, tz=dt.UTC) for t in actual["window_start"]],
+                actual[target].to_list(), label=f"actual ({target})", color="black")
+    times = [dt.datetime.fromtimestamp(p["ts"] / 1000, tz=dt.UTC) for p in msg["points"]]
+    qs = list(msg["points"][0]["quantiles"])
+    ax.plot(times, [p["mean"] for p in msg["points"]], label="forecast (median)", color="tab:blue")
+    if len(qs) >= 2:
+        ax.fill_between(times, [p["quantiles"][qs[0]] for p in msg["points"]],
+                        [p["quantiles"][qs[-1]] for p in msg["points"]],
+                        alpha=0.3, color="tab:blue", label=f"q{qs[0]}–q{qs[-1]}")
+    ax.set_title(f"{msg['series']}: {msg['model']['name']} v{msg['model']['version']}")
+    ax.legend()
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run(settings: Settings, args: argparse.Namespace) -> int:
+    latest, consumer = read_latest(settings, args.series, args.idle_ms)
+    try:
+        if args.json:
+            for s in args.series:
+                if s in latest:
+                    print(json.dumps(latest[s]), flush=True)
+        else:
+            print_table(latest, args.series)
+        if args.plot:
+            if not latest:
+                print("no forecast to plot")
+            else:
+                for s in args.series:
+                    if s in latest:
+                        path = args.plot if len(args.series) == 1 else args.plot.with_name(
+                            f"{args.plot.stem}-{s}{args.plot.suffix}")
+                        plot(settings, latest[s], path, args.history)
+                        print(f"wrote {path}")
+        if args.follow:
+            wanted = set(args.series)
+            while True:
+                for records in consumer.poll(timeout_ms=500).values():
+                    for rec in records:
+                        msg = _keep_newest(latest, rec.value, wanted)
+                        if msg is None:
+                            continue
+                        if args.json:
+                            print(json.dumps(msg), flush=True)
+                        else:
+                            print_table({msg["series"]: msg}, [msg["series"]])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        consumer.close()
+    return 0 if latest else 1

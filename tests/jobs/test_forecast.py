@@ -1,0 +1,221 @@
+"""The forecast job against the real broker: every window gets a forecast equal to offline inference."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+import models
+from jobs.forecast import LoadedModel, SeriesBuffer, forecast_messages
+from pipeline.config import Settings
+from pipeline.kafka import make_consumer, make_producer
+from pipeline.store import HistoryStore, Progress
+from pipeline.windows import WINDOW_SCHEMA
+from pipeline.windows_io import HEADERS, WindowRouter
+from tests.jobs.helpers import start_rollcast, wait_for
+
+STEP = 1000
+L, H = 8, 3
+
+
+# ----------------------------------------------------------------------------- pure logic
+
+
+def test_buffer_gives_the_context_ending_at_a_window_and_replaces_repeats() -> None:
+    buf = SeriesBuffer(capacity=5)
+    for i in range(1, 8):
+        buf.put(i * STEP, float(i))
+    assert buf.ends == [3000, 4000, 5000, 6000, 7000]  # bounded
+    np.testing.assert_array_equal(buf.context(7000, 3, STEP), [5.0, 6.0, 7.0])
+    np.testing.assert_array_equal(buf.context(5000, 3, STEP), [3.0, 4.0, 5.0])
+    assert buf.context(5000, 4, STEP) is None  # not enough history before it
+    assert buf.context(7500, 2, STEP) is None  # no window ends there
+    buf.put(6000, 6.0)  # a repeat after a restart: same window, same value
+    assert buf.ends == [3000, 4000, 5000, 6000, 7000]
+    buf2 = SeriesBuffer(capacity=10)
+    for e in (1000, 2000, 4000):
+        buf2.put(e, 1.0)
+    assert buf2.context(4000, 3, STEP) is None  # not a regular grid
+
+
+def test_message_format_follows_the_contract() -> None:
+    model = LoadedModel("tcn", "3", None, L, 2, [0.1, 0.5, 0.9])
+    preds = np.array([[[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]])
+    [(key, value)] = forecast_messages(["s1"], [10_000], preds, model, STEP, issued_at=123)
+    assert key == "s1"
+    assert json.loads(value) == {
+        "series": "s1", "issued_at": 123, "last_window_end": 10_000,
+        "model": {"name": "tcn", "version": "3"}, "step_ms": STEP,
+        "points": [
+            {"ts": 10_000, "mean": 2.0, "quantiles": {"0.1": 1.0, "0.5": 2.0, "0.9": 3.0}},
+            {"ts": 11_000, "mean": 5.0, "quantiles": {"0.1": 4.0, "0.5": 5.0, "0.9": 6.0}},
+        ],
+    }
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def make_windows(series: list[str], n: int, start_ms: int = 1_700_000_000_000) -> pl.DataFrame:
+    """A regular grid of windows per series (one gap row with count = 0 in the first series)."""
+    rows = []
+    for k, s in enumerate(series):
+        for i in range(n):
+            ws = start_ms + i * STEP
+            v = 10 * (k + 1) + np.sin(i / 3) * (k + 1)
+            gap = k == 0 and i == n // 2
+            rows.append({
+                "series": s, "window_start": ws, "window_end": ws + STEP, "count": 0 if gap else 3,
+                "first": None if gap else v, "last": None if gap else v, "min": None if gap else v - 1,
+                "max": None if gap else v + 1, "mean": None if gap else v, "sum": None if gap else 3 * v,
+            })
+    return pl.DataFrame(rows, schema=WINDOW_SCHEMA)
+
+
+def offline(model_dir: Path, windows: pl.DataFrame) -> dict[tuple[str, int], list[float]]:
+    """Median forecasts computed independently: all windows in memory, models.predict per window."""
+    model = models.load_model(model_dir)
+    out = {}
+    for (s,), part in windows.sort("window_start").group_by("series", maintain_order=True):
+        vals = part["mean"].to_numpy().astype(float)
+        ends = part["window_end"].to_numpy()
+        for i in range(L - 1, part.height):
+            ctx = vals[i - L + 1 : i + 1]
+            if np.isnan(ctx[0]):
+                continue
+            p = models.predict(model, ctx[None], window_end_ms=ends[i - L + 1 : i + 1][None])
+            out[(s, int(ends[i]))] = p[0, :, 1].tolist()
+    return out
+
+
+def produce_windows(settings: Settings, windows: pl.DataFrame) -> None:
+    producer = make_producer(settings)
+    router = WindowRouter(settings.kafka.partitions, max_rows=7)
+    for partition, value in router.messages(windows):
+        producer.send(settings.topics.windows, value, partition=partition, headers=HEADERS)
+    producer.flush()
+    producer.close()
+
+
+def collect_forecasts(settings: Settings, expected: set[tuple[str, int]], timeout: float) -> dict:
+    """All forecast messages until every expected (series, last_window_end) is seen."""
+    consumer = make_consumer(settings, None)
+    from kafka import TopicPartition
+
+    tps = [TopicPartition(settings.topics.forecasts, p)
+           for p in consumer.partitions_for_topic(settings.topics.forecasts)]
+    consumer.assign(tps)
+    consumer.seek_to_beginning()
+    seen: dict[tuple[str, int], list[dict]] = {}
+
+    def done() -> bool:
+        for records in consumer.poll(timeout_ms=300).values():
+            for rec in records:
+                msg = json.loads(rec.value)
+                assert rec.key.decode() == msg["series"]
+                seen.setdefault((msg["series"], msg["last_window_end"]), []).append(msg)
+        return expected <= seen.keys()
+
+    try:
+        try:
+            wait_for(done, timeout, f"forecasts for {len(expected)} windows")
+        except AssertionError as e:
+            raise AssertionError(f"{e}; missing {sorted(expected - seen.keys())[:10]}") from None
+    finally:
+        consumer.close()
+    return seen
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    model = models.create_model("tcn", context=L, horizon=H, seed=3)
+    return models.save_model(model, tmp_path / "model")
+
+
+# ----------------------------------------------------------------------------- against the broker
+
+
+@pytest.mark.slow
+def test_forecasts_equal_offline_inference_and_survive_kill_9(
+    settings: Settings, test_env: dict[str, str], model_dir: Path, tmp_path: Path
+) -> None:
+    series = ["a", "b", "c"]
+    windows = make_windows(series, 40)
+    stored = windows.filter(pl.col("window_start") < windows["window_start"].min() + 12 * STEP)
+    live = windows.join(stored, on=["series", "window_start"], how="anti")
+    HistoryStore(settings).write_checkpoint("seed", 0, stored, Progress(0, None))
+    env = {**test_env, "ROLLCAST_WINDOW__LENGTH_MS": str(STEP), "ROLLCAST_MODEL__CONTEXT": str(L)}
+
+    proc = start_rollcast("forecast", "--model-dir", str(model_dir), env=env, log=tmp_path / "f1.log")
+    first, second = live.filter(pl.col("window_start") < live["window_start"].min() + 10 * STEP), None
+    second = live.join(first, on=["series", "window_start"], how="anti")
+    store = HistoryStore(settings)
+    try:
+        store.write_checkpoint("seed", 0, first, Progress(1, None))  # as ingest: store, then produce
+        produce_windows(settings, first)
+        expected_first = {(s, e) for s, e in first.select("series", "window_end").iter_rows()}
+        collect_forecasts(settings, expected_first, 60)
+        store.write_checkpoint("seed", 0, second, Progress(2, None))
+        produce_windows(settings, second)
+        os.kill(proc.pid, signal.SIGKILL)  # mid-stream: some of `second` may be unforecast
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+    proc = start_rollcast("forecast", "--model-dir", str(model_dir), "--exit-when-idle", "3",
+                          env=env, log=tmp_path / "f2.log")
+    try:
+        ref = offline(model_dir, windows)
+        expected = {k for k in ref if k[1] > stored["window_end"].max()}
+        seen = collect_forecasts(settings, expected, 60)
+        assert proc.wait(60) == 0, (tmp_path / "f2.log").read_text()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    for key in expected:
+        for msg in seen[key]:  # repeats after the restart carry the same values
+            got = [p["mean"] for p in msg["points"]]
+            np.testing.assert_allclose(got, ref[key], rtol=1e-5, atol=1e-5)
+            assert msg["model"]["version"] == "local" and msg["step_ms"] == STEP
+            assert msg["points"][0]["ts"] == key[1]
+    gap_series_skips = {k for k in ref if k[0] == "a"}
+    assert gap_series_skips  # the gap row is forward-filled, so "a" is forecast too
+
+
+@pytest.mark.slow
+def test_kcat_reads_a_forecast_as_json(settings: Settings, test_env: dict[str, str], model_dir: Path,
+                                       tmp_path: Path) -> None:
+    kcat = shutil.which("kcat")
+    if kcat is None:
+        pytest.skip("kcat is not installed (make test installs it with apt-get when run as root)")
+    windows = make_windows(["x"], L + 2)
+    env = {**test_env, "ROLLCAST_WINDOW__LENGTH_MS": str(STEP)}
+    proc = start_rollcast("forecast", "--model-dir", str(model_dir), "--exit-when-idle", "3",
+                          env=env, log=tmp_path / "f.log")
+    try:
+        produce_windows(settings, windows)
+        collect_forecasts(settings, {("x", int(windows["window_end"].max()))}, 60)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    out = subprocess.run(
+        [kcat, "-C", "-b", settings.kafka.bootstrap_servers, "-t", settings.topics.forecasts,
+         "-o", "beginning", "-e", "-q", "-f", "%k\t%s\n"],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout
+    lines = [ln for ln in out.splitlines() if ln]
+    assert len(lines) == 3  # windows L, L+1, L+2 have a full context
+    for line in lines:
+        key, value = line.split("\t", 1)
+        msg = json.loads(value)
+        assert key == msg["series"] == "x"
+        assert len(msg["points"]) == H and set(msg["points"][0]["quantiles"]) == {"0.1", "0.5", "0.9"}
