@@ -1,7 +1,8 @@
 """Produce a CSV or Parquet dataset into the observations topic.
 
 Rows are sent in event-time order, one JSON observation per message keyed by
-series id (or, with --format arrow, Arrow IPC batches of many rows). --speed
+series id (or, with --format arrow, Arrow IPC batches of many rows, each
+holding series of one partition, so a series always stays on one partition). --speed
 replays at a multiple of real time (1 = as recorded, 3600 = an hour per
 second) or as fast as possible (max). Columns are mapped with --series-col,
 --ts-col and --value-col; a file with one series and no series column takes
@@ -162,9 +163,11 @@ def replay(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from pipeline.kafka import make_producer
+    from pipeline.windows_io import partition_for
 
     topic = topic or settings.topics.observations
     producer = make_producer(settings)
+    n_partitions = len(producer.partitions_for(topic))
     ts = df["ts"].to_numpy()
     t0 = int(ts[0]) if df.height else 0
     wall0 = time.monotonic()
@@ -179,8 +182,14 @@ def replay(
                 end = min(end, _due_rows(ts, sent, t0, wall0, speed))
             part = df.slice(sent, end - sent)
             if fmt == "arrow":
-                producer.send(topic, arrow_message(part, settings),
-                              headers=[("content-type", ARROW_CONTENT_TYPE.encode())])
+                # Each series must stay on one partition (as with keyed JSON messages), so a
+                # batch is split by the partition its series' keys hash to.
+                parts = part.with_columns(
+                    pl.col("series").map_elements(lambda s: partition_for(s, n_partitions), pl.Int64).alias("_p")
+                )
+                for (p,), rows in parts.group_by("_p", maintain_order=True):
+                    producer.send(topic, arrow_message(rows.drop("_p"), settings), partition=int(p),
+                                  headers=[("content-type", ARROW_CONTENT_TYPE.encode())])
             else:
                 for key, value in zip(part["series"].to_list(), json_messages(part, settings), strict=True):
                     producer.send(topic, value, key=key.encode())

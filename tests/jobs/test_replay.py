@@ -14,6 +14,7 @@ from jobs.replay import ColumnMap, load_observations, parse_speed, resolve_datas
 from pipeline.config import Settings
 from pipeline.errors import DatasetError
 from pipeline.kafka import make_consumer
+from pipeline.windows_io import partition_for
 from tests.jobs.helpers import rollcast, wait_for
 
 
@@ -55,13 +56,16 @@ def test_arrow_batches_and_configured_field_names(settings: Settings, test_env: 
     r = rollcast("replay", "temperature_hourly.csv", "--format", "arrow", "--batch-rows", "400",
                  "--limit", "1000", "--no-progress", env=env)
     assert r.returncode == 0, r.stderr
-    records = consume_all(settings, settings.topics.observations, 3)
-    assert len(records) == 3  # 400 + 400 + 200 rows
+    expected = load_observations(resolve_dataset("temperature_hourly.csv"), ColumnMap()).head(1000)
+    n_messages = sum(expected.slice(i, 400)["series"].map_elements(lambda s: partition_for(s, 2), pl.Int64)
+                     .n_unique() for i in (0, 400, 800))
+    records = consume_all(settings, settings.topics.observations, n_messages)
     assert all(dict(m.headers)["content-type"] == b"application/vnd.apache.arrow.stream" for m in records)
     tables = [pa.ipc.open_stream(io.BytesIO(m.value)).read_all() for m in records]
-    assert sorted(t.num_rows for t in tables) == [200, 400, 400]
+    assert sum(t.num_rows for t in tables) == 1000 and all(t.num_rows <= 400 for t in tables)
     assert tables[0].column_names == ["symbol", "time", "price"]
-    expected = load_observations(resolve_dataset("temperature_hourly.csv"), ColumnMap()).head(1000)
+    for m, t in zip(records, tables, strict=True):  # a series stays on its key's partition
+        assert {partition_for(s, 2) for s in t.column("symbol").to_pylist()} == {m.partition}
     got = pl.concat([pl.from_arrow(t) for t in tables]).rename({"symbol": "series", "time": "ts", "price": "value"})
     assert got.sort("ts", "series").equals(expected.sort("ts", "series"))
 
