@@ -111,7 +111,7 @@ def calendar_features(window_end_ms: np.ndarray) -> np.ndarray:
     """``(..., 4)`` sin/cos of hour of day and of day of week at each window end (UTC)."""
     t = np.asarray(window_end_ms, dtype=np.int64)
     day = 2 * np.pi * (t % DAY_MS) / DAY_MS
-    week = 2 * np.pi * ((t + 4 * DAY_MS) % WEEK_MS) / WEEK_MS  # epoch was a Thursday
+    week = 2 * np.pi * ((t + 3 * DAY_MS) % WEEK_MS) / WEEK_MS  # phase 0 on Monday 00:00 (epoch: Thursday)
     return np.stack([np.sin(day), np.cos(day), np.sin(week), np.cos(week)], axis=-1)
 
 

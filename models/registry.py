@@ -65,9 +65,14 @@ def make_config(name: str, **config: Any) -> ModelConfig:
 
 
 def create_model(name: str, **config: Any) -> ForecastModel:
-    """Build model ``name`` from keyword overrides of its config dataclass."""
+    """Build model ``name`` from keyword overrides of its config dataclass, initialised from its seed."""
+    import torch
+
     cls, _ = _lookup(name)
-    return cls(make_config(name, **config))
+    cfg = make_config(name, **config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)  # the same config always starts from the same weights
+        return cls(cfg)
 
 
 def _lookup(name: str) -> tuple[type[ForecastModel], type[ModelConfig]]:

@@ -93,6 +93,8 @@ def fit(
     has_val = val is not None and len(val) > 0
     if has_val:
         cbs.append(EarlyStopping(monitor="val_loss", patience=patience, mode="min"))
+    for logger_name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
+        logging.getLogger(logger_name).setLevel(logging.WARNING)
     trainer = lightning.Trainer(
         max_epochs=max_epochs,
         max_steps=max_steps,
@@ -112,11 +114,10 @@ def fit(
         assert val is not None
         loaders["val_dataloaders"] = _loader(val, max(batch_size, 1024), False, seed)
     t0 = time.perf_counter()
-    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*log_every_n_steps.*")
+        warnings.filterwarnings("ignore", ".*LeafSpec.*")
         trainer.fit(model, **loaders)
     elapsed = time.perf_counter() - t0
     result.samples_per_s = len(train) * max(result.epochs, 1) / max(elapsed, 1e-9)

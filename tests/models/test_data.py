@@ -1,0 +1,74 @@
+"""Window tables to matrices and samples."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+from models import create_model, predict
+from models.data import SeriesMatrix, calendar_features, make_samples, time_split, windows_to_matrix
+from pipeline.errors import DatasetError, NotEnoughData
+
+HOUR = 3_600_000
+
+
+def _table() -> pl.DataFrame:
+    rows = []
+    for s, n, offset in (("a", 6, 0), ("b", 4, 2)):
+        for i in range(n):
+            t = (i + offset) * HOUR
+            gap = s == "a" and i == 3
+            v = None if gap else float(10 * (s == "b") + i + offset)
+            rows.append({"series": s, "window_start": t, "window_end": t + HOUR, "count": 0 if gap else 2,
+                         "first": v, "last": v, "min": v, "max": v, "mean": v, "sum": v})
+    return pl.DataFrame(rows)
+
+
+def test_windows_to_matrix_fills_gaps_forward_and_aligns_series() -> None:
+    m = windows_to_matrix(_table(), "mean")
+    assert m.series == ["a", "b"] and m.step_ms == HOUR
+    np.testing.assert_array_equal(m.values[0], [0, 1, 2, 2, 4, 5])  # the gap repeats the last value
+    assert np.isnan(m.values[1, :2]).all()
+    np.testing.assert_array_equal(m.values[1, 2:], [12, 13, 14, 15])
+    np.testing.assert_array_equal(m.window_end_ms, np.arange(1, 7) * HOUR)
+    assert windows_to_matrix(_table().to_arrow(), "last").values.shape == (2, 6)
+    with pytest.raises(DatasetError, match="lacks column"):
+        windows_to_matrix(_table().drop("mean"), "mean")
+
+
+def test_make_samples_strides_and_drops_nan() -> None:
+    m = windows_to_matrix(_table(), "mean")
+    s = make_samples(m, context=2, horizon=1)
+    # series a: targets at t=2..5 (4 samples); series b: starts at t=2, first full sample targets t=4
+    assert s.x.shape == (6, 2, 1) and s.y.shape == (6, 1)
+    np.testing.assert_array_equal(s.x[0, :, 0], [0, 1])
+    np.testing.assert_array_equal(s.y[:, 0], [2, 2, 4, 5, 14, 15])
+    cal = make_samples(m, context=2, horizon=1, target_span=(4, 6), calendar=True)
+    assert cal.x.shape == (4, 2, 5)
+    np.testing.assert_allclose(cal.x[0, 0, 1:], calendar_features(np.array(3 * HOUR)))
+
+
+def test_calendar_features_by_hand() -> None:
+    six_am_monday = 4 * 86_400_000 + 6 * HOUR  # 1970-01-05 06:00 UTC was a Monday
+    f = calendar_features(np.array([six_am_monday]))[0]
+    np.testing.assert_allclose(f[:2], [1.0, 0.0], atol=1e-12)  # a quarter of the day
+    np.testing.assert_allclose(f[2:], [np.sin(2 * np.pi * 6 / 168), np.cos(2 * np.pi * 6 / 168)], atol=1e-12)
+
+
+def test_predict_with_calendar_needs_window_ends() -> None:
+    m = create_model("lstm", context=4, horizon=2, calendar=True, hidden=4, layers=1)
+    out = predict(m, np.ones((3, 4)), window_end_ms=np.arange(4) * HOUR)
+    assert out.shape == (3, 2, 3)
+    with pytest.raises(Exception, match="calendar"):
+        predict(m, np.ones((3, 4)))
+
+
+def test_time_split() -> None:
+    split = time_split(200, context=20, horizon=5, val_fraction=0.1, holdout=30)
+    assert split.train == (20, 155) and split.val == (155, 170) and split.holdout == (170, 200)
+    with pytest.raises(NotEnoughData):
+        time_split(30, context=20, horizon=5, holdout=10)
+    m = SeriesMatrix(["x"], np.arange(200.0)[None], np.arange(200) * HOUR, HOUR)
+    val = make_samples(m, 20, 5, split.val)
+    assert val.y.min() == 155 and val.y.max() == 169

@@ -1,0 +1,135 @@
+"""One test over the whole registry, plus architecture-specific checks (timm's test_models.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models import available_models, create_model, load_model, predict, save_model
+from models.data import Samples
+from models.hrnn import pooling_schedule
+from models.tcn import receptive_field
+from models.training import fit
+from pipeline.errors import ModelConfigError, RollcastError
+
+L, H = 32, 6
+TINY = {"tcn": {"channels_hidden": 8}, "lstm": {"hidden": 8, "layers": 1}, "hrnn": {"hidden": 8, "levels": 2},
+        "pyramid": {"d_model": 8, "heads": 2, "stages": 2}, "seasonal_naive": {"season": 8}}
+
+
+def _sine_samples(n: int, seed: int = 0) -> Samples:
+    rng = np.random.default_rng(seed)
+    t = rng.uniform(0, 100, size=(n, 1)) + np.arange(L + H)
+    series = 5 + 2 * np.sin(2 * np.pi * t / 8) + 0.05 * rng.standard_normal(t.shape)
+    return Samples(series[:, :L, None].astype(np.float32), series[:, L:].astype(np.float32))
+
+
+@pytest.mark.parametrize("name", available_models())
+def test_every_model(name: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = create_model(name, context=L, horizon=H, dropout=0.0, **TINY.get(name, {}))
+    x = torch.randn(5, L, 1) + 10
+    out = model(x)
+    assert out.shape == (5, H, 3)
+    assert torch.isfinite(out).all()
+    assert (out.diff(dim=-1) >= 0).all()  # quantiles never cross
+
+    # saved then loaded gives the same forecasts, through the public predict path
+    before = predict(model, x[..., 0].numpy())
+    loaded = load_model(save_model(model, tmp_path / name))
+    assert (tmp_path / name / "config.json").exists() and (tmp_path / name / "weights.pt").exists()
+    np.testing.assert_array_equal(predict(loaded, x[..., 0].numpy()), before)
+
+    if not model.trainable:
+        assert list(model.parameters()) == []
+        return
+    model.train()
+    model.loss(x, torch.randn(5, H) + 10).backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+    # a few epochs on a learnable sine lower the validation loss
+    train, val = _sine_samples(512), _sine_samples(128, seed=1)
+    fresh = create_model(name, context=L, horizon=H, learning_rate=1e-2, **TINY.get(name, {}))
+    with torch.no_grad():
+        start = float(fresh.eval().loss(torch.from_numpy(val.x), torch.from_numpy(val.y)))
+    result = fit(fresh, train, val, max_epochs=3, batch_size=64, seed=0)
+    assert len(result.train_loss) == len(result.val_loss) == result.epochs == 3
+    assert min(result.val_loss) < 0.8 * start
+
+
+def test_registry_errors_are_clear() -> None:
+    with pytest.raises(ModelConfigError, match="known models: .*lstm.*tcn") as e:
+        create_model("transformer-xl")
+    assert isinstance(e.value, RollcastError)
+    with pytest.raises(ModelConfigError, match="no setting.*'hiden'"):
+        create_model("lstm", hiden=3)
+    with pytest.raises(ModelConfigError, match="cell must be one of"):
+        create_model("lstm", cell="lstmm")
+    with pytest.raises(ModelConfigError, match="quantiles"):
+        create_model("tcn", quantiles=[0.9, 0.1])
+    with pytest.raises(ModelConfigError, match="optimizer"):
+        create_model("tcn", optimizer="lbfgs")
+
+
+def test_defaults_build_and_all_optimisers_step() -> None:
+    for name in available_models():
+        assert create_model(name).config.context == 96
+    x, y = torch.randn(4, L, 1), torch.randn(4, H)
+    for opt in ("adam", "adamw", "sgd", "rmsprop", "adagrad", "adadelta"):
+        m = create_model("tcn", context=L, horizon=H, optimizer=opt, weight_decay=1e-4, channels_hidden=4)
+        optim = m.configure_optimizers()
+        before = [p.detach().clone() for p in m.parameters()]
+        m.loss(x, y).backward()
+        optim.step()
+        assert any(not torch.equal(a, b) for a, b in zip(before, m.parameters(), strict=True)), opt
+
+
+def test_training_is_reproducible_with_a_seed() -> None:
+    train = _sine_samples(256)
+    losses = []
+    for _ in range(2):
+        m = create_model("lstm", context=L, horizon=H, hidden=8, layers=1)
+        losses.append(fit(m, train, None, max_epochs=2, batch_size=64, seed=7).train_loss)
+    assert losses[0] == losses[1]
+
+
+def test_flat_series_and_level_shift_are_handled() -> None:
+    m = create_model("tcn", context=L, horizon=H, channels_hidden=4)
+    flat = np.full((2, L), 3.0)
+    out = predict(m, flat)
+    assert np.isfinite(out).all()
+    # per-window normalisation: shifting and scaling a context shifts and scales its forecast
+    ctx = np.random.default_rng(0).normal(size=(3, L))
+    np.testing.assert_allclose(predict(m, 100 + 10 * ctx), 100 + 10 * predict(m, ctx), rtol=1e-4, atol=1e-3)
+
+
+def test_tcn_receptive_field() -> None:
+    m = create_model("tcn", context=64, kernel_size=3, levels=3, channels_hidden=4, dropout=0.0).eval()
+    assert m.receptive_field == receptive_field(3, 3) == 1 + 2 * 2 * (1 + 2 + 4) == 29
+    x = torch.randn(1, 64, 1)
+    base = m.backbone(x)
+    outside, inside = x.clone(), x.clone()
+    outside[0, 64 - 29 - 1, 0] += 5.0  # one step beyond the field
+    inside[0, 64 - 29, 0] += 5.0  # the oldest step inside it
+    assert torch.equal(m.backbone(outside), base)
+    assert not torch.allclose(m.backbone(inside), base)
+    # automatic depth: the smallest whose field covers the context
+    auto = create_model("tcn", context=96, kernel_size=3)
+    assert auto.receptive_field >= 96 > receptive_field(3, auto.config.n_levels - 1)
+
+
+def test_hrnn_pooling_schedule() -> None:
+    assert pooling_schedule(16, 3, 2) == [
+        [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10), (10, 12), (12, 14), (14, 16)],
+        [(0, 2), (2, 4), (4, 6), (6, 8)],
+    ]
+    m = create_model("hrnn", context=10, levels=3, k=3, pooling="max", hidden=4)
+    assert m.schedule == [[(1, 4), (4, 7), (7, 10)], [(0, 3)]]
+    h = torch.arange(10.0).view(1, 10, 1)
+    assert m._pool(h).flatten().tolist() == [3.0, 6.0, 9.0]  # max of steps 1-3, 4-6, 7-9
+    with pytest.raises(ModelConfigError, match="shorter than"):
+        create_model("hrnn", context=8, levels=3, k=4)
