@@ -1,0 +1,60 @@
+"""Training throughput and batched inference latency of every model at its default size.
+
+For each registered model: training samples/s (Lightning fit, 1 epoch over
+synthetic sine samples) and the latency of one plain-PyTorch ``predict`` call
+for 1,000 series at L=96, H=24 (p50/p99 over --runs calls after a warm-up).
+Usage: python benchmarks/models.py [--runs N] [--train-samples N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from models import available_models, create_model, predict
+from models.data import Samples
+from models.training import fit
+
+L, H, SERIES = 96, 24, 1000
+
+
+def synthetic(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = rng.uniform(0, 1000, size=(n, 1)) + np.arange(L + H)
+    return 10 + 3 * np.sin(2 * np.pi * t / 24) + 0.3 * rng.standard_normal(t.shape)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--train-samples", type=int, default=4096)
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {SERIES} series, L={L}, H={H}\n")
+    print("| model | parameters | train samples/s | inference p50 ms | inference p99 ms |")
+    print("|---|---|---|---|---|")
+    ctx = synthetic(SERIES, seed=1)[:, :L]
+    for name in available_models():
+        model = create_model(name, context=L, horizon=H, season=24 if name != "naive" else 0)
+        n_params = sum(p.numel() for p in model.parameters())
+        if model.trainable:
+            s = synthetic(args.train_samples)
+            train = Samples(s[:, :L, None].astype(np.float32), s[:, L:].astype(np.float32))
+            rate = f"{fit(model, train, None, max_epochs=1, batch_size=256).samples_per_s:,.0f}"
+        else:
+            rate = "no training"
+        for _ in range(3):
+            predict(model, ctx)
+        times = []
+        for _ in range(args.runs):
+            t0 = time.perf_counter()
+            predict(model, ctx)
+            times.append(1000 * (time.perf_counter() - t0))
+        p50, p99 = np.percentile(times, [50, 99])
+        print(f"| {name} | {n_params:,} | {rate} | {p50:.1f} | {p99:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
