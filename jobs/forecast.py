@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import json
 import logging
 import signal
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -143,29 +143,32 @@ def forecast_messages(
     Point ``h`` (1-based) covers the window starting at ``last_window_end + (h-1)*step_ms``;
     its ``ts`` is that window's start, matching ``window_start`` in the history store.
     """
+    # Built column-wise by polars and serialised in one write_ndjson call: about half the time of
+    # per-message dicts through a JSON encoder, which matters at 1,000+ forecasts per batch.
+    preds = np.asarray(preds, dtype=np.float64)
+    n, horizon, _ = preds.shape
+    if n == 0:
+        return []
     qkeys = [f"{q:g}" for q in model.quantiles]
     median = model.quantiles.index(0.5)
-    out = []
-    for b, (s, end) in enumerate(zip(series, last_ends, strict=True)):
-        p = preds[b]
-        points = [
-            {
-                "ts": end + h * step_ms,
-                "mean": float(p[h, median]),
-                "quantiles": {k: float(p[h, j]) for j, k in enumerate(qkeys)},
-            }
-            for h in range(p.shape[0])
-        ]
-        msg = {
-            "series": s,
-            "issued_at": issued_at,
-            "last_window_end": end,
-            "model": {"name": model.name, "version": model.version},
-            "step_ms": step_ms,
-            "points": points,
+    ends = np.asarray(last_ends, dtype=np.int64)
+    flat = pl.DataFrame(
+        {
+            "ts": (ends[:, None] + np.arange(horizon, dtype=np.int64)[None] * step_ms).ravel(),
+            "mean": preds[:, :, median].ravel(),
+            **{k: preds[:, :, j].ravel() for j, k in enumerate(qkeys)},
         }
-        out.append((s, json.dumps(msg, separators=(",", ":")).encode()))
-    return out
+    )
+    points = flat.select(pl.struct("ts", "mean", pl.struct(qkeys).alias("quantiles")).alias("p"))["p"]
+    frame = pl.DataFrame(
+        {"series": series, "issued_at": np.full(n, issued_at, dtype=np.int64), "last_window_end": ends}
+    ).with_columns(
+        pl.struct(pl.lit(model.name).alias("name"), pl.lit(model.version).alias("version")).alias("model"),
+        pl.lit(step_ms, dtype=pl.Int64).alias("step_ms"),
+        points.reshape((n, horizon)).cast(pl.List(points.dtype)).alias("points"),
+    )
+    lines = frame.write_ndjson().encode().splitlines()
+    return list(zip(series, lines, strict=True))
 
 
 # --------------------------------------------------------------------------- the job

@@ -1,0 +1,181 @@
+"""Forecast latency: from a window batch produced to `windows` until all its forecasts are readable.
+
+For each model type and series count it starts a real tansu broker (unless
+--bootstrap is given), seeds the history store with L windows per series,
+starts `rollcast forecast --model-dir` (a saved, untrained model of that type:
+latency does not depend on the weights) as a subprocess, then repeatedly
+produces the next window of every series as Arrow IPC messages (as ingest
+does) and times until a consumer has read one forecast per series for that
+window. It prints p50/p99 of that end-to-end latency and the share of it spent
+in the job's batched inference (from the job's Prometheus histogram).
+
+    python benchmarks/forecast_latency.py --series 1000 10000 --models tcn lstm --rounds 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import models  # noqa: E402
+from jobs import stack  # noqa: E402
+from pipeline.config import Settings, load_settings  # noqa: E402
+from pipeline.kafka import ensure_topics, make_consumer, make_producer  # noqa: E402
+from pipeline.store import HistoryStore, Progress  # noqa: E402
+from pipeline.windows import WINDOW_SCHEMA  # noqa: E402
+from pipeline.windows_io import HEADERS, WindowRouter  # noqa: E402
+
+STEP = 60_000
+T0 = 1_700_000_000_000 // STEP * STEP
+
+
+def windows_at(series: list[str], index: int, rng: np.random.Generator) -> pl.DataFrame:
+    v = rng.normal(100, 5, len(series))
+    start = T0 + index * STEP
+    return pl.DataFrame(
+        {"series": series, "window_start": [start] * len(series), "window_end": [start + STEP] * len(series),
+         "count": [5] * len(series), "first": v, "last": v, "min": v - 1, "max": v + 1, "mean": v, "sum": 5 * v},
+        schema=WINDOW_SCHEMA,
+    )
+
+
+def scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out = {}
+    for name in ("rollcast_forecast_inference_seconds_sum", "rollcast_forecast_inference_seconds_count"):
+        m = re.search(rf"^{name} (\S+)$", text, re.M)
+        out[name] = float(m.group(1)) if m else 0.0
+    return out
+
+
+def run_case(bootstrap: str, model_name: str, n_series: int, rounds: int, context: int, horizon: int,
+             work: Path) -> dict:
+    suffix = f"{model_name}-{n_series}-{os.getpid()}-{int(time.time())}"
+    metrics_port = stack.free_port()
+    env = {
+        "ROLLCAST_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
+        "ROLLCAST_KAFKA__PARTITIONS": "4",
+        "ROLLCAST_DATA_DIR": str(work / suffix),
+        "ROLLCAST_TOPICS__WINDOWS": f"win-{suffix}",
+        "ROLLCAST_TOPICS__FORECASTS": f"fc-{suffix}",
+        "ROLLCAST_TOPICS__OBSERVATIONS": f"obs-{suffix}",
+        "ROLLCAST_TOPICS__DLQ": f"dlq-{suffix}",
+        "ROLLCAST_GROUPS__FORECAST": f"g-{suffix}",
+        "ROLLCAST_WINDOW__LENGTH_MS": str(STEP),
+        "ROLLCAST_MODEL__CONTEXT": str(context),
+        "ROLLCAST_OBSERVABILITY__METRICS_PORT": str(metrics_port),
+        "ROLLCAST_OBSERVABILITY__LOG_LEVEL": "WARNING",
+    }
+    settings: Settings = load_settings(env=env)
+    ensure_topics(settings)
+    rng = np.random.default_rng(0)
+    series = [f"s{i:05d}" for i in range(n_series)]
+    history = pl.concat([windows_at(series, i, rng) for i in range(context)])
+    HistoryStore(settings).write_checkpoint("seed", 0, history, Progress(0, None))
+    model_dir = models.save_model(models.create_model(model_name, context=context, horizon=horizon),
+                                  work / suffix / "model")
+
+    log = open(work / f"{suffix}.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "forecast", "--model-dir", str(model_dir)],
+                            env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    producer = make_producer(settings, linger_ms=0)
+    consumer = make_consumer(settings, None)
+    from kafka import TopicPartition
+
+    consumer.assign([TopicPartition(settings.topics.forecasts, p)
+                     for p in sorted(consumer.partitions_for_topic(settings.topics.forecasts))])
+    consumer.seek_to_beginning()  # a fresh topic: every forecast is read
+    router = WindowRouter(settings.kafka.partitions)
+    latencies = []
+    try:
+        # wait until the job is serving: send warm-up rounds until forecasts come back
+        for _ in range(2):
+            _one_round(settings, producer, consumer, router, series, context + len(latencies), rng, timeout=180)
+            latencies.append(None)
+        before = scrape(metrics_port)
+        latencies = []
+        for r in range(rounds):
+            latencies.append(_one_round(settings, producer, consumer, router, series, context + 2 + r, rng,
+                                        timeout=60))
+        after = scrape(metrics_port)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        consumer.close()
+        producer.close()
+    lat = np.array(latencies)
+    inf_sum = after["rollcast_forecast_inference_seconds_sum"] - before["rollcast_forecast_inference_seconds_sum"]
+    return {
+        "model": model_name, "series": n_series, "rounds": rounds,
+        "p50_ms": float(np.percentile(lat, 50) * 1000), "p99_ms": float(np.percentile(lat, 99) * 1000),
+        "inference_share": float(inf_sum / lat.sum()),
+        "inference_mean_ms": float(inf_sum / rounds * 1000),
+    }
+
+
+def _one_round(settings: Settings, producer, consumer, router: WindowRouter, series: list[str], index: int,
+               rng: np.random.Generator, timeout: float) -> float:
+    batch = windows_at(series, index, rng)
+    end = T0 + index * STEP + STEP
+    want = set(series)
+    t0 = time.perf_counter()
+    for partition, value in router.messages(batch):
+        producer.send(settings.topics.windows, value, partition=partition, headers=HEADERS)
+    producer.flush()
+    deadline = time.monotonic() + timeout
+    while want:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(want)} forecasts for window end {end} did not arrive in {timeout}s")
+        for records in consumer.poll(timeout_ms=50).values():
+            for rec in records:
+                msg = json.loads(rec.value)
+                if msg["last_window_end"] == end:
+                    want.discard(msg["series"])
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--series", type=int, nargs="+", default=[1000, 10000])
+    ap.add_argument("--models", nargs="+", default=["tcn", "lstm"])
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--context", type=int, default=96)
+    ap.add_argument("--horizon", type=int, default=24)
+    ap.add_argument("--bootstrap", help="use this broker instead of starting tansu")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="rollcast-latency-"))
+    broker = None
+    bootstrap = args.bootstrap
+    if bootstrap is None:
+        port = stack.free_port()
+        broker = stack.start_broker(stack.broker_binary(None), port, work)
+        bootstrap = f"127.0.0.1:{port}"
+    try:
+        print("| model | series | rounds | p50 (ms) | p99 (ms) | inference per batch (ms) | inference share |")
+        print("|---|---|---|---|---|---|---|")
+        for n in args.series:
+            for name in args.models:
+                r = run_case(bootstrap, name, n, args.rounds, args.context, args.horizon, work)
+                print(f"| {r['model']} | {r['series']} | {r['rounds']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} "
+                      f"| {r['inference_mean_ms']:.1f} | {r['inference_share']:.0%} |", flush=True)
+    finally:
+        if broker is not None:
+            broker.stop()
+
+
+if __name__ == "__main__":
+    main()
