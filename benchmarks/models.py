@@ -3,20 +3,25 @@
 For each registered model: training samples/s (Lightning fit, 1 epoch over
 synthetic sine samples) and the latency of one plain-PyTorch ``predict`` call
 for 1,000 series at L=96, H=24 (p50/p99 over --runs calls after a warm-up).
-Usage: python benchmarks/models.py [--runs N] [--train-samples N]
+Usage: python -m benchmarks.models [--runs N] [--train-samples N]
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
-import numpy as np
-import torch
+# run as a script, this file's folder comes first on sys.path and this file would shadow the models package
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from models import available_models, create_model, predict
-from models.data import Samples
-from models.training import fit
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from models import available_models, create_model, predict  # noqa: E402
+from models.data import Samples  # noqa: E402
+from models.training import fit  # noqa: E402
 
 L, H, SERIES = 96, 24, 1000
 
