@@ -37,6 +37,7 @@ import tempfile
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -558,11 +559,15 @@ def publish(settings: Settings, cand: Candidate, data: CycleData, others: dict[s
             example, example_out = input_example(cand, data, settings)
             from mlflow.models import infer_signature
 
+            with warnings.catch_warnings():
+                # window_end, step and ts are int64 epoch ms / step numbers: never missing
+                warnings.filterwarnings("ignore", ".*integer column.*", UserWarning)
+                signature = infer_signature(example, example_out)
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=str(PYFUNC_MODEL_FILE),
                 artifacts={registry.MODEL_ARTIFACT: str(saved), registry.SERVING_ARTIFACT: str(serving)},
-                signature=infer_signature(example, example_out),
+                signature=signature,
                 input_example=example,
                 pip_requirements=_requirements(),
             )

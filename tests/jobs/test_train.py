@@ -17,6 +17,7 @@ from mlflow import MlflowClient
 import models
 from jobs import registry, stack
 from jobs.train import Candidate, decide, run_cycle
+from pipeline.config import load_settings
 from pipeline.errors import MlflowUnavailable
 from pipeline.store import HistoryStore
 from tests.jobs.helpers import rollcast, start_rollcast, wait_for
@@ -47,7 +48,7 @@ def champion_of(s) -> str | None:
 def test_cycles_log_runs_register_versions_and_gate_the_champion(mlflow_server: str, tmp_path: Path) -> None:
     s = settings_for(mlflow_server, tmp_path / "data")
     write_windows(s, drifting_daily_windows(800))
-    client = MlflowClient(mlflow_server)
+    client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
     name = s.mlflow.registered_model
 
     # 1. First model: beats seasonal naive, so it becomes the champion.
@@ -172,7 +173,7 @@ def test_mlflow_down_mid_cycle_leaves_the_champion_and_the_next_cycle_succeeds(t
             run_cycle(s.replace(**{"model.max_epochs": 3}), on_trained=stop_mlflow)
 
         server = stack.start_mlflow(root, port, root / "logs", timeout_s=180)
-        client = MlflowClient(uri)
+        client = MlflowClient(uri, registry_uri=uri)
         versions = client.search_model_versions(f"name='{s.mlflow.registered_model}'")
         assert [v.version for v in versions] == ["1"]  # nothing half-registered
         assert champion_of(s) == "1"
@@ -216,7 +217,7 @@ def test_decide_promotes_at_most_the_best_eligible_candidate() -> None:
 
 def test_train_once_with_too_little_history_says_so(mlflow_server: str, tmp_path: Path) -> None:
     env = train_env(mlflow_server, tmp_path / "data")
-    s = train_settings(mlflow_server, tmp_path / "data")
+    s = load_settings(env=env)
     write_windows(s, drifting_daily_windows(100))
     proc = rollcast("train", "--once", env=env)
     assert proc.returncode == 1, proc.stderr
@@ -225,13 +226,13 @@ def test_train_once_with_too_little_history_says_so(mlflow_server: str, tmp_path
 
 
 def test_train_job_runs_on_schedule_and_stops_on_sigterm(mlflow_server: str, tmp_path: Path) -> None:
-    env = {**train_env(mlflow_server, tmp_path / "data"), **WEAK}
-    s = train_settings(mlflow_server, tmp_path / "data", **WEAK)
+    env = train_env(mlflow_server, tmp_path / "data", **WEAK)
+    s = load_settings(env=env)
     write_windows(s, drifting_daily_windows(800))
     proc = start_rollcast("train", "--every-minutes", "60", "--after-windows", "24", "--poll-s", "0.2",
                           env=env, log=tmp_path / "train.log")
     try:
-        client = MlflowClient(mlflow_server)
+        client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
 
         def versions() -> list[str]:
             try:
