@@ -21,19 +21,7 @@ from pipeline.config import load_settings
 from pipeline.errors import MlflowUnavailable
 from pipeline.store import HistoryStore
 from tests.jobs.helpers import rollcast, start_rollcast, wait_for
-from tests.jobs.train_helpers import drifting_daily_windows, train_env, train_settings, write_windows
-
-TINY = '{tcn = {channels_hidden = 8, dropout = 0.0}, lstm = {hidden = 8, layers = 1, dropout = 0.0}}'
-# One epoch: a weak model that still beats seasonal naive on the drifting series.
-WEAK = {
-    "ROLLCAST_MODEL__PARAMS": TINY,
-    "ROLLCAST_MODEL__MAX_EPOCHS": "1",
-    "ROLLCAST_MODEL__LEARNING_RATE": "0.01",
-    "ROLLCAST_MODEL__BATCH_SIZE": "128",
-    "ROLLCAST_TRAIN__SPAN_WINDOWS": "800",
-    "ROLLCAST_TRAIN__HOLDOUT_WINDOWS": "96",
-    "ROLLCAST_KAFKA__CLIENT": '{sasl_plain_username = "svc", sasl_plain_password = "hunter2-secret"}',
-}
+from tests.jobs.train_helpers import WEAK, drifting_daily_windows, train_env, train_settings, write_windows
 
 
 def settings_for(uri: str, data_dir: Path, **extra: str):
@@ -45,6 +33,7 @@ def champion_of(s) -> str | None:
     return None if found is None else str(found.version)
 
 
+@pytest.mark.slow
 def test_cycles_log_runs_register_versions_and_gate_the_champion(mlflow_server: str, tmp_path: Path) -> None:
     s = settings_for(mlflow_server, tmp_path / "data")
     write_windows(s, drifting_daily_windows(800))
@@ -117,6 +106,7 @@ def test_cycles_log_runs_register_versions_and_gate_the_champion(mlflow_server: 
     assert champion_of(s) == best.version
 
 
+@pytest.mark.slow
 def test_pyfunc_champion_predicts_like_the_saved_model(mlflow_server: str, tmp_path: Path) -> None:
     s = settings_for(mlflow_server, tmp_path / "data")
     write_windows(s, drifting_daily_windows(800))
@@ -154,6 +144,8 @@ def test_pyfunc_champion_predicts_like_the_saved_model(mlflow_server: str, tmp_p
     assert (np.diff(got["ts"].to_numpy()[:H]) == s.window.length_ms).all()
 
 
+@pytest.mark.slow
+@pytest.mark.fault
 def test_mlflow_down_mid_cycle_leaves_the_champion_and_the_next_cycle_succeeds(tmp_path: Path) -> None:
     port = stack.free_port()
     root = tmp_path / "mlflow"
@@ -215,6 +207,7 @@ def test_decide_promotes_at_most_the_best_eligible_candidate() -> None:
     assert decide([_candidate("tcn", math.nan)], baseline_mae=1.0, champion_mae=None, min_improvement=0.0) is None
 
 
+@pytest.mark.slow
 def test_train_once_with_too_little_history_says_so(mlflow_server: str, tmp_path: Path) -> None:
     env = train_env(mlflow_server, tmp_path / "data")
     s = load_settings(env=env)
@@ -225,6 +218,7 @@ def test_train_once_with_too_little_history_says_so(mlflow_server: str, tmp_path
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_train_job_runs_on_schedule_and_stops_on_sigterm(mlflow_server: str, tmp_path: Path) -> None:
     env = train_env(mlflow_server, tmp_path / "data", **WEAK)
     s = load_settings(env=env)

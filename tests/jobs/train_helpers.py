@@ -14,6 +14,18 @@ from pipeline.store import HistoryStore, Progress
 
 HOUR_MS = 3_600_000
 
+TINY = '{tcn = {channels_hidden = 8, dropout = 0.0}, lstm = {hidden = 8, layers = 1, dropout = 0.0}}'
+# One epoch: a weak model that still beats seasonal naive on the drifting series.
+WEAK = {
+    "ROLLCAST_MODEL__PARAMS": TINY,
+    "ROLLCAST_MODEL__MAX_EPOCHS": "1",
+    "ROLLCAST_MODEL__LEARNING_RATE": "0.01",
+    "ROLLCAST_MODEL__BATCH_SIZE": "128",
+    "ROLLCAST_TRAIN__SPAN_WINDOWS": "800",
+    "ROLLCAST_TRAIN__HOLDOUT_WINDOWS": "96",
+    "ROLLCAST_KAFKA__CLIENT": '{sasl_plain_username = "svc", sasl_plain_password = "hunter2-secret"}',
+}
+
 
 def write_history(settings: Settings, hours: int, offset: int = 0, dataset: str = "temperature_hourly.csv") -> pl.DataFrame:
     """Write hourly windows of a bundled dataset into the history store through its writer.
