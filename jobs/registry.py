@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from jobs.stack import http_ok
 from pipeline.config import Settings, require_tracking_uri
-from pipeline.errors import MlflowUnavailable
+from pipeline.errors import MlflowUnavailable, PromotionRefused
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -107,7 +107,8 @@ def champion_version(settings: Settings, client: MlflowClient | None = None) -> 
         try:
             return client.get_model_version_by_alias(name, alias)
         except MlflowException as e:
-            if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"):
+            missing_alias = e.error_code == "INVALID_PARAMETER_VALUE" and "alias" in str(e).lower()
+            if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND") or missing_alias:
                 return None
             raise
 
@@ -207,6 +208,9 @@ def promote(settings: Settings, version: str, client: MlflowClient | None = None
     with mlflow_errors(settings, f"moving {name}@{alias} to version {version}"):
         mv = client.get_model_version(name, version)
         if mv.tags.get(VALIDATION_TAG) != "passed":
-            raise ValueError(f"{name} version {version} did not pass validation; not promoting it")
+            raise PromotionRefused(
+                f"{name} version {version} did not pass validation "
+                f"({mv.tags.get(VALIDATION_REASON_TAG, 'no validation tag')}); not promoting it"
+            )
         client.set_registered_model_alias(name, alias, str(version))
     log.info("%s@%s -> version %s", name, alias, version)

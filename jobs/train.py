@@ -130,6 +130,8 @@ class Candidate:
     failure: str | None = None  # why validation failed; None when it passed
     decision: str = ""
     run_id: str | None = None
+    model_uri: str | None = None  # set once the run and its model are completely logged
+    model_id: str | None = None
     version: str | None = None
 
     @property
@@ -508,7 +510,23 @@ def version_tags(cand: Candidate, span: Span, cycle_id: str) -> dict[str, str]:
 
 def publish(settings: Settings, cand: Candidate, data: CycleData, others: dict[str, BacktestResult],
             cycle_id: str, attempts: _Attempts) -> None:
-    """Log one run with everything, then register its model as a new version (never half-done)."""
+    """Log one run with everything, then register its model as a new version (never half-done).
+
+    A retry after a failed registration registers the already complete run
+    instead of logging it again.
+    """
+    from jobs import registry
+
+    if cand.model_uri is None:
+        _log_run(settings, cand, data, others, cycle_id, attempts)
+    assert cand.run_id is not None and cand.model_uri is not None
+    cand.version = registry.register(settings, cand.model_uri, cand.run_id,
+                                     version_tags(cand, data.span, cycle_id), model_id=cand.model_id)
+
+
+def _log_run(settings: Settings, cand: Candidate, data: CycleData, others: dict[str, BacktestResult],
+             cycle_id: str, attempts: _Attempts) -> None:
+    """One finished run with params, metrics, plots and the pyfunc model; sets ``cand.model_uri``."""
     import mlflow
 
     from jobs import registry
@@ -573,13 +591,11 @@ def publish(settings: Settings, cand: Candidate, data: CycleData, others: dict[s
             )
             mlflow.end_run("FINISHED")
         attempts.incomplete_runs.remove(run_id)
-        cand.run_id = run_id
     except BaseException:
         with contextlib.suppress(Exception):
             mlflow.end_run("FAILED")  # pops the active run even when the server is down
         raise
-    cand.version = registry.register(settings, info.model_uri, run_id, version_tags(cand, data.span, cycle_id),
-                                     model_id=info.model_id)
+    cand.run_id, cand.model_uri, cand.model_id = run_id, info.model_uri, info.model_id
 
 
 def _requirements() -> list[str]:

@@ -43,3 +43,7 @@ class ModelConfigError(RollcastError):
 
 class NotEnoughData(RollcastError):
     """The history is too short for the configured context and horizon."""
+
+
+class PromotionRefused(RollcastError):
+    """A model version may not carry the champion alias (it failed validation)."""

@@ -18,7 +18,7 @@ import models
 from jobs import registry, stack
 from jobs.train import Candidate, decide, run_cycle
 from pipeline.config import load_settings
-from pipeline.errors import MlflowUnavailable
+from pipeline.errors import MlflowUnavailable, PromotionRefused
 from pipeline.store import HistoryStore
 from tests.jobs.helpers import rollcast, start_rollcast, wait_for
 from tests.jobs.train_helpers import WEAK, drifting_daily_windows, train_env, train_settings, write_windows
@@ -101,7 +101,7 @@ def test_cycles_log_runs_register_versions_and_gate_the_champion(mlflow_server: 
     assert v4.tags["validation_status"] == "failed" and "non-finite" in v4.tags["validation_reason"]
     assert client.get_run(c4.run_id).data.tags["validation_status"] == "failed"
     assert champion_of(s) == best.version
-    with pytest.raises(ValueError, match="did not pass validation"):
+    with pytest.raises(PromotionRefused, match="did not pass validation"):
         registry.promote(s, c4.version)
     assert champion_of(s) == best.version
 
