@@ -1,11 +1,22 @@
-"""Run the embedded stack and replay a real dataset through the whole pipeline.
+"""Run the whole pipeline on a real dataset: replay -> ingest -> train -> forecast -> query.
 
-Starts what `rollcast up` starts (broker, MLflow server, pipeline jobs), then
-replays a bundled dataset (by default hourly air temperatures of San Francisco
-and Seattle in 2010, NOAA, public domain) into the observations topic, and
-prints where to look. The stack stays up for you to look around until Ctrl-C,
-or, with --exit-after-replay, everything is stopped once the replay has gone
-through the pipeline.
+Starts what `rollcast up` starts (broker, MLflow server, and the ingest, train
+and forecast jobs), then:
+
+1. replays the first part of a bundled dataset (by default half-hourly
+   electricity demand and air temperature of Victoria, Australia, in 2014)
+   into the observations topic, and waits until ingest has written its
+   windows to the history store;
+2. trains the configured models once (`rollcast train --once`), which logs
+   them to MLflow, registers versions and promotes a champion if one beats
+   seasonal naive;
+3. replays the rest of the dataset, so the forecast job (serving the champion)
+   publishes a rolling forecast for every window that closes;
+4. prints `rollcast query` output for the series and where to look in the
+   MLflow UI.
+
+The stack then stays up for you to look around until Ctrl-C; with
+--exit-after-replay everything is stopped once the forecasts are out.
 """
 
 from __future__ import annotations
@@ -13,12 +24,17 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import subprocess
+import time
+
+import polars as pl
 
 from jobs import replay as replay_job
-from jobs.up import Stop, available_jobs, print_endpoints, serve, sigterm_stops, start_services
+from jobs.up import Stack, Stop, available_jobs, print_endpoints, serve, sigterm_stops, start_services
 from pipeline.config import Settings
+from pipeline.errors import RollcastError
 
-HELP = "run the embedded stack and replay a real dataset through the pipeline"
+HELP = "run the whole pipeline on a real dataset: replay, ingest, train, forecast, query"
 RESOLVE_ENDPOINTS = False
 
 log = logging.getLogger("rollcast.demo")
@@ -26,13 +42,18 @@ log = logging.getLogger("rollcast.demo")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--dataset", default="temperature_hourly.csv", help="bundled dataset name or a file (series, ts, value)"
+        "--dataset", default="victoria_electricity_halfhourly.csv", help="bundled dataset name or a file (series, ts, value)"
     )
     parser.add_argument("--speed", default="max", help="replay speed: multiple of real time or 'max'")
     parser.add_argument("--limit", type=int, help="replay only the first N observations")
     parser.add_argument(
+        "--live-fraction", type=float, default=0.05,
+        help="share of the dataset replayed after the first model is trained (default 0.05)",
+    )
+    parser.add_argument("--timeout-s", type=float, default=900, help="give up on a step after this long")
+    parser.add_argument(
         "--exit-after-replay", action="store_true",
-        help="stop everything and exit 0 once the replay has gone through the pipeline",
+        help="stop everything and exit once the replay has gone through the pipeline and forecasts are out",
     )
 
 
@@ -44,18 +65,10 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
             for name in available_jobs(settings):
                 st.start_job(name)
             print_endpoints(st)
-            resolved = settings.replace(
-                **{"kafka.bootstrap_servers": st.bootstrap_servers, "mlflow.tracking_uri": st.tracking_uri}
-            )
-            df = replay_job.load_observations(replay_job.resolve_dataset(args.dataset), replay_job.ColumnMap())
-            if args.limit is not None:
-                df = df.head(args.limit)
-            sent = replay_job.replay(resolved, df, speed=replay_job.parse_speed(args.speed))
-            print(f"replayed {sent} observations of {df['series'].n_unique()} series from {args.dataset} "
-                  f"into {settings.topics.observations}", flush=True)
+            run_pipeline(st, args)
             if args.exit_after_replay:
                 return 0
-            print(f"The stack stays up: open {st.tracking_uri} for MLflow. Press Ctrl-C to stop.", flush=True)
+            print(f"\nThe stack stays up; open {st.tracking_uri} for MLflow. Press Ctrl-C to stop.", flush=True)
             serve(st)
         except (Stop, KeyboardInterrupt):
             print("stopping ...", flush=True)
@@ -64,3 +77,84 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
             if st is not None:
                 st.stop()
     return 0
+
+
+def run_pipeline(st: Stack, args: argparse.Namespace) -> None:
+    settings = st.settings.replace(
+        **{"kafka.bootstrap_servers": st.bootstrap_servers, "mlflow.tracking_uri": st.tracking_uri}
+    )
+    df = replay_job.load_observations(replay_job.resolve_dataset(args.dataset), replay_job.ColumnMap())
+    if args.limit is not None:
+        df = df.head(args.limit)
+    series = df["series"].unique(maintain_order=True).to_list()
+    cut = df["ts"].quantile(1 - args.live_fraction, "nearest")
+    history, live = df.filter(pl.col("ts") <= cut), df.filter(pl.col("ts") > cut)
+    speed = replay_job.parse_speed(args.speed)
+
+    step("1/4", f"replaying {history.height} observations of {len(series)} series from {args.dataset}")
+    replay_job.replay(settings, history, speed=speed)
+    if "ingest" in st.jobs:
+        wait_for_windows(settings, history, args.timeout_s)
+
+    if "train" in available_jobs(settings):
+        step("2/4", "training the first model (rollcast train --once)")
+        train = subprocess.run(st.job_argv("train", "--once"), env=st.job_env(), timeout=args.timeout_s)
+        if train.returncode != 0:
+            raise RollcastError(f"`rollcast train --once` failed with status {train.returncode}")
+
+    step("3/4", f"replaying the last {live.height} observations: forecasts follow every closed window")
+    replay_job.replay(settings, live, speed=speed)
+
+    if "forecast" in st.jobs:
+        step("4/4", f"latest forecasts (rollcast query {' '.join(series[:3])})")
+        show_forecasts(settings, series[:3], live, args.timeout_s)
+    print(f"\nMLflow UI: {st.tracking_uri}")
+    print(f"  experiment '{settings.mlflow.experiment}': one run per model and cycle, with params, per-epoch")
+    print("  losses, holdout metrics against the champion and seasonal naive, and forecast/loss plots;")
+    print(f"  Models > '{settings.mlflow.registered_model}': every version, the serving one tagged "
+          f"@{settings.mlflow.champion_alias}.")
+
+
+def step(n: str, text: str) -> None:
+    print(f"\n[{n}] {text}", flush=True)
+
+
+def wait_for_windows(settings: Settings, history: pl.DataFrame, timeout_s: float) -> None:
+    """Wait until the store holds every series' windows up to its last replayed observation."""
+    from pipeline.store import HistoryStore
+
+    length = settings.window.length_ms
+    last = history.group_by("series").agg(pl.col("ts").max())
+    want = {s: (t // length + 1) * length for s, t in last.iter_rows()}
+    store = HistoryStore(settings)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        have = store.max_window_end()
+        if all(have.get(s, 0) >= end for s, end in want.items()):
+            print(f"ingest has written {store.count()} windows to {store.root}", flush=True)
+            return
+        if time.monotonic() > deadline:
+            raise RollcastError(f"ingest did not write the replayed windows within {timeout_s:g}s; "
+                                f"see {settings.data_dir / 'logs' / 'ingest.log'}")
+        time.sleep(1.0)
+
+
+def show_forecasts(settings: Settings, series: list[str], live: pl.DataFrame, timeout_s: float) -> None:
+    """Print the latest forecasts once every shown series has one made after its live replay."""
+    from jobs.query import print_table, read_latest
+
+    length = settings.window.length_ms
+    # the last live window of a series closes only when it idles out; the one before closes at once
+    firsts = live.group_by("series").agg(pl.col("ts").min())
+    want = {s: (t // length + 1) * length for s, t in firsts.iter_rows() if s in series}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        latest, consumer = read_latest(settings, series, idle_ms=500)
+        consumer.close()
+        if all(s in latest and latest[s]["last_window_end"] >= end for s, end in want.items()):
+            print_table(latest, series)
+            return
+        if time.monotonic() > deadline:
+            raise RollcastError(f"no forecasts for {sorted(want)} within {timeout_s:g}s; see "
+                                f"{settings.data_dir / 'logs' / 'forecast.log'} and train's output above")
+        time.sleep(2.0)
