@@ -60,12 +60,18 @@ def test_up_uses_configured_broker_and_mlflow(broker: str, mlflow_server: str, t
             proc.kill()
 
 
-def test_demo_exits_by_itself_after_the_replay(tmp_path: Path) -> None:
-    r = rollcast("demo", "--exit-after-replay", "--limit", "2000",
-                 env={"ROLLCAST_DATA_DIR": str(tmp_path / "d")}, timeout=600)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "replayed 2000 observations of 2 series" in r.stdout
-    assert "MLflow UI" in r.stdout
+def test_demo_runs_the_whole_pipeline_and_exits_by_itself(tmp_path: Path) -> None:
+    env = {"ROLLCAST_DATA_DIR": str(tmp_path / "d"), "ROLLCAST_MODEL__MAX_EPOCHS": "2",
+           "ROLLCAST_WINDOW__IDLE_TIMEOUT_S": "3", "ROLLCAST_TRAIN__EVERY_MINUTES": "600"}
+    r = rollcast("demo", "--exit-after-replay", "--limit", "12000", env=env, timeout=900)
+    out = r.stdout
+    assert r.returncode == 0, out[-3000:] + r.stderr[-3000:]
+    assert "replaying 11400 observations of 2 series" in out
+    assert "ingest has written" in out
+    assert "champion -> version 1" in out
+    # query tables for both series, from the champion, after the live replay
+    assert "demand — model tcn v1" in out and "temperature — model tcn v1" in out
+    assert "MLflow UI" in out
     assert not (tmp_path / "d" / "stack.json").exists()
     stray = [p for p in map(int, filter(str.isdigit, os.listdir("/proc"))) if alive(p)
              and str(tmp_path) in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
