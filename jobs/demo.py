@@ -62,8 +62,10 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         st = None
         try:
             st = start_services(settings, args.config)
+            # the scheduled train job starts after the demo's first training, so the two never race
             for name in available_jobs(settings):
-                st.start_job(name)
+                if name != "train":
+                    st.start_job(name)
             print_endpoints(st)
             run_pipeline(st, args)
             if args.exit_after_replay:
@@ -101,6 +103,7 @@ def run_pipeline(st: Stack, args: argparse.Namespace) -> None:
         train = subprocess.run(st.job_argv("train", "--once"), env=st.job_env(), timeout=args.timeout_s)
         if train.returncode != 0:
             raise RollcastError(f"`rollcast train --once` failed with status {train.returncode}")
+        st.start_job("train")  # from now on, retraining follows train.every_minutes / after_windows
 
     step("3/4", f"replaying the last {live.height} observations: forecasts follow every closed window")
     replay_job.replay(settings, live, speed=speed)
