@@ -612,7 +612,7 @@ def _requirements() -> list[str]:
 
 def _mark_incomplete(settings: Settings, run_ids: list[str]) -> None:
     """Mark runs a failed attempt left open as FAILED (best effort, when MLflow is back)."""
-    if not run_ids or not (run_ids and _reachable(settings)):
+    if not run_ids or not _reachable(settings):
         return
     import mlflow
 
