@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("series", nargs="+", help="series ids")
     parser.add_argument("--json", action="store_true", help="print the forecast messages as JSON lines")
     parser.add_argument("--follow", action="store_true", help="keep printing new forecasts until Ctrl-C")
-    parser.add_argument("--plot", type=Path, metavar="PNG", help="write recent actuals and the forecast to a PNG")
+    parser.add_argument("--plot", type=Path, metavar="PNG",
+                        help="write recent actuals and the forecast to a PNG (PNG-<series>.png for several series)")
     parser.add_argument("--history", type=int, default=96, help="windows of actuals in the plot (default 96)")
     parser.add_argument("--idle-ms", type=int, default=1500,
                         help="stop reading when no record arrived for this long (default 1500)")

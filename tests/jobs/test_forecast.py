@@ -20,7 +20,7 @@ from pipeline.kafka import make_consumer, make_producer
 from pipeline.store import HistoryStore, Progress
 from pipeline.windows import WINDOW_SCHEMA
 from pipeline.windows_io import HEADERS, WindowRouter
-from tests.jobs.helpers import start_rollcast, wait_for
+from tests.jobs.helpers import rollcast, start_rollcast, wait_for
 
 STEP = 1000
 L, H = 8, 3
@@ -219,3 +219,38 @@ def test_kcat_reads_a_forecast_as_json(settings: Settings, test_env: dict[str, s
         msg = json.loads(value)
         assert key == msg["series"] == "x"
         assert len(msg["points"]) == H and set(msg["points"][0]["quantiles"]) == {"0.1", "0.5", "0.9"}
+
+
+@pytest.mark.slow
+def test_query_prints_the_latest_forecast(settings: Settings, test_env: dict[str, str], model_dir: Path,
+                                          tmp_path: Path) -> None:
+    windows = make_windows(["q1", "q2"], L + 3)
+    HistoryStore(settings).write_checkpoint("seed", 0, windows, Progress(1, None))
+    env = {**test_env, "ROLLCAST_WINDOW__LENGTH_MS": str(STEP)}
+    proc = start_rollcast("forecast", "--model-dir", str(model_dir), "--exit-when-idle", "3",
+                          env=env, log=tmp_path / "f.log")
+    last = int(windows["window_end"].max())
+    try:
+        produce_windows(settings, windows)
+        collect_forecasts(settings, {("q1", last), ("q2", last)}, 60)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    ref = offline(model_dir, windows)
+
+    r = rollcast("query", "q1", "q2", "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    msgs = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [m["series"] for m in msgs] == ["q1", "q2"]
+    for m in msgs:
+        assert m["last_window_end"] == last  # the newest, not the first one read
+        np.testing.assert_allclose([p["mean"] for p in m["points"]], ref[(m["series"], last)], rtol=1e-5)
+
+    r = rollcast("query", "q1", "nope", "--plot", str(tmp_path / "plot.png"), env=env)
+    png = tmp_path / "plot-q1.png"  # one file per series when several are asked for
+    assert r.returncode == 0, r.stderr
+    assert "q1 — model tcn vlocal" in r.stdout and "nope: no forecast yet" in r.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+    r = rollcast("query", "nope", env=env)
+    assert r.returncode == 1 and "no forecast yet" in r.stdout
