@@ -310,14 +310,20 @@ def train_candidates(
         log.info("training %s on %d samples (%d validation), up to %d epochs",
                  model_type, len(train), len(val), settings.model.max_epochs)
         t0 = time.perf_counter()
-        result = fit(
-            model, train, val,
-            max_epochs=settings.model.max_epochs,
-            batch_size=settings.model.batch_size,
-            seed=settings.model.seed,
-            progress=progress,
-            callbacks=[_StopOnEvent.make(stop)],
-        )
+        try:
+            result = fit(
+                model, train, val,
+                max_epochs=settings.model.max_epochs,
+                batch_size=settings.model.batch_size,
+                seed=settings.model.seed,
+                progress=progress,
+                callbacks=[_StopOnEvent.make(stop)],
+            )
+        except SystemExit:
+            # Lightning chains our SIGTERM handler and then raises SIGTERMException (a SystemExit).
+            if stop.is_set():
+                return out
+            raise
         seconds = time.perf_counter() - t0
         if stop.is_set():
             return out

@@ -246,3 +246,25 @@ def test_train_job_runs_on_schedule_and_stops_on_sigterm(mlflow_server: str, tmp
             proc.kill()
             proc.wait()
     assert "train job stopped" in (tmp_path / "train.log").read_text()
+
+
+@pytest.mark.slow
+def test_sigterm_during_training_abandons_the_cycle_and_exits_0(mlflow_server: str, tmp_path: Path) -> None:
+    env = train_env(mlflow_server, tmp_path / "data", **{**WEAK, "ROLLCAST_MODEL__MAX_EPOCHS": "500"})
+    s = load_settings(env=env)
+    write_windows(s, drifting_daily_windows(800))
+    log = tmp_path / "train.log"
+    proc = start_rollcast("train", "--once", env=env, log=log)
+    try:
+        wait_for(lambda: "training tcn" in log.read_text(), 120, "training to start")
+        time.sleep(1.0)  # inside Lightning's epoch loop
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = log.read_text()
+    assert "abandoned: asked to stop" in out
+    client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
+    assert client.search_model_versions(f"name='{s.mlflow.registered_model}'") == []
