@@ -1,18 +1,26 @@
 """Ingest throughput: bare kafka-python poll loop vs. the ingest pipeline (JSON and Arrow IPC input).
 
-    python benchmarks/ingest.py --n 400000 --series 1000 [--bootstrap host:port]
+    python benchmarks/ingest.py --n 400000 --arrow-n 4000000 --series 1000 --repeat 3 [--bootstrap host:port]
 
 Starts its own tansu broker (jobs.stack) unless --bootstrap is given, produces
-N observations over S series into fresh topics, then measures in one run:
+N JSON observations and ARROW_N observations in Arrow IPC messages (ARROW_ROWS
+rows each) over S series into fresh topics, then measures in one run:
 (a) a poll loop that only counts messages, with ingest's consumer settings;
 (b) the ingest pipeline (decode, validate, window, store, windows topic, commit);
-(c) the same pipeline fed Arrow IPC batch messages. Ends with one summary line.
+(c) the same pipeline fed Arrow IPC batch messages.
+(a) and (b) alternate REPEAT times (each ingest run from a fresh consumer group,
+fresh history store and fresh windows topic), so each (b)/(a) ratio compares runs
+taken seconds apart on a shared machine; the summary line gives the median.
+Every ingest run ends with a final checkpoint (store write, produce, commit)
+inside the timed span. kafka-python verifies the CRC32C of every record batch,
+in pure Python unless the ``crc32c`` package is importable; the output says which.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import statistics
 import tempfile
 import time
 import uuid
@@ -26,6 +34,7 @@ from pipeline.config import Settings, load_settings
 from pipeline.decode import ARROW_CONTENT_TYPE
 from pipeline.ingestor import Ingestor
 from pipeline.kafka import ensure_topics, make_consumer, make_producer
+from pipeline.store import HistoryStore
 from pipeline.windows_io import encode_windows, partition_for
 
 
@@ -81,33 +90,47 @@ def bare_poll(s: Settings, topic: str, n: int) -> float:
     return n / dt
 
 
-def ingest(s: Settings, n_rows: int) -> float:
+def crc_impl() -> str:
+    from kafka.record import util
+
+    return "C (crc32c package)" if getattr(util, "crc32c_c", None) is not None else "pure Python"
+
+
+def ingest(s: Settings, n_messages: int, n_rows: int) -> float:
+    """The loop of jobs/ingest.py until all ``n_messages`` are processed, then its final checkpoint."""
     consumer = make_consumer(s, s.groups.ingest)
     producer = make_producer(s)
     ing = Ingestor(s, consumer, producer)
     consumer.subscribe([s.topics.observations], listener=ing.listener())
     t0 = None
-    while ing.rows < n_rows:
+    polled = 0
+    while polled < n_messages:
         batch = consumer.poll(timeout_ms=200)
         now = time.monotonic()
         if batch and t0 is None:
             t0 = time.perf_counter()
-        for tp, recs in batch.items():
-            ing.process(tp.partition, recs, now)
+        polled += sum(len(recs) for recs in batch.values())
+        ing.submit(batch, now)
         ing.maybe_checkpoint(now)
+    ing.close_idle()
     ing.checkpoint()
     dt = time.perf_counter() - t0
+    ing.close()
     consumer.close(autocommit=False)
     producer.close()
+    if ing.rows != n_rows or HistoryStore(s).count() == 0:
+        raise RuntimeError(f"ingest saw {ing.rows} of {n_rows} observations, stored {HistoryStore(s).count()} windows")
     return n_rows / dt
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=400_000, help="observations (default 400000)")
+    ap.add_argument("--n", type=int, default=400_000, help="JSON observations (default 400000)")
+    ap.add_argument("--arrow-n", type=int, default=4_000_000, help="observations in Arrow messages (default 4000000)")
     ap.add_argument("--series", type=int, default=1000)
     ap.add_argument("--partitions", type=int, default=4)
-    ap.add_argument("--arrow-rows", type=int, default=50_000, help="rows per Arrow IPC message")
+    ap.add_argument("--arrow-rows", type=int, default=100_000, help="rows per Arrow IPC message (default 100000)")
+    ap.add_argument("--repeat", type=int, default=3, help="alternating (a)/(b) pairs (default 3)")
     ap.add_argument("--window-ms", type=int, default=60_000)
     ap.add_argument("--bootstrap", help="use this broker instead of starting tansu")
     args = ap.parse_args()
@@ -131,21 +154,34 @@ def main() -> None:
         }
         s = load_settings(env=env)
         arrow_topic = f"bench-arrow-{tag}"
-        ensure_topics(s, [s.topics.observations, s.topics.dlq, s.topics.windows, arrow_topic])
+        ensure_topics(s, [s.topics.observations, s.topics.dlq, arrow_topic])
+        print(f"kafka-python CRC32C: {crc_impl()}")
         df = observations(args.n, args.series)
         t = time.perf_counter()
         produce_json(s, s.topics.observations, df)
-        msgs = produce_arrow(s, arrow_topic, df, args.arrow_rows)
-        print(f"produced {args.n} JSON observations and {msgs} Arrow messages in {time.perf_counter() - t:.1f}s")
-        bare = bare_poll(s, s.topics.observations, args.n)
-        print(f"(a) bare poll loop:     {bare:>12,.0f} obs/s")
-        js = ingest(s, args.n)
-        print(f"(b) ingest, JSON:       {js:>12,.0f} obs/s")
+        arrow_df = observations(args.arrow_n, args.series, seed=1)
+        msgs = produce_arrow(s, arrow_topic, arrow_df, args.arrow_rows)
+        del arrow_df
+        print(f"produced {args.n} JSON observations and {args.arrow_n} in {msgs} Arrow messages "
+              f"in {time.perf_counter() - t:.1f}s")
+        ratios: list[float] = []
+        for i in range(args.repeat):
+            bare = bare_poll(s, s.topics.observations, args.n)
+            run = s.replace(**{"topics.windows": f"bench-win-{tag}-{i}", "groups.ingest": f"bench-ingest-{tag}-{i}",
+                               "data_dir": str(tmp / f"data-{i}")})
+            ensure_topics(run, [run.topics.windows])
+            js = ingest(run, args.n, args.n)
+            ratios.append(js / bare)
+            print(f"(a) bare poll loop:     {bare:>12,.0f} obs/s")
+            print(f"(b) ingest, JSON:       {js:>12,.0f} obs/s   ratio {js / bare:.2f}")
         s_arrow = s.replace(**{"topics.observations": arrow_topic, "groups.ingest": f"bench-arrow-{tag}",
-                               "data_dir": str(tmp / "data-arrow")})
-        arrow = ingest(s_arrow, args.n)
+                               "topics.windows": f"bench-win-{tag}-arrow", "data_dir": str(tmp / "data-arrow")})
+        ensure_topics(s_arrow, [s_arrow.topics.windows])
+        arrow = ingest(s_arrow, msgs, args.arrow_n)
         print(f"(c) ingest, Arrow IPC:  {arrow:>12,.0f} obs/s")
-        print(f"json: {js:.0f} obs/s, bare poll: {bare:.0f} obs/s, ratio: {js / bare:.2f}, arrow: {arrow:.0f} obs/s")
+        med = statistics.median(ratios)
+        print(f"json: {js:.0f} obs/s, bare poll: {bare:.0f} obs/s, ratio: {med:.2f} "
+              f"(median of {', '.join(f'{r:.2f}' for r in ratios)}), arrow: {arrow:.0f} obs/s, crc32c: {crc_impl()}")
     finally:
         if broker is not None:
             broker.stop()

@@ -58,18 +58,18 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         while not stop:
             batch = consumer.poll(timeout_ms=args.poll_timeout_ms)
             now = time.monotonic()
-            for tp, records in batch.items():
-                ingestor.process(tp.partition, records, now)
+            ingestor.submit(batch, now)  # processed while the next poll fetches and decodes
             if batch or ingestor.rebalancing:
                 last_data = now  # the idle clock runs only while partitions are assigned
             last_data = max(last_data, ingestor.last_assigned)
-            ingestor.close_idle(now)
-            ingestor.maybe_checkpoint(now)
+            ingestor.maybe_checkpoint(now)  # closes idle series, then checkpoints
             if args.exit_when_idle is not None and now - last_data >= args.exit_when_idle:
                 log.info("no input for %gs; exiting", args.exit_when_idle)
                 break
+        ingestor.close_idle()
         ingestor.checkpoint()
     finally:
+        ingestor.close()
         consumer.close(autocommit=False)
         producer.close(timeout=settings.observability.shutdown_timeout_s)
     log.info("stopped after %d messages, %d observations windowed", ingestor.messages, ingestor.accepted)

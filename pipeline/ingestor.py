@@ -6,13 +6,24 @@ Used by ``rollcast ingest`` (:mod:`jobs.ingest`) and the benchmarks. One
 it checkpoints and drops the revoked partitions' state, on assign it rebuilds
 it from the history store (progress record and last window per series) and
 re-reads from the committed offset.
+
+:meth:`Ingestor.submit` processes one poll in a single worker thread while the
+caller goes back to ``consumer.poll()``: kafka-python decodes the next fetch
+(pure Python, holding the GIL) while polars and pyarrow, which release it,
+decode and window the previous one. All consumer calls stay in the caller's
+thread; every method that reads or changes partition state (assign, revoke,
+close_idle, checkpoint, process) first waits for the submitted work with
+:meth:`Ingestor.drain`, so state is only ever touched by one thread at a time
+and a checkpoint never covers half-processed records. An error in the worker
+is raised by the next ``drain()``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import polars as pl
@@ -58,11 +69,17 @@ class Ingestor:
         self.rows = 0  # observations decoded or rejected (an Arrow message holds many)
         self.rebalancing = True  # until the first assignment, and between a revoke and the next assign
         self.last_assigned = time.monotonic()
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-window")
+        self._pending: Future[None] | None = None
 
     # -- partitions -------------------------------------------------------------------------
 
     def assign(self, partitions: Iterable[int]) -> None:
         """Rebuild state for newly assigned partitions from the history store."""
+        self.drain()
+        self._assign(partitions)
+
+    def _assign(self, partitions: Iterable[int]) -> None:
         self.rebalancing = False
         self.last_assigned = time.monotonic()
         new = [p for p in partitions if p not in self.runs]
@@ -81,6 +98,7 @@ class Ingestor:
 
     def revoke(self, partitions: Iterable[int]) -> None:
         """Checkpoint the revoked partitions, then forget them."""
+        self.drain()
         self.rebalancing = True
         gone = {p: self.runs[p] for p in partitions if p in self.runs}
         if gone:
@@ -104,13 +122,39 @@ class Ingestor:
 
     # -- the loop body ----------------------------------------------------------------------
 
+    def submit(self, batch: Mapping[Any, Sequence[Any]], now: float | None = None) -> None:
+        """Process one ``consumer.poll()`` result (TopicPartition -> records) in the worker thread."""
+        self.drain()
+        items = [(tp.partition, records) for tp, records in batch.items() if records]
+        if items:
+            self._pending = self._worker.submit(self._process_all, items, now)
+
+    def drain(self) -> None:
+        """Wait for the submitted poll to be processed; re-raise its error if it failed."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        """Stop the worker thread (after the last checkpoint)."""
+        self._pending = None
+        self._worker.shutdown(wait=True)
+
     def process(self, partition: int, records: Sequence[Any], now: float | None = None) -> None:
-        """Decode, reject, window one partition's records (in offset order)."""
+        """Decode, reject, window one partition's records (in offset order), in the caller's thread."""
+        self.drain()
+        self._process(partition, records, now)
+
+    def _process_all(self, items: list[tuple[int, Sequence[Any]]], now: float | None) -> None:
+        for partition, records in items:
+            self._process(partition, records, now)
+
+    def _process(self, partition: int, records: Sequence[Any], now: float | None) -> None:
         if not records:
             return
         run = self.runs.get(partition)
         if run is None:
-            self.assign([partition])
+            self._assign([partition])
             run = self.runs[partition]
         decoded = self.decoder.decode(records)
         replaying = records[0].offset < run.replay_until
@@ -138,6 +182,7 @@ class Ingestor:
 
     def close_idle(self, now: float | None = None) -> None:
         """Close the windows of series idle for ``window.idle_timeout_s``."""
+        self.drain()
         now = time.monotonic() if now is None else now
         for run in self.runs.values():
             idle = run.state.idle_series(now, self.settings.window.idle_timeout_s)
@@ -145,14 +190,22 @@ class Ingestor:
                 run.closed.append(run.state.close_series(idle))
 
     def maybe_checkpoint(self, now: float | None = None) -> bool:
+        """Every ``interval_s``: close idle series, then checkpoint.
+
+        Idle series are closed here rather than after every poll (which would wait
+        for the worker each time); their windows become visible only at a
+        checkpoint anyway, so this delays nothing a reader can see.
+        """
         now = time.monotonic() if now is None else now
         if now - self._last_checkpoint < self.interval_s:
             return False
+        self.close_idle(now)
         self.checkpoint()
         return True
 
     def checkpoint(self) -> None:
         """Commit every assigned partition (see :class:`~pipeline.checkpoint.Checkpoint`)."""
+        self.drain()
         self.checkpointer.commit(self.runs)
         self._last_checkpoint = time.monotonic()
 
