@@ -263,3 +263,51 @@ def test_query_prints_the_latest_forecast(settings: Settings, test_env: dict[str
 
     r = rollcast("query", "nope", env=env)
     assert r.returncode == 1 and "no forecast yet" in r.stdout
+
+
+@pytest.mark.slow
+def test_a_new_champion_is_picked_up_without_restart(
+    settings: Settings, test_env: dict[str, str], mlflow_server: str, tmp_path: Path
+) -> None:
+    from jobs.train import run_cycle
+    from tests.jobs.train_helpers import HOUR_MS, WEAK, drifting_daily_windows, train_env, write_windows
+
+    env = {**train_env(mlflow_server, Path(test_env["ROLLCAST_DATA_DIR"]), **WEAK), **test_env,
+           "ROLLCAST_FORECAST__CHAMPION_POLL_S": "1"}
+    env.pop("ROLLCAST_KAFKA__CLIENT")  # WEAK's SASL user is for redaction tests; the broker has no SASL
+    from pipeline.config import load_settings
+
+    s = load_settings(env=env)
+    windows = drifting_daily_windows(820)
+    t_live = int(windows["window_start"].min()) + 800 * HOUR_MS
+    write_windows(s, windows.filter(pl.col("window_start") < t_live))
+    first = run_cycle(s)
+    assert first.promoted == "1"
+
+    proc = start_rollcast("forecast", env=env, log=tmp_path / "forecast.log")
+    try:
+        def send(hour: int) -> set[tuple[str, int]]:
+            w = windows.filter(pl.col("window_start") == t_live + hour * HOUR_MS)
+            write_windows(s, w)  # as ingest does: store first, then the topic
+            produce_windows(s, w)
+            return {(a, e) for a, e in w.select("series", "window_end").iter_rows()}
+
+        seen = collect_forecasts(s, send(0), 120)
+        assert {m["model"]["version"] for msgs in seen.values() for m in msgs} == {"1"}
+
+        second = run_cycle(s.replace(**{"model.types": ["tcn"], "model.max_epochs": 3}))
+        assert second.promoted == "2", second.candidates[0].decision
+
+        def version_two_served() -> bool:
+            keys = send(version_two_served.hour)
+            version_two_served.hour += 1
+            got = collect_forecasts(s, keys, 60)
+            return all(m["model"]["version"] == "2" for k in keys for m in got[k])
+
+        version_two_served.hour = 1
+        wait_for(version_two_served, 90, "forecasts from version 2", interval=0.5)
+        assert proc.poll() is None  # the same process, never restarted
+        assert "champion moved" in (tmp_path / "forecast.log").read_text()
+    finally:
+        proc.terminate()
+        proc.wait(30)
