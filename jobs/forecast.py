@@ -266,12 +266,18 @@ def decode_windows(value: bytes) -> pa.Table:
 class Shutdown:
     """SIGTERM/SIGINT set a flag; the loop finishes its batch, commits and exits."""
 
-    def __init__(self) -> None:
+    def __init__(self, timeout_s: float | None = None) -> None:
         self.requested = False
+        self.timeout_s = timeout_s
         signal.signal(signal.SIGTERM, self._set)
         signal.signal(signal.SIGINT, self._set)
 
     def _set(self, signum: int, frame: object) -> None:
+        from pipeline.observability import exit_after
+
+        log.info("received signal %d; finishing the current batch", signum)
+        if not self.requested and self.timeout_s is not None:
+            exit_after(self.timeout_s, "forecast")
         self.requested = True
 
 
@@ -321,13 +327,15 @@ def check_champion(settings: Settings, current: LoadedModel) -> LoadedModel | No
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
-    from pipeline.kafka import ensure_topics, make_consumer, make_producer
-    from pipeline.observability import Health, serve_http
+    from pipeline.config import require_bootstrap
+    from pipeline.kafka import ensure_topics
+    from pipeline.observability import BrokerProbe, Health, serve_http
 
-    shutdown = Shutdown()
+    shutdown = Shutdown(settings.observability.shutdown_timeout_s)
     health = Health("forecast", poll_interval_s=max(60.0, settings.forecast.champion_poll_s * 3))
     if settings.observability.metrics_port is not None:
         serve_http(settings.observability.metrics_port, health)
+    probe = BrokerProbe(health, require_bootstrap(settings)).start()
     ensure_topics(settings)
 
     if args.model_dir:
@@ -341,14 +349,65 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
 
     forecaster = Forecaster(settings, model)
     forecaster.rebuild()
+    try:
+        return _serve_with_retries(settings, args, forecaster, shutdown, health)
+    finally:
+        probe.stop()
+
+
+def _serve_with_retries(settings: Settings, args: argparse.Namespace, forecaster: Forecaster,
+                        shutdown: Shutdown, health: Any) -> int:
+    """Run :func:`_serve` until asked to stop; after a Kafka error, back off and start a new session.
+
+    A new session has a new consumer (it resumes from the committed offsets, so
+    windows whose forecasts were not acknowledged are read again) and a new
+    producer (an idempotent one is refused by a broker that lost its producer
+    id). The in-memory context is kept: re-reading a window replaces it with
+    the same values. One warning per outage; retries log at debug.
+    """
+    from kafka.errors import KafkaError
+
+    from pipeline.errors import BrokerUnavailable
+
+    backoff, failing = 1.0, False
+    while not shutdown.requested:
+        try:
+            return _serve(settings, args, forecaster, shutdown, health)
+        except (KafkaError, BrokerUnavailable) as e:
+            health.facts["last_error"] = f"{type(e).__name__}: {e}"
+            if shutdown.requested:
+                log.error("could not finish the last batch (%s); a restart forecasts it again", e)
+                return 1
+            if not failing:
+                log.warning("Kafka error in the forecast loop (%s: %s); resuming from the committed offsets",
+                            type(e).__name__, e)
+            else:
+                log.debug("still failing: %s", e)
+            failing = True
+            deadline = time.monotonic() + backoff
+            while not shutdown.requested and time.monotonic() < deadline:
+                time.sleep(0.1)
+            backoff = min(backoff * 2, 30.0)
+    return 0
+
+
+def _serve(settings: Settings, args: argparse.Namespace, forecaster: Forecaster, shutdown: Shutdown,
+           health: Any) -> int:
+    """One consumer session: poll windows, forecast, commit, swap in a new champion."""
+    from pipeline.kafka import make_consumer, make_producer
+    from pipeline.observability import LagTracker
+
+    lag = LagTracker(LAG)
     producer = make_producer(settings)
     consumer = make_consumer(settings, settings.groups.forecast, settings.topics.windows)
     last_check = time.monotonic()
     last_data = time.monotonic()
+    clean = False
     try:
         while not shutdown.requested:
             batch = consumer.poll(timeout_ms=200)
             health.polled()
+            lag.update(consumer, batch)
             if batch or not consumer.assignment():  # the idle clock runs only while assigned
                 last_data = time.monotonic()
             if batch:
@@ -363,10 +422,14 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
                     forecaster.swap(new)
                     MODEL_VERSION.set(float(new.version) if new.version.isdigit() else -1)
                     health.facts.update(model=new.name, model_version=new.version)
+        clean = True
     finally:
-        producer.flush()
-        consumer.close(autocommit=False)
-        producer.close()
+        timeout = settings.observability.shutdown_timeout_s if clean else 1.0
+        try:
+            consumer.close(autocommit=False)
+        except Exception as e:  # noqa: BLE001 - leaving the group while the broker is down
+            log.debug("closing the consumer: %s", e)
+        producer.close(timeout=timeout)
     return 0
 
 
@@ -387,7 +450,7 @@ def process_batch(batch: dict, forecaster: Forecaster, producer: Any, consumer: 
     SERIES.set(len(forecaster.buffers))
     messages = forecaster.forecast(keys, issued_at=int(time.time() * 1000))
     futures = [producer.send(settings.topics.forecasts, value, key=key.encode()) for key, value in messages]
-    producer.flush()
+    producer.flush(timeout=settings.observability.shutdown_timeout_s)
     for f in futures:
         f.get(timeout=30)  # raises if the broker did not acknowledge: offsets stay uncommitted
     FORECASTS.inc(len(messages))

@@ -792,7 +792,11 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
+        from pipeline.observability import exit_after
+
         log.info("signal %d: stopping after the current step", signum)
+        if not stop.is_set():
+            exit_after(settings.observability.shutdown_timeout_s, "train")
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)

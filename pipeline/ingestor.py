@@ -71,6 +71,7 @@ class Ingestor:
         self.last_assigned = time.monotonic()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-window")
         self._pending: Future[None] | None = None
+        self.failed: Exception | None = None  # set by a rebalance callback that raised
 
     # -- partitions -------------------------------------------------------------------------
 
@@ -112,13 +113,28 @@ class Ingestor:
         ingestor = self
 
         class _Listener(ConsumerRebalanceListener):
+            # kafka-python logs and swallows a callback's exception; keep it for raise_failed().
             def on_partitions_revoked(self, revoked: Any) -> None:
-                ingestor.revoke(tp.partition for tp in revoked)
+                try:
+                    ingestor.revoke(tp.partition for tp in revoked)
+                except Exception as e:
+                    ingestor.failed = ingestor.failed or e
+                    raise
 
             def on_partitions_assigned(self, assigned: Any) -> None:
-                ingestor.assign(tp.partition for tp in assigned)
+                try:
+                    ingestor.assign(tp.partition for tp in assigned)
+                except Exception as e:
+                    ingestor.failed = ingestor.failed or e
+                    raise
 
         return _Listener()
+
+    def raise_failed(self) -> None:
+        """Raise the error of a rebalance callback (a checkpoint that failed there): the state it
+        left is not known to be durable, so the caller must drop it and start over."""
+        if self.failed is not None:
+            raise self.failed
 
     # -- the loop body ----------------------------------------------------------------------
 

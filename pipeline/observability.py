@@ -6,17 +6,26 @@
 - ``GET /healthz``: 200 and a JSON body when healthy, 503 with the reasons when
   not (the consumer has not polled within its interval, or the broker was
   unreachable at the last attempt).
+
+Also here, shared by the jobs: :class:`BrokerProbe` (a thread that checks the
+bootstrap servers answer TCP connections and reports it to :class:`Health`),
+:class:`LagTracker` (consumer lag per partition from the fetch responses'
+high-water marks) and :func:`exit_after` (the hard deadline of a graceful
+shutdown).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import threading
 import time
+from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Gauge, generate_latest
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +40,23 @@ class Health:
         self.last_poll = time.monotonic()
         self.broker_ok = True
         self.broker_error: str | None = None
+        self.broker_down_since: float | None = None
         self.facts: dict[str, object] = {}
 
     def polled(self) -> None:
         self.last_poll = time.monotonic()
 
     def broker(self, ok: bool, error: str | None = None) -> None:
+        """Record whether the broker answered; log one line when that changes, not one per attempt."""
+        was_ok = self.broker_ok
         self.broker_ok, self.broker_error = ok, (None if ok else error)
+        if was_ok and not ok:
+            self.broker_down_since = time.monotonic()
+            log.warning("broker unreachable: %s; %s keeps retrying and reports it on /healthz", error, self.job)
+        elif ok and not was_ok:
+            down = time.monotonic() - (self.broker_down_since or time.monotonic())
+            self.broker_down_since = None
+            log.info("broker reachable again after %.1fs", down)
 
     def status(self) -> tuple[bool, dict[str, object]]:
         since_poll = time.monotonic() - self.last_poll
@@ -45,7 +64,8 @@ class Health:
         if since_poll > self.poll_interval_s:
             problems.append(f"consumer has not polled for {since_poll:.0f}s (limit {self.poll_interval_s:g}s)")
         if not self.broker_ok:
-            problems.append(f"broker unreachable: {self.broker_error}")
+            down = time.monotonic() - (self.broker_down_since or time.monotonic())
+            problems.append(f"broker unreachable for {down:.0f}s: {self.broker_error}")
         body = {
             "job": self.job,
             "healthy": not problems,
@@ -84,3 +104,96 @@ def serve_http(port: int, health: Health, host: str = "0.0.0.0") -> ThreadingHTT
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     log.info("metrics and health on http://%s:%d/metrics and /healthz", host, server.server_port)
     return server
+
+
+class BrokerProbe:
+    """Checks every ``interval_s`` that some bootstrap server accepts a TCP connection.
+
+    kafka-python reconnects by itself and says little while it does; this gives
+    /healthz (and one log line per outage, through :meth:`Health.broker`) an
+    answer that does not depend on what the job's loop happens to be doing.
+    """
+
+    def __init__(self, health: Health, bootstrap_servers: str, interval_s: float = 2.0, timeout_s: float = 1.0):
+        self.health = health
+        self.addresses = [_host_port(a) for a in bootstrap_servers.split(",") if a.strip()]
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s
+        self._stop = threading.Event()
+
+    def check(self) -> tuple[bool, str | None]:
+        errors = []
+        for host, port in self.addresses:
+            try:
+                with socket.create_connection((host, port), timeout=self.timeout_s):
+                    return True, None
+            except OSError as e:
+                errors.append(f"{host}:{port} ({e.strerror or e})")
+        return False, "no bootstrap server accepts connections: " + ", ".join(errors)
+
+    def start(self) -> BrokerProbe:
+        threading.Thread(target=self._run, name="broker-probe", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.health.broker(*self.check())
+            self._stop.wait(self.interval_s)
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.strip().rpartition(":")
+    return host.strip("[]") or "localhost", int(port)
+
+
+class LagTracker:
+    """Consumer lag per assigned partition: the high-water mark of the last fetch response minus the
+    consumer's position (kafka-python's ``highwater()``; no extra request, no ``end_offsets``)."""
+
+    def __init__(self, gauge: Gauge):
+        self.gauge = gauge
+        self.partitions: set[int] = set()
+
+    def update(self, consumer: object, batch: Mapping[object, list] | None = None) -> None:
+        assigned = consumer.assignment()
+        seen = set()
+        for tp in assigned:
+            hw = consumer.highwater(tp)
+            records = (batch or {}).get(tp)
+            if records:
+                position = records[-1].offset + 1
+            else:
+                try:
+                    position = consumer.position(tp, timeout_ms=0)
+                except Exception:  # noqa: BLE001 - position unknown yet (no fetch answered): no figure
+                    position = None
+            if hw is None or position is None:
+                continue
+            self.gauge.labels(partition=str(tp.partition)).set(max(0, hw - position))
+            seen.add(tp.partition)
+        for gone in self.partitions - {tp.partition for tp in assigned}:
+            self.gauge.remove(str(gone))
+        self.partitions = (self.partitions | seen) & {tp.partition for tp in assigned}
+
+
+def exit_after(timeout_s: float, job: str, code: int = 1) -> threading.Timer:
+    """Start the hard deadline of a graceful shutdown (call it from the SIGTERM handler).
+
+    If the process is still running ``timeout_s`` later (a checkpoint waiting on a broker
+    that is down, say) it exits with ``code`` at once: offsets are committed only after
+    what they cover is durable, so a restart redoes whatever was not finished.
+    """
+
+    def _expire() -> None:
+        log.error("%s did not shut down within observability.shutdown_timeout_s=%gs; exiting now "
+                  "without a final checkpoint (a restart redoes the unfinished work)", job, timeout_s)
+        logging.shutdown()
+        os._exit(code)
+
+    timer = threading.Timer(timeout_s, _expire)
+    timer.daemon = True
+    timer.start()
+    return timer
