@@ -1,53 +1,90 @@
-"""Rolling-origin accuracy of every deep model and the baselines on two bundled datasets.
+"""Rolling-origin accuracy of every deep model and the baselines on the bundled real datasets.
 
-temperature_hourly (sensor, season 24, target mean) and msft_daily (prices,
-one step per trading day, naive as the reference). Prints one markdown table
-per dataset. Usage: python benchmarks/accuracy.py [--epochs N] [--last N]
+Sensors (judged against seasonal naive): Victoria electricity demand and temperature
+(half-hourly 2014, resampled to hourly windows, season m = 24, with calendar features)
+and England & Wales demand (half-hourly, m = 48). Prices (judged against naive, m = 1,
+one step per trading day): the four EU indices and MSFT. Each model is fitted once on
+everything before the first test origin (the last 10% of that span for early stopping
+and for choosing the best epoch, the untrained seasonal-naive/naive start included),
+then forecasts every H steps through the test span. Prints one markdown table per dataset.
+Usage: python benchmarks/accuracy.py [--epochs N] [--datasets a,b] [--models a,b]
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
+from typing import Any, NamedTuple
 
-from jobs.backtest import observations_to_windows
-from jobs.replay import ColumnMap, load_observations, resolve_dataset
-from models import available_models
-from models.backtest import rolling_origin
-from models.data import windows_to_matrix
+# run as a script, this file's folder comes first on sys.path and benchmarks/models.py would shadow the models package
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
+from jobs.backtest import observations_to_windows  # noqa: E402
+from jobs.replay import ColumnMap, load_observations, resolve_dataset  # noqa: E402
+from models import available_models  # noqa: E402
+from models.backtest import rolling_origin  # noqa: E402
+from models.data import windows_to_matrix  # noqa: E402
+
+
+class Dataset(NamedTuple):
+    file: str
+    columns: ColumnMap
+    step: str
+    target: str
+    context: int
+    horizon: int
+    season: int
+    origins: int
+    train_stride: int
+    config: dict[str, Any]
+
+
+PRICES = ColumnMap("symbol", "date", "close")
 DATASETS = {
-    # name: (file, columns, step, target, context, horizon, season)
-    "temperature (sensor)": ("temperature_hourly.csv", ColumnMap(), "1h", "mean", 96, 24, 24),
-    "msft (prices)": ("msft_daily.csv", ColumnMap("symbol", "date", "close"), "index", "last", 64, 5, 1),
+    "victoria": Dataset("victoria_electricity_halfhourly.csv", ColumnMap(), "1h", "mean", 96, 24, 24, 28, 1,
+                        {"calendar": True}),
+    "england_wales": Dataset("electricity_halfhourly.csv", ColumnMap(), "30m", "mean", 144, 48, 48, 14, 1,
+                             {"calendar": True}),
+    "eu_stocks": Dataset("eu_stocks_daily.csv", PRICES, "index", "last", 64, 5, 1, 40, 1, {}),
+    "msft": Dataset("msft_daily.csv", PRICES, "index", "last", 64, 5, 1, 40, 1, {}),
 }
+TRAINING = {"learning_rate": 1e-3, "weight_decay": 1e-4, "optimizer": "adamw", "dropout": 0.1}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--last", type=int, default=3000, help="steps per series used (most recent)")
-    parser.add_argument("--test-windows", type=int, default=10)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--patience", type=int, default=3)
+    parser.add_argument("--datasets", default=",".join(DATASETS))
     parser.add_argument("--models", default=",".join(available_models()))
     args = parser.parse_args()
-    for title, (file, cols, step, target, L, H, m) in DATASETS.items():
-        obs = load_observations(resolve_dataset(file), cols)
-        data = windows_to_matrix(observations_to_windows(obs, step), target)
-        n = data.values.shape[1]
-        data = data.slice(max(0, n - args.last), n)
-        print(f"\n### {title}: {len(data.series)} series x {data.values.shape[1]} steps, L={L}, H={H}, m={m}, "
-              f"{args.test_windows} origins, {args.epochs} epochs max\n")
-        print("| model | MAE | RMSE | sMAPE % | MASE | coverage 80% | rel. MAE vs naive | rel. MAE vs seasonal naive | fit s |")
-        print("|---|---|---|---|---|---|---|---|---|")
+    t_all = time.perf_counter()
+    for key in args.datasets.split(","):
+        d = DATASETS[key]
+        obs = load_observations(resolve_dataset(d.file), d.columns)
+        data = windows_to_matrix(observations_to_windows(obs, d.step), d.target)
+        print(f"\n#### {key} ({d.file}): {len(data.series)} series x {data.values.shape[1]} steps of {d.step}, "
+              f"target {d.target}, L={d.context}, H={d.horizon}, m={d.season}, {d.origins} origins, "
+              f"config {d.config or 'defaults'}\n")
+        print("| model | MAE | RMSE | sMAPE % | MASE | coverage 80% | rel. MAE vs naive "
+              "| rel. MAE vs seasonal naive | best epoch / run | fit s |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for name in args.models.split(","):
             t0 = time.perf_counter()
-            config = {"context": L, "horizon": H, "season": 0 if name == "naive" else m}
-            r = rolling_origin(name, data, n_origins=args.test_windows, season=m, config=config,
-                               max_epochs=args.epochs, batch_size=256, seed=0)
+            config = {"context": d.context, "horizon": d.horizon, "season": 0 if name == "naive" else d.season}
+            if name not in ("naive", "seasonal_naive"):
+                config |= TRAINING | d.config
+            r = rolling_origin(name, data, n_origins=d.origins, season=d.season, config=config,
+                               max_epochs=args.epochs, patience=args.patience, batch_size=256, seed=0,
+                               train_stride=d.train_stride)
             s = r.metrics
+            epochs = f"{r.fits[0].best_epoch} / {r.fits[0].epochs}" if r.fits else "-"
             print(f"| {name} | {s['mae']:.4g} | {s['rmse']:.4g} | {s['smape']:.3g} | {s['mase']:.3f} | "
                   f"{s['coverage']:.2f} | {s['rel_mae_naive']:.3f} | {s['rel_mae_seasonal_naive']:.3f} | "
-                  f"{time.perf_counter() - t0:.0f} |", flush=True)
+                  f"{epochs} | {time.perf_counter() - t0:.0f} |", flush=True)
+    print(f"\ntotal {time.perf_counter() - t_all:.0f} s")
 
 
 if __name__ == "__main__":

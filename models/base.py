@@ -50,6 +50,10 @@ class ModelConfig:
     lr_schedule: str | None = None
     seed: int = 0
 
+    # values of fields added after models were first saved: a saved config.json without the field
+    # was trained with this value (``load_model`` fills them in), not with today's default
+    legacy: ClassVar[dict[str, Any]] = {}
+
     def __post_init__(self) -> None:
         self.quantiles = tuple(float(q) for q in self.quantiles)
         problems = []
@@ -120,6 +124,13 @@ class ForecastModel(lightning.LightningModule):
         # highway: a linear map from the normalised context straight to the output (LSTNet's
         # autoregressive component), so the network learns the non-linear rest.
         self.skip = nn.Linear(cfg.context, n_out) if cfg.highway else None
+        # zero-initialised outputs: an untrained model forecasts exactly its base (naive, or seasonal
+        # naive when ``season`` > 0) and training moves away from it only as far as the data supports.
+        nn.init.zeros_(self.head[-1].weight)
+        nn.init.zeros_(self.head[-1].bias)
+        if self.skip is not None:
+            nn.init.zeros_(self.skip.weight)
+            nn.init.zeros_(self.skip.bias)
         # season m > 0: the network forecasts the residual over the seasonal-naive forecast
         # y[t + h - m * ceil(h / m)] (m = 1: naive), so an untrained model starts at that baseline.
         if cfg.season > 0:

@@ -16,7 +16,7 @@ import torch
 
 from models.base import ForecastModel
 from models.data import ffill, make_inputs
-from models.registry import create_model
+from models.registry import config_class, create_model
 from pipeline.errors import ModelConfigError
 
 CONFIG_FILE = "config.json"
@@ -41,6 +41,7 @@ def load_model(directory: str | Path) -> ForecastModel:
         name, config = spec["name"], spec["config"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ModelConfigError(f"{directory} is not a saved rollcast model ({CONFIG_FILE}: {e})") from e
+    config = {**config_class(name).legacy, **config}  # fields saved before they existed keep their old value
     model = create_model(name, **config)
     state = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
     model.load_state_dict(state)

@@ -1,5 +1,9 @@
 """Fitting a model with Lightning: seeded, early-stopped on validation loss, best weights kept.
 
+The untrained model is a candidate too: its outputs start at zero residual, so
+it forecasts exactly its base (naive or seasonal naive); when no epoch beats
+that on validation, the base is what ``fit`` returns (``best_epoch = -1``).
+
 >>> # result = fit(create_model("tcn"), train, val, max_epochs=20)
 >>> # result.train_loss, result.val_loss  # one float per epoch
 """
@@ -25,7 +29,11 @@ from pipeline.errors import NotEnoughData
 
 @dataclass
 class FitResult:
-    """Per-epoch mean pinball losses (normalised scale) and where training stopped."""
+    """Per-epoch mean pinball losses (normalised scale) and where training stopped.
+
+    ``best_epoch`` is the epoch whose weights were kept, -1 for the untrained
+    start, None without validation data.
+    """
 
     train_loss: list[float] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
@@ -37,10 +45,12 @@ class FitResult:
 class _History(Callback):
     """Records epoch losses and keeps the weights of the best validation epoch."""
 
-    def __init__(self, result: FitResult):
+    def __init__(self, result: FitResult, start_loss: float | None = None, start_state: dict | None = None):
         self.result = result
-        self.best = float("inf")
-        self.best_state: dict[str, torch.Tensor] | None = None
+        self.best = float("inf") if start_loss is None else start_loss
+        self.best_state: dict[str, torch.Tensor] | None = start_state
+        if start_loss is not None:
+            result.best_epoch = -1
 
     def on_train_epoch_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
         metrics = trainer.callback_metrics
@@ -59,6 +69,19 @@ def _loader(samples: Samples, batch_size: int, shuffle: bool, seed: int) -> Data
     ds = TensorDataset(torch.from_numpy(samples.x), torch.from_numpy(samples.y))
     gen = torch.Generator().manual_seed(seed)
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen if shuffle else None)
+
+
+def _loss_on(model: ForecastModel, samples: Samples, batch_size: int = 4096) -> float:
+    """Mean loss of ``model`` (eval mode) over ``samples``, weighted by batch size like Lightning's."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, len(samples), batch_size):
+            x, y = torch.from_numpy(samples.x[i : i + batch_size]), torch.from_numpy(samples.y[i : i + batch_size])
+            total += float(model.loss(x, y)) * len(x)
+    model.train(was_training)
+    return total / len(samples)
 
 
 def fit(
@@ -88,9 +111,13 @@ def fit(
         raise NotEnoughData("no training samples: the history is shorter than context + horizon")
     seed = model.config.seed if seed is None else seed
     lightning.seed_everything(seed, workers=True, verbose=False)
-    history = _History(result)
-    cbs: list[Callback] = [history, *callbacks]
     has_val = val is not None and len(val) > 0
+    if has_val:
+        assert val is not None
+        history = _History(result, _loss_on(model, val), copy.deepcopy(model.state_dict()))
+    else:
+        history = _History(result)
+    cbs: list[Callback] = [history, *callbacks]
     if has_val:
         cbs.append(EarlyStopping(monitor="val_loss", patience=patience, mode="min"))
     for logger_name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):

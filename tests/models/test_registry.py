@@ -133,3 +133,34 @@ def test_hrnn_pooling_schedule() -> None:
     assert m._pool(h).flatten().tolist() == [3.0, 6.0, 9.0]  # max of steps 1-3, 4-6, 7-9
     with pytest.raises(ModelConfigError, match="shorter than"):
         create_model("hrnn", context=8, levels=3, k=4)
+
+
+def test_tcn_last_step_equals_full_dilated_tcn() -> None:
+    """The subsampled TCN equals an ordinary dilated causal TCN (built here from torch ops) at its last step."""
+    import torch.nn.functional as F
+
+    model = create_model("tcn", context=40, horizon=4, channels_hidden=5, dropout=0.0).eval()
+    x = torch.randn(3, 40, 1)
+    h = x.transpose(1, 2)
+    for i, block in enumerate(model.blocks):
+        d = 2**i
+        out = h
+        for conv in (block.net[0].conv, block.net[3].conv):
+            out = F.relu(F.conv1d(F.pad(out, (2 * d, 0)), conv.weight, conv.bias, dilation=d))
+        h = F.relu(out + block.down(h))
+    with torch.no_grad():
+        torch.testing.assert_close(model.backbone(x), h[:, :, -1])
+
+
+def test_models_saved_before_a_field_existed_load_with_its_old_value(tmp_path: Path) -> None:
+    import json
+
+    old = create_model("lstm", context=L, horizon=H, hidden=8, layers=1, patch=1)
+    save_model(old, tmp_path / "old")
+    spec = json.loads((tmp_path / "old" / "config.json").read_text())
+    del spec["config"]["patch"]  # as written before segments existed
+    (tmp_path / "old" / "config.json").write_text(json.dumps(spec))
+    loaded = load_model(tmp_path / "old")
+    assert loaded.config.patch == 1
+    x = np.random.default_rng(0).normal(size=(2, L))
+    np.testing.assert_array_equal(predict(loaded, x), predict(old, x))
