@@ -359,47 +359,59 @@ def _serve_with_retries(settings: Settings, args: argparse.Namespace, forecaster
                         shutdown: Shutdown, health: Any) -> int:
     """Run :func:`_serve` until asked to stop; after a Kafka error, back off and start a new session.
 
-    A new session has a new consumer (it resumes from the committed offsets, so
-    windows whose forecasts were not acknowledged are read again) and a new
-    producer (an idempotent one is refused by a broker that lost its producer
-    id). The in-memory context is kept: re-reading a window replaces it with
-    the same values. One warning per outage; retries log at debug.
+    The consumer is kept (it rejoins its group by itself; the failed batch was
+    rewound, so windows whose forecasts were not acknowledged are read again);
+    the producer is new (an idempotent one is refused by a broker that lost
+    its producer id) and the topics are created again if the broker lost them.
+    The in-memory context is kept: re-reading a window replaces it with the
+    same values. One warning per outage; retries log at debug.
     """
     from kafka.errors import KafkaError
 
     from pipeline.errors import BrokerUnavailable
+    from pipeline.kafka import ensure_topics, make_consumer
 
+    consumer = make_consumer(settings, settings.groups.forecast, settings.topics.windows)
     backoff, failing = 1.0, False
-    while not shutdown.requested:
+    try:
+        while not shutdown.requested:
+            try:
+                if failing:
+                    ensure_topics(settings)
+                return _serve(settings, args, forecaster, consumer, shutdown, health)
+            except (KafkaError, BrokerUnavailable) as e:
+                health.facts["last_error"] = f"{type(e).__name__}: {e}"
+                if shutdown.requested:
+                    log.error("could not finish the last batch (%s); a restart forecasts it again", e)
+                    return 1
+                if not failing:
+                    log.warning("Kafka error in the forecast loop (%s: %s); retrying the batch with a new "
+                                "producer", type(e).__name__, e)
+                else:
+                    log.debug("still failing: %s", e)
+                failing = True
+                deadline = time.monotonic() + backoff
+                while not shutdown.requested and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                backoff = min(backoff * 2, 30.0)
+    finally:
         try:
-            return _serve(settings, args, forecaster, shutdown, health)
-        except (KafkaError, BrokerUnavailable) as e:
-            health.facts["last_error"] = f"{type(e).__name__}: {e}"
-            if shutdown.requested:
-                log.error("could not finish the last batch (%s); a restart forecasts it again", e)
-                return 1
-            if not failing:
-                log.warning("Kafka error in the forecast loop (%s: %s); resuming from the committed offsets",
-                            type(e).__name__, e)
-            else:
-                log.debug("still failing: %s", e)
-            failing = True
-            deadline = time.monotonic() + backoff
-            while not shutdown.requested and time.monotonic() < deadline:
-                time.sleep(0.1)
-            backoff = min(backoff * 2, 30.0)
+            consumer.close(autocommit=False)
+        except Exception as e:  # noqa: BLE001 - leaving the group while the broker is down
+            log.debug("closing the consumer: %s", e)
     return 0
 
 
-def _serve(settings: Settings, args: argparse.Namespace, forecaster: Forecaster, shutdown: Shutdown,
-           health: Any) -> int:
-    """One consumer session: poll windows, forecast, commit, swap in a new champion."""
-    from pipeline.kafka import make_consumer, make_producer
+def _serve(settings: Settings, args: argparse.Namespace, forecaster: Forecaster, consumer: Any,
+           shutdown: Shutdown, health: Any) -> int:
+    """One producer session: poll windows, forecast, commit, swap in a new champion."""
+    from kafka.errors import KafkaError
+
+    from pipeline.kafka import make_producer
     from pipeline.observability import LagTracker
 
     lag = LagTracker(LAG)
     producer = make_producer(settings)
-    consumer = make_consumer(settings, settings.groups.forecast, settings.topics.windows)
     last_check = time.monotonic()
     last_data = time.monotonic()
     clean = False
@@ -411,7 +423,11 @@ def _serve(settings: Settings, args: argparse.Namespace, forecaster: Forecaster,
             if batch or not consumer.assignment():  # the idle clock runs only while assigned
                 last_data = time.monotonic()
             if batch:
-                process_batch(batch, forecaster, producer, consumer, settings)
+                try:
+                    process_batch(batch, forecaster, producer, consumer, settings)
+                except KafkaError:
+                    _rewind(consumer, batch)  # not committed: read it again
+                    raise
             elif args.exit_when_idle is not None and time.monotonic() - last_data > args.exit_when_idle:
                 log.info("no windows for %.1fs; exiting", args.exit_when_idle)
                 break
@@ -424,13 +440,16 @@ def _serve(settings: Settings, args: argparse.Namespace, forecaster: Forecaster,
                     health.facts.update(model=new.name, model_version=new.version)
         clean = True
     finally:
-        timeout = settings.observability.shutdown_timeout_s if clean else 1.0
-        try:
-            consumer.close(autocommit=False)
-        except Exception as e:  # noqa: BLE001 - leaving the group while the broker is down
-            log.debug("closing the consumer: %s", e)
-        producer.close(timeout=timeout)
+        producer.close(timeout=settings.observability.shutdown_timeout_s if clean else 1.0)
     return 0
+
+
+def _rewind(consumer: Any, batch: dict) -> None:
+    """Seek every still-assigned partition of ``batch`` back to its first record."""
+    assigned = consumer.assignment()
+    for tp, records in batch.items():
+        if records and tp in assigned:
+            consumer.seek(tp, records[0].offset)
 
 
 def process_batch(batch: dict, forecaster: Forecaster, producer: Any, consumer: Any, settings: Settings) -> None:

@@ -68,6 +68,9 @@ def make_consumer(settings: Settings, group_id: str | None, *topics: str, **over
         fetch_max_bytes=settings.kafka.fetch_max_bytes,
         max_partition_fetch_bytes=settings.kafka.max_partition_fetch_bytes,
     )
+    # A subscribed topic that disappears (a broker that lost it) or appears later is noticed only at
+    # the next metadata refresh: every 10 s rather than kafka-python's 5 minutes (kafka.client may override).
+    kwargs.setdefault("metadata_max_age_ms", settings.kafka.client.get("metadata_max_age_ms", 10_000))
     kwargs.update(overrides)
     consumer = _connect(KafkaConsumer, settings, kwargs)
     if topics:
