@@ -53,7 +53,8 @@ def test_two_processes_one_stopped_mid_stream_lose_nothing(settings, test_env, t
     s = load_settings(env={**test_env, **INGEST_ENV})
     sent = produce(s, make_observations(12_000, series=8, seed=5))
     a = ingest_child(test_env, tmp_path, "ingest-a", "--exit-when-idle", "3")
-    b = ingest_child(test_env, tmp_path, "ingest-b", "--exit-when-idle", "3")
+    # b's idle exit must outlast the rebalance that hands it a's partitions (slow on a loaded machine)
+    b = ingest_child(test_env, tmp_path, "ingest-b", "--exit-when-idle", "10")
     wait_for(lambda: _progress_files(s) != 0, 60, "a checkpoint")
     a.stop(timeout_s=30)  # SIGTERM mid-stream: b takes over a's partitions
     assert a.proc.returncode == 0, a.tail(30)
