@@ -331,6 +331,10 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     from pipeline.kafka import ensure_topics
     from pipeline.observability import BrokerProbe, Health, serve_http
 
+    if settings.forecast.inference_threads is not None:
+        import torch
+
+        torch.set_num_threads(settings.forecast.inference_threads)
     shutdown = Shutdown(settings.observability.shutdown_timeout_s)
     health = Health("forecast", poll_interval_s=max(60.0, settings.forecast.champion_poll_s * 3))
     if settings.observability.metrics_port is not None:
@@ -475,4 +479,5 @@ def process_batch(batch: dict, forecaster: Forecaster, producer: Any, consumer: 
     FORECASTS.inc(len(messages))
     if oldest_ts is not None:
         END_TO_END_S.observe(max(0.0, time.time() - oldest_ts / 1000))
-    consumer.commit(commits)
+    # bounded: kafka-python retries a commit forever while the coordinator is unknown
+    consumer.commit(commits, timeout_ms=int(settings.observability.shutdown_timeout_s * 1000))

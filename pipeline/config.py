@@ -167,7 +167,10 @@ class TrainSettings(_Section):
 
 class ForecastSettings(_Section):
     champion_poll_s: float = Field(10.0, gt=0, description="how often to check the alias")
-    max_series: int = Field(1_000_000, ge=1)
+    inference_threads: int | None = Field(
+        1, ge=1, description="torch intra-op threads for inference; unset = torch's default (all cores). "
+        "One thread is faster for small batched models on a busy host (no OpenMP contention)",
+    )
 
 
 class MlflowSettings(_Section):
