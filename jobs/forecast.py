@@ -465,7 +465,14 @@ def process_batch(batch: dict, forecaster: Forecaster, producer: Any, consumer: 
     commits = {}
     for tp, records in batch.items():
         for rec in records:
-            table = decode_windows(rec.value)
+            try:
+                table = decode_windows(rec.value)
+                table.select(["series", "window_end", "count", forecaster.target])
+            except (pa.ArrowException, KeyError, ValueError) as e:  # not a windows message: skip it, say where
+                SKIPPED.labels("bad_message").inc()
+                log.error("skipping an undecodable message at %s[%d] offset %d: %s",
+                          tp.topic, tp.partition, rec.offset, e)
+                continue
             WINDOWS_IN.inc(table.num_rows)
             keys.extend(forecaster.add(table))
             oldest_ts = rec.timestamp if oldest_ts is None else min(oldest_ts, rec.timestamp)

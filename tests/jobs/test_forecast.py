@@ -311,3 +311,23 @@ def test_a_new_champion_is_picked_up_without_restart(
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+@pytest.mark.slow
+def test_a_malformed_windows_message_is_skipped_not_fatal(
+    settings: Settings, test_env: dict[str, str], model_dir: Path, tmp_path: Path
+) -> None:
+    windows = make_windows(["m"], L + 1)
+    env = {**test_env, "ROLLCAST_WINDOW__LENGTH_MS": str(STEP)}
+    proc = start_rollcast("forecast", "--model-dir", str(model_dir), env=env, log=tmp_path / "f.log")
+    try:
+        producer = make_producer(settings)
+        producer.send(settings.topics.windows, b"not arrow at all", partition=0, headers=HEADERS).get(30)
+        producer.close()
+        produce_windows(settings, windows)
+        collect_forecasts(settings, {("m", int(windows["window_end"].max()))}, 60)
+        assert proc.poll() is None
+        assert "skipping an undecodable message" in (tmp_path / "f.log").read_text()
+    finally:
+        proc.terminate()
+        proc.wait(30)
