@@ -37,28 +37,30 @@ class Dataset(NamedTuple):
     horizon: int
     season: int
     origins: int
-    train_stride: int
+    train_stride: int  # keep every n-th training sample
     config: dict[str, Any]
 
 
 PRICES = ColumnMap("symbol", "date", "close")
 DATASETS = {
-    "victoria": Dataset("victoria_electricity_halfhourly.csv", ColumnMap(), "1h", "mean", 96, 24, 24, 28, 1,
+    "victoria": Dataset("victoria_electricity_halfhourly.csv", ColumnMap(), "1h", "mean", 96, 24, 24, 28, 2,
                         {"calendar": True}),
     "england_wales": Dataset("electricity_halfhourly.csv", ColumnMap(), "30m", "mean", 144, 48, 48, 14, 1,
                              {"calendar": True}),
-    "eu_stocks": Dataset("eu_stocks_daily.csv", PRICES, "index", "last", 64, 5, 1, 40, 1, {}),
-    "msft": Dataset("msft_daily.csv", PRICES, "index", "last", 64, 5, 1, 40, 1, {}),
+    "eu_stocks": Dataset("eu_stocks_daily.csv", PRICES, "index", "last", 64, 5, 1, 40, 2, {}),
+    "msft": Dataset("msft_daily.csv", PRICES, "index", "last", 64, 5, 1, 40, 2, {}),
 }
-TRAINING = {"learning_rate": 1e-3, "weight_decay": 1e-4, "optimizer": "adamw", "dropout": 0.1}
+MODELS = ("naive", "seasonal_naive", "tcn", "lstm", "pyramid", "hrnn")
+TRAINING = {"learning_rate": 2e-3, "weight_decay": 1e-4, "optimizer": "adamw", "dropout": 0.1}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--patience", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--patience", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--datasets", default=",".join(DATASETS))
-    parser.add_argument("--models", default=",".join(available_models()))
+    parser.add_argument("--models", default=",".join(m for m in MODELS if m in available_models()))
     args = parser.parse_args()
     t_all = time.perf_counter()
     for key in args.datasets.split(","):
@@ -67,7 +69,8 @@ def main() -> None:
         data = windows_to_matrix(observations_to_windows(obs, d.step), d.target)
         print(f"\n#### {key} ({d.file}): {len(data.series)} series x {data.values.shape[1]} steps of {d.step}, "
               f"target {d.target}, L={d.context}, H={d.horizon}, m={d.season}, {d.origins} origins, "
-              f"config {d.config or 'defaults'}\n")
+              f"training {TRAINING | d.config}, every {d.train_stride}. sample, "
+              f"<= {args.epochs} epochs, patience {args.patience}, batch {args.batch_size}\n")
         print("| model | MAE | RMSE | sMAPE % | MASE | coverage 80% | rel. MAE vs naive "
               "| rel. MAE vs seasonal naive | best epoch / run | fit s |")
         print("|---|---|---|---|---|---|---|---|---|---|")
@@ -77,7 +80,7 @@ def main() -> None:
             if name not in ("naive", "seasonal_naive"):
                 config |= TRAINING | d.config
             r = rolling_origin(name, data, n_origins=d.origins, season=d.season, config=config,
-                               max_epochs=args.epochs, patience=args.patience, batch_size=256, seed=0,
+                               max_epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, seed=0,
                                train_stride=d.train_stride)
             s = r.metrics
             epochs = f"{r.fits[0].best_epoch} / {r.fits[0].epochs}" if r.fits else "-"
