@@ -40,6 +40,7 @@ from pipeline.windows import WINDOW_SCHEMA  # noqa: E402
 from pipeline.windows_io import HEADERS, WindowRouter  # noqa: E402
 
 STEP = 60_000
+FETCH_WAIT_MS: int | None = None  # set from --fetch-max-wait-ms
 T0 = 1_700_000_000_000 // STEP * STEP
 
 
@@ -79,6 +80,7 @@ def run_case(bootstrap: str, model_name: str, n_series: int, rounds: int, contex
         "ROLLCAST_MODEL__CONTEXT": str(context),
         "ROLLCAST_OBSERVABILITY__METRICS_PORT": str(metrics_port),
         "ROLLCAST_OBSERVABILITY__LOG_LEVEL": "WARNING",
+        **({"ROLLCAST_KAFKA__FETCH_MAX_WAIT_MS": str(FETCH_WAIT_MS)} if FETCH_WAIT_MS is not None else {}),
     }
     settings: Settings = load_settings(env=env)
     ensure_topics(settings)
@@ -93,7 +95,7 @@ def run_case(bootstrap: str, model_name: str, n_series: int, rounds: int, contex
     proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "forecast", "--model-dir", str(model_dir)],
                             env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     producer = make_producer(settings, linger_ms=0)
-    consumer = make_consumer(settings, None)
+    consumer = make_consumer(settings, None)  # same fetch settings as the job
     from kafka import TopicPartition
 
     consumer.assign([TopicPartition(settings.topics.forecasts, p)
@@ -156,7 +158,11 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=96)
     ap.add_argument("--horizon", type=int, default=24)
     ap.add_argument("--bootstrap", help="use this broker instead of starting tansu")
+    ap.add_argument("--fetch-max-wait-ms", type=int,
+                    help="kafka.fetch_max_wait_ms for the job and the reader (default: the setting's default)")
     args = ap.parse_args()
+    global FETCH_WAIT_MS
+    FETCH_WAIT_MS = args.fetch_max_wait_ms
     work = Path(tempfile.mkdtemp(prefix="rollcast-latency-"))
     broker = None
     bootstrap = args.bootstrap

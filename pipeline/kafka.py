@@ -67,6 +67,7 @@ def make_consumer(settings: Settings, group_id: str | None, *topics: str, **over
         max_poll_records=settings.kafka.max_poll_records,
         fetch_max_bytes=settings.kafka.fetch_max_bytes,
         max_partition_fetch_bytes=settings.kafka.max_partition_fetch_bytes,
+        fetch_max_wait_ms=settings.kafka.fetch_max_wait_ms,
     )
     # A subscribed topic that disappears (a broker that lost it) or appears later is noticed only at
     # the next metadata refresh: every 10 s rather than kafka-python's 5 minutes (kafka.client may override).
