@@ -222,11 +222,21 @@ class Forecaster:
 
         rows, ok_series, ok_ends = [], [], []
         length = self.model.context
-        for s, end in dict.fromkeys(keys):
+        keys = list(dict.fromkeys(keys))
+        # Windows older than the buffer (a lagging batch holding more than `capacity` windows of a
+        # series, e.g. after a restart): one store read per series for all of them, not one per window
+        # (per-window reads took minutes for a few thousand windows and stalled the job).
+        older: dict[str, list[int]] = {}
+        for s, end in keys:
+            buf = self.buffers[s]
+            if buf.ends and buf.ends[0] > end - (length - 1) * self.step_ms:
+                older.setdefault(s, []).append(end)
+        stored = {s: self._buffer_from_store(s, min(ends), max(ends), length) for s, ends in older.items()}
+        for s, end in keys:
             buf = self.buffers[s]
             ctx = buf.context(end, length, self.step_ms)
-            if ctx is None and buf.ends and buf.ends[0] > end - (length - 1) * self.step_ms:
-                ctx = self._context_from_store(s, end, length)  # older than the buffer: lagging
+            if ctx is None and s in stored and buf.ends and buf.ends[0] > end - (length - 1) * self.step_ms:
+                ctx = stored[s].context(end, length, self.step_ms)  # older than the buffer: lagging
             if ctx is None:
                 SKIPPED.labels("short_context").inc()
                 continue
@@ -245,16 +255,22 @@ class Forecaster:
         return forecast_messages(ok_series, ok_ends, np.asarray(preds), self.model, self.step_ms, issued_at)
 
 
-    def _context_from_store(self, series: str, end: int, length: int) -> np.ndarray | None:
-        """The context of a window older than the in-memory buffer (after a restart with lag)."""
+    def _buffer_from_store(self, series: str, first_end: int, last_end: int, length: int) -> SeriesBuffer:
+        """The stored windows of ``series`` that supply the contexts of windows ending in
+        [first_end, last_end] (older than the in-memory buffer: after a restart with lag)."""
         from pipeline.store import HistoryStore
 
-        frame = HistoryStore(self.settings).read(series=series, start_ms=end - length * self.step_ms, end_ms=end)
-        buf = SeriesBuffer(length)
+        frame = HistoryStore(self.settings).read(series=series, start_ms=first_end - length * self.step_ms,
+                                                 end_ms=last_end)
+        buf = SeriesBuffer(max(length, frame.height))
         tmp = Forecaster.__new__(Forecaster)
-        tmp.target, tmp.capacity, tmp.buffers = self.target, length, {series: buf}
+        tmp.target, tmp.capacity, tmp.buffers = self.target, buf.capacity, {series: buf}
         tmp.add(frame.to_arrow())
-        return buf.context(end, length, self.step_ms)
+        return buf
+
+    def _context_from_store(self, series: str, end: int, length: int) -> np.ndarray | None:
+        """The context of a window older than the in-memory buffer (after a restart with lag)."""
+        return self._buffer_from_store(series, end, end, length).context(end, length, self.step_ms)
 
 
 def decode_windows(value: bytes) -> pa.Table:
