@@ -42,8 +42,9 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/ingest.py
-	$(PY) benchmarks/models.py
+	$(PY) -m benchmarks.models
 	$(PY) benchmarks/accuracy.py
+	$(PY) benchmarks/forecast_latency.py
 
 clean:
 	rm -rf $(VENV) .rollcast .pytest_cache
