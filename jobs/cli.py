@@ -22,15 +22,15 @@ from pipeline.logs import setup_logging
 
 # name -> module; the order is the order of `rollcast --help`.
 COMMANDS: dict[str, str] = {
-    "ingest": "jobs.ingest",
     "up": "jobs.up",
     "demo": "jobs.demo",
-    "replay": "jobs.replay",
-    "topics": "jobs.topics",
-    "backtest": "jobs.backtest",
+    "ingest": "jobs.ingest",
     "train": "jobs.train",
     "forecast": "jobs.forecast",
+    "replay": "jobs.replay",
+    "backtest": "jobs.backtest",
     "query": "jobs.query",
+    "topics": "jobs.topics",
 }
 
 
