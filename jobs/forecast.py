@@ -184,6 +184,7 @@ class Forecaster:
         self.target = settings.window.target
         self.capacity = max(settings.model.context, model.context) + BUFFER_SLACK
         self.buffers: dict[str, SeriesBuffer] = {}
+        self.watcher: ChampionWatcher | None = None
 
     def swap(self, model: LoadedModel) -> None:
         if model.context + BUFFER_SLACK > self.capacity:
@@ -301,15 +302,17 @@ def wait_for_champion(settings: Settings, shutdown: Shutdown, health: Any) -> Lo
     """Block until the registered model has a champion (None if asked to shut down first)."""
     from jobs import registry
 
-    said = False
+    said, down = False, False
     while not shutdown.requested:
         try:
             found = registry.champion(settings)
             MLFLOW_UP.set(1)
-        except MlflowUnavailable as e:  # say so and keep waiting
+            down = False
+        except MlflowUnavailable as e:  # say so (once per outage) and keep waiting
             MLFLOW_UP.set(0)
-            log.warning("MLflow unreachable while looking for a champion: %s", e)
-            found = None
+            if not down:
+                log.warning("MLflow unreachable while looking for a champion: %s", e)
+            down, found = True, None
         if found is not None:
             version, model_dir = found
             return load_saved_model(model_dir, version)
@@ -323,23 +326,66 @@ def wait_for_champion(settings: Settings, shutdown: Shutdown, health: Any) -> Lo
     return None
 
 
-def check_champion(settings: Settings, current: LoadedModel) -> LoadedModel | None:
-    """A newer champion to swap in, or None (no change, or MLflow unreachable)."""
-    from jobs import registry
+class ChampionWatcher:
+    """Watches the champion alias in a background thread, so MLflow never blocks the consume loop.
 
-    try:
-        found = registry.champion(settings)
-        MLFLOW_UP.set(1)
-    except MlflowUnavailable as e:  # keep serving the model we have
-        MLFLOW_UP.set(0)
-        log.warning("MLflow unreachable (%s); still serving %s version %s", e, current.name, current.version)
-        return None
-    if found is None or found[0] == current.version:
-        return None
-    version, model_dir = found
-    model = load_saved_model(model_dir, version)
-    log.info("champion moved: %s version %s -> %s", current.name, current.version, version)
-    return model
+    Every ``forecast.champion_poll_s`` it resolves the alias; when it has moved, it downloads
+    and loads the new version off the loop and leaves it for :meth:`take`, which the loop calls
+    between batches. While MLflow is unreachable it backs off (up to 30 s), logs one warning
+    per outage and one line when MLflow is back, and the loop keeps serving the model it has.
+    """
+
+    def __init__(self, settings: Settings, current: LoadedModel):
+        import threading
+
+        self.settings = settings
+        self.version = current.version
+        self._pending: LoadedModel | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="champion-watcher", daemon=True)
+
+    def start(self) -> ChampionWatcher:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def take(self) -> LoadedModel | None:
+        """The new champion, loaded, if the alias moved since the last call."""
+        with self._lock:
+            model, self._pending = self._pending, None
+        return model
+
+    def _run(self) -> None:
+        from jobs import registry
+
+        poll = self.settings.forecast.champion_poll_s
+        wait, down_since = poll, None
+        while not self._stop.wait(wait):
+            try:
+                found = registry.champion(self.settings)
+            except MlflowUnavailable as e:
+                MLFLOW_UP.set(0)
+                if down_since is None:
+                    down_since = time.monotonic()
+                    log.warning("MLflow unreachable (%s); still serving version %s", e, self.version)
+                wait = min(max(wait * 2, 1.0), 30.0)
+                continue
+            MLFLOW_UP.set(1)
+            if down_since is not None:
+                log.info("MLflow reachable again after %.0fs", time.monotonic() - down_since)
+                down_since = None
+            wait = poll
+            if found is None or found[0] == self.version:
+                continue
+            version, model_dir = found
+            model = load_saved_model(model_dir, version)
+            log.info("champion moved: version %s -> %s (%s)", self.version, version, model.name)
+            with self._lock:
+                self._pending = model
+            self.version = version
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
@@ -369,10 +415,14 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
 
     forecaster = Forecaster(settings, model)
     forecaster.rebuild()
+    if not args.model_dir:
+        forecaster.watcher = ChampionWatcher(settings, model).start()
     try:
         return _serve_with_retries(settings, args, forecaster, shutdown, health)
     finally:
         probe.stop()
+        if forecaster.watcher is not None:
+            forecaster.watcher.stop()
 
 
 def _serve_with_retries(settings: Settings, args: argparse.Namespace, forecaster: Forecaster,
@@ -432,7 +482,6 @@ def _serve(settings: Settings, args: argparse.Namespace, forecaster: Forecaster,
 
     lag = LagTracker(LAG)
     producer = make_producer(settings)
-    last_check = time.monotonic()
     last_data = time.monotonic()
     clean = False
     try:
@@ -451,9 +500,8 @@ def _serve(settings: Settings, args: argparse.Namespace, forecaster: Forecaster,
             elif args.exit_when_idle is not None and time.monotonic() - last_data > args.exit_when_idle:
                 log.info("no windows for %.1fs; exiting", args.exit_when_idle)
                 break
-            if not args.model_dir and time.monotonic() - last_check > settings.forecast.champion_poll_s:
-                last_check = time.monotonic()
-                new = check_champion(settings, forecaster.model)
+            if forecaster.watcher is not None:
+                new = forecaster.watcher.take()
                 if new is not None:
                     forecaster.swap(new)
                     MODEL_VERSION.set(float(new.version) if new.version.isdigit() else -1)

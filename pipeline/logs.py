@@ -40,5 +40,7 @@ def setup_logging(obs: ObservabilitySettings) -> None:
     root.setLevel(obs.log_level)
     # kafka-python logs every reconnect at ERROR; our own code reports outages once, clearly.
     logging.getLogger("kafka").setLevel(logging.CRITICAL if obs.log_level != "DEBUG" else logging.DEBUG)
-    for noisy in ("alembic", "urllib3", "matplotlib", "lightning", "pytorch_lightning", "mlflow"):
+    # urllib3 logs every MLflow HTTP retry; the jobs report an MLflow outage once themselves.
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
+    for noisy in ("alembic", "matplotlib", "lightning", "pytorch_lightning", "mlflow"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger(noisy).level))
