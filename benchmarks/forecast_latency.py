@@ -164,12 +164,7 @@ def main() -> None:
     global FETCH_WAIT_MS
     FETCH_WAIT_MS = args.fetch_max_wait_ms
     work = Path(tempfile.mkdtemp(prefix="rollcast-latency-"))
-    broker = None
-    bootstrap = args.bootstrap
-    if bootstrap is None:
-        port = stack.free_port()
-        broker = stack.start_broker(stack.broker_binary(None), port, work)
-        bootstrap = f"127.0.0.1:{port}"
+    bootstrap, broker = stack.broker_unless_given(args.bootstrap, work)
     try:
         print("| model | series | rounds | p50 (ms) | p99 (ms) | inference per batch (ms) | inference share |")
         print("|---|---|---|---|---|---|---|")

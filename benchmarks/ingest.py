@@ -137,12 +137,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
     tmp = Path(tempfile.mkdtemp(prefix="rollcast-bench-"))
-    broker = None
-    bootstrap = args.bootstrap
-    if not bootstrap:
-        port = stack.free_port()
-        broker = stack.start_broker(stack.broker_binary(None), port, tmp / "logs")
-        bootstrap = f"127.0.0.1:{port}"
+    bootstrap, broker = stack.broker_unless_given(args.bootstrap, tmp / "logs")
     try:
         tag = uuid.uuid4().hex[:6]
         env = {

@@ -44,12 +44,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
     tmp = Path(tempfile.mkdtemp(prefix="rollcast-soak-"))
-    broker = None
-    bootstrap = args.bootstrap
-    if not bootstrap:
-        port = stack.free_port()
-        broker = stack.start_broker(stack.broker_binary(None), port, tmp / "logs")
-        bootstrap = f"127.0.0.1:{port}"
+    bootstrap, broker = stack.broker_unless_given(args.bootstrap, tmp / "logs")
     tag = uuid.uuid4().hex[:6]
     s = load_settings(env={
         "ROLLCAST_KAFKA__BOOTSTRAP_SERVERS": bootstrap, "ROLLCAST_DATA_DIR": str(tmp / "data"),

@@ -31,6 +31,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from pipeline.config import Settings
 from pipeline.errors import MlflowUnavailable
+from pipeline.windows_io import decode_windows
 
 HELP = "publish rolling forecasts from the champion model for every closed window"
 
@@ -204,13 +205,8 @@ class Forecaster:
 
     def add(self, table: pa.Table) -> list[tuple[str, int]]:
         """Put windows into the buffers; return their (series, window_end) in arrival order."""
-        series = table.column("series").to_pylist()
-        ends = table.column("window_end").to_pylist()
-        values = table.column(self.target).to_numpy(zero_copy_only=False).astype(np.float64)
-        counts = table.column("count").to_numpy(zero_copy_only=False)
-        if self.target != "count":
-            values = np.where(counts > 0, values, np.nan)
-        for s, e, v in zip(series, ends, values.tolist(), strict=True):
+        series, ends, values = target_values(table, self.target)
+        for s, e, v in zip(series, ends, values, strict=True):
             buf = self.buffers.get(s)
             if buf is None:
                 buf = self.buffers[s] = SeriesBuffer(self.capacity)
@@ -227,16 +223,15 @@ class Forecaster:
         # Windows older than the buffer (a lagging batch holding more than `capacity` windows of a
         # series, e.g. after a restart): one store read per series for all of them, not one per window
         # (per-window reads took minutes for a few thousand windows and stalled the job).
-        older: dict[str, list[int]] = {}
+        older = {(s, end) for s, end in keys
+                 if self.buffers[s].ends and self.buffers[s].ends[0] > end - (length - 1) * self.step_ms}
+        older_ends: dict[str, list[int]] = {}
+        for s, end in older:
+            older_ends.setdefault(s, []).append(end)
+        stored = {s: self._buffer_from_store(s, min(ends), max(ends), length) for s, ends in older_ends.items()}
         for s, end in keys:
-            buf = self.buffers[s]
-            if buf.ends and buf.ends[0] > end - (length - 1) * self.step_ms:
-                older.setdefault(s, []).append(end)
-        stored = {s: self._buffer_from_store(s, min(ends), max(ends), length) for s, ends in older.items()}
-        for s, end in keys:
-            buf = self.buffers[s]
-            ctx = buf.context(end, length, self.step_ms)
-            if ctx is None and s in stored and buf.ends and buf.ends[0] > end - (length - 1) * self.step_ms:
+            ctx = self.buffers[s].context(end, length, self.step_ms)
+            if ctx is None and (s, end) in older:
                 ctx = stored[s].context(end, length, self.step_ms)  # older than the buffer: lagging
             if ctx is None:
                 SKIPPED.labels("short_context").inc()
@@ -255,7 +250,6 @@ class Forecaster:
         INFERENCE_S.observe(time.perf_counter() - t0)
         return forecast_messages(ok_series, ok_ends, np.asarray(preds), self.model, self.step_ms, issued_at)
 
-
     def _buffer_from_store(self, series: str, first_end: int, last_end: int, length: int) -> SeriesBuffer:
         """The stored windows of ``series`` that supply the contexts of windows ending in
         [first_end, last_end] (older than the in-memory buffer: after a restart with lag)."""
@@ -264,20 +258,19 @@ class Forecaster:
         frame = HistoryStore(self.settings).read(series=series, start_ms=first_end - length * self.step_ms,
                                                  end_ms=last_end)
         buf = SeriesBuffer(max(length, frame.height))
-        tmp = Forecaster.__new__(Forecaster)
-        tmp.target, tmp.capacity, tmp.buffers = self.target, buf.capacity, {series: buf}
-        tmp.add(frame.to_arrow())
+        _, ends, values = target_values(frame.to_arrow(), self.target)
+        for e, v in zip(ends, values, strict=True):
+            buf.put(e, v)
         return buf
 
-    def _context_from_store(self, series: str, end: int, length: int) -> np.ndarray | None:
-        """The context of a window older than the in-memory buffer (after a restart with lag)."""
-        return self._buffer_from_store(series, end, end, length).context(end, length, self.step_ms)
 
-
-def decode_windows(value: bytes) -> pa.Table:
-    from pipeline.windows_io import decode_windows as decode
-
-    return decode(value)
+def target_values(table: pa.Table, target: str) -> tuple[list[str], list[int], list[float]]:
+    """Series, window ends and target values of a windows table; NaN where a window is a gap
+    (``count = 0``), except for the ``count`` target itself."""
+    values = table.column(target).to_numpy(zero_copy_only=False).astype(np.float64)
+    if target != "count":
+        values = np.where(table.column("count").to_numpy(zero_copy_only=False) > 0, values, np.nan)
+    return table.column("series").to_pylist(), table.column("window_end").to_pylist(), values.tolist()
 
 
 class Shutdown:
@@ -439,10 +432,10 @@ def _serve_with_retries(settings: Settings, args: argparse.Namespace, forecaster
     from kafka.errors import KafkaError
 
     from pipeline.errors import BrokerUnavailable
-    from pipeline.kafka import ensure_topics, make_consumer
+    from pipeline.kafka import Backoff, ensure_topics, make_consumer
 
     consumer = make_consumer(settings, settings.groups.forecast, settings.topics.windows)
-    backoff, failing = 1.0, False
+    backoff, failing = Backoff(), False
     try:
         while not shutdown.requested:
             try:
@@ -460,10 +453,7 @@ def _serve_with_retries(settings: Settings, args: argparse.Namespace, forecaster
                 else:
                     log.debug("still failing: %s", e)
                 failing = True
-                deadline = time.monotonic() + backoff
-                while not shutdown.requested and time.monotonic() < deadline:
-                    time.sleep(0.1)
-                backoff = min(backoff * 2, 30.0)
+                backoff.sleep(lambda: shutdown.requested)
     finally:
         try:
             consumer.close(autocommit=False)

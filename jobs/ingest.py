@@ -82,9 +82,9 @@ def _consume_with_retries(settings: Settings, args: argparse.Namespace, stop: li
 
     from pipeline.checkpoint import CheckpointError
     from pipeline.errors import BrokerUnavailable
-    from pipeline.kafka import ensure_topics
+    from pipeline.kafka import Backoff, ensure_topics
 
-    backoff, failing = 1.0, False
+    backoff, failing = Backoff(), False
     while True:
         try:
             if failing:
@@ -102,10 +102,7 @@ def _consume_with_retries(settings: Settings, args: argparse.Namespace, stop: li
             else:
                 log.debug("still failing: %s", e)
             failing = True
-            deadline = time.monotonic() + backoff
-            while not stop and time.monotonic() < deadline:
-                time.sleep(0.1)
-            backoff = min(backoff * 2, 30.0)
+            backoff.sleep(lambda: bool(stop))
             if stop:
                 return True  # nothing is held that is not durable: the failed session was dropped
 

@@ -164,6 +164,15 @@ def start_broker(binary: str, port: int, log_dir: Path, timeout_s: float = 30.0)
     return child
 
 
+def broker_unless_given(bootstrap: str | None, log_dir: Path) -> tuple[str, Child | None]:
+    """``(bootstrap, None)`` if an address is given, else a fresh tansu on a free port and its child
+    (the caller stops it). For benchmarks, which run against a given broker or their own."""
+    if bootstrap:
+        return bootstrap, None
+    port = free_port()
+    return f"127.0.0.1:{port}", start_broker(broker_binary(None), port, log_dir)
+
+
 def mlflow_command() -> list[str]:
     exe = Path(sys.executable).with_name("mlflow")
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "mlflow"]

@@ -113,22 +113,22 @@ class Ingestor:
         ingestor = self
 
         class _Listener(ConsumerRebalanceListener):
-            # kafka-python logs and swallows a callback's exception; keep it for raise_failed().
             def on_partitions_revoked(self, revoked: Any) -> None:
-                try:
-                    ingestor.revoke(tp.partition for tp in revoked)
-                except Exception as e:
-                    ingestor.failed = ingestor.failed or e
-                    raise
+                ingestor._rebalance_step(ingestor.revoke, revoked)
 
             def on_partitions_assigned(self, assigned: Any) -> None:
-                try:
-                    ingestor.assign(tp.partition for tp in assigned)
-                except Exception as e:
-                    ingestor.failed = ingestor.failed or e
-                    raise
+                ingestor._rebalance_step(ingestor.assign, assigned)
 
         return _Listener()
+
+    def _rebalance_step(self, step: Any, tps: Any) -> None:
+        """Run ``revoke`` or ``assign`` for a rebalance callback. kafka-python logs and swallows a
+        callback's exception, so it is also kept for raise_failed()."""
+        try:
+            step(tp.partition for tp in tps)
+        except Exception as e:
+            self.failed = self.failed or e
+            raise
 
     def raise_failed(self) -> None:
         """Raise the error of a rebalance callback (a checkpoint that failed there): the state it

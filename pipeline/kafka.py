@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
@@ -127,3 +129,19 @@ def ensure_topics(settings: Settings, names: list[str] | None = None, partitions
         raise BrokerUnavailable(f"could not create topics {names}: {e}") from e
     finally:
         admin.close()
+
+
+class Backoff:
+    """Growing pauses between the sessions of a job whose Kafka session failed: 1 s, 2 s, 4 s, ...
+    up to ``cap_s``. :meth:`sleep` checks ``stopped`` every 0.1 s, so a shutdown cuts a pause short."""
+
+    def __init__(self, first_s: float = 1.0, cap_s: float = 30.0):
+        self.delay_s = first_s
+        self.cap_s = cap_s
+
+    def sleep(self, stopped: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + self.delay_s
+        while not stopped() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.delay_s = min(self.delay_s * 2, self.cap_s)
+
