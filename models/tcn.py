@@ -7,10 +7,12 @@ unless ``levels`` fixes it. The head reads the features at the last step.
 Only the last step's receptive field is computed: with dilations doubling,
 block ``i`` is needed only at the steps ``t = L - 1 (mod 2**i)``, and on that
 subsequence its dilated convolution is a plain (dilation 1) one. So block ``i``
-runs on every ``2**i``-th step counted back from the last, and each block keeps
-every other output for the next (~2.5x fewer positions than the full sequence
-at L = 96). The function, the weights and the saved form are those of the
-ordinary dilated TCN read at its last step.
+runs on every ``2**i``-th step counted back from the last; its first
+convolution covers all of them, while its second convolution, residual and
+activation are computed only at the steps the next block reads (every other
+one; the last block: only the last step), as a stride-2 convolution. The
+function, the weights and the saved form are those of the ordinary dilated TCN
+read at its last step.
 """
 
 from __future__ import annotations
@@ -79,8 +81,16 @@ class ResidualBlock(nn.Module):
         )
         self.down = nn.Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
-    def forward(self, x: Tensor) -> Tensor:
-        return F.relu(self.net(x) + self.down(x))
+    def forward(self, x: Tensor, last_only: bool = False) -> Tensor:
+        """``x (B, C, N)`` -> the block's outputs at every other step ending at the last,
+        ``(B, c, ceil(N / 2))``, or at the last step only, ``(B, c, 1)``."""
+        conv1, relu1, drop1, conv2, relu2, drop2 = self.net
+        h = drop1(relu1(conv1(x)))  # every step: the second convolution reads steps t, t-1, t-2
+        start = h.shape[-1] - 1 if last_only else (h.shape[-1] - 1) % 2
+        stride = 1 if last_only else 2
+        padded = F.pad(h, (conv2.pad, 0))[:, :, start:]
+        h = drop2(relu2(F.conv1d(padded, conv2.conv.weight, conv2.conv.bias, stride=stride)))
+        return F.relu(h + self.down(x[:, :, start::stride]))
 
 
 @register_model("tcn", TCNConfig)
@@ -100,8 +110,9 @@ class TCNForecaster(ForecastModel):
 
     def backbone(self, x: Tensor) -> Tensor:
         h = x.transpose(1, 2)  # (B, L, C) -> (B, C, L)
+        last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            if i > 0:
-                h = h[:, :, (h.shape[-1] - 1) % 2 :: 2]  # every other step, ending at the last: dilation x2
-            h = block(h)  # (B, c, L / 2**i)
+            # block i reads every 2**i-th step ending at the last (dilation 2**i) and returns every
+            # other one of those for block i + 1; the last block returns only the last step
+            h = block(h, last_only=i == last)
         return h[:, :, -1]  # (B, c): the last step sees the whole receptive field
