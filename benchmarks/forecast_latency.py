@@ -9,13 +9,21 @@ does) and times until a consumer has read one forecast per series for that
 window. It prints p50/p99 of that end-to-end latency and the share of it spent
 in the job's batched inference (from the job's Prometheus histogram).
 
+The reader is aiokafka (C record parsing) and checks each forecast's series and
+``last_window_end`` by parsing every value with polars in one call per fetch: a
+reader that costs ~20 us per record in pure Python (kafka-python plus
+``json.loads``) would add tens of ms of its own to every 1,000-series round.
+With tansu, which answers a fetch only when ``fetch_max_wait_ms`` has passed,
+that setting (``--fetch-max-wait-ms``, used by the job and the reader) is a
+floor on each hop; a Kafka broker answers as soon as data arrives.
+
     python benchmarks/forecast_latency.py --series 1000 10000 --models tcn lstm --rounds 30
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import asyncio
 import os
 import re
 import subprocess
@@ -34,13 +42,14 @@ sys.path.insert(0, str(ROOT))
 import models  # noqa: E402
 from jobs import stack  # noqa: E402
 from pipeline.config import Settings, load_settings  # noqa: E402
-from pipeline.kafka import ensure_topics, make_consumer, make_producer  # noqa: E402
+from pipeline.kafka import ensure_topics, make_producer  # noqa: E402
 from pipeline.store import HistoryStore, Progress  # noqa: E402
 from pipeline.windows import WINDOW_SCHEMA  # noqa: E402
 from pipeline.windows_io import HEADERS, WindowRouter  # noqa: E402
 
 STEP = 60_000
 FETCH_WAIT_MS: int | None = None  # set from --fetch-max-wait-ms
+THREADS: int | None = None  # set from --inference-threads
 T0 = 1_700_000_000_000 // STEP * STEP
 
 
@@ -54,12 +63,19 @@ def windows_at(series: list[str], index: int, rng: np.random.Generator) -> pl.Da
     )
 
 
+STAGES = ("decode", "context", "inference", "messages", "send", "commit")
+
+
 def scrape(port: int) -> dict[str, float]:
+    """Sums of the job's inference and per-stage histograms."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     out = {}
     for name in ("rollcast_forecast_inference_seconds_sum", "rollcast_forecast_inference_seconds_count"):
         m = re.search(rf"^{name} (\S+)$", text, re.M)
         out[name] = float(m.group(1)) if m else 0.0
+    for stage in STAGES:
+        m = re.search(rf'^rollcast_forecast_stage_seconds_sum{{stage="{stage}"}} (\S+)$', text, re.M)
+        out[stage] = float(m.group(1)) if m else 0.0
     return out
 
 
@@ -81,6 +97,7 @@ def run_case(bootstrap: str, model_name: str, n_series: int, rounds: int, contex
         "ROLLCAST_OBSERVABILITY__METRICS_PORT": str(metrics_port),
         "ROLLCAST_OBSERVABILITY__LOG_LEVEL": "WARNING",
         **({"ROLLCAST_KAFKA__FETCH_MAX_WAIT_MS": str(FETCH_WAIT_MS)} if FETCH_WAIT_MS is not None else {}),
+        **({"ROLLCAST_FORECAST__INFERENCE_THREADS": str(THREADS)} if THREADS is not None else {}),
     }
     settings: Settings = load_settings(env=env)
     ensure_topics(settings)
@@ -94,31 +111,11 @@ def run_case(bootstrap: str, model_name: str, n_series: int, rounds: int, contex
     log = open(work / f"{suffix}.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "forecast", "--model-dir", str(model_dir)],
                             env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    producer = make_producer(settings, linger_ms=0)
-    consumer = make_consumer(settings, None)  # same fetch settings as the job
-    from kafka import TopicPartition
-
-    consumer.assign([TopicPartition(settings.topics.forecasts, p)
-                     for p in sorted(consumer.partitions_for_topic(settings.topics.forecasts))])
-    consumer.seek_to_beginning()  # a fresh topic: every forecast is read
-    router = WindowRouter(settings.kafka.partitions)
-    latencies = []
     try:
-        # wait until the job is serving: send warm-up rounds until forecasts come back
-        for _ in range(2):
-            _one_round(settings, producer, consumer, router, series, context + len(latencies), rng, timeout=180)
-            latencies.append(None)
-        before = scrape(metrics_port)
-        latencies = []
-        for r in range(rounds):
-            latencies.append(_one_round(settings, producer, consumer, router, series, context + 2 + r, rng,
-                                        timeout=60))
-        after = scrape(metrics_port)
+        latencies, before, after = asyncio.run(_rounds(settings, bootstrap, series, context, rounds, metrics_port))
     finally:
         proc.terminate()
         proc.wait(60)
-        consumer.close()
-        producer.close()
     lat = np.array(latencies)
     inf_sum = after["rollcast_forecast_inference_seconds_sum"] - before["rollcast_forecast_inference_seconds_sum"]
     return {
@@ -126,11 +123,41 @@ def run_case(bootstrap: str, model_name: str, n_series: int, rounds: int, contex
         "p50_ms": float(np.percentile(lat, 50) * 1000), "p99_ms": float(np.percentile(lat, 99) * 1000),
         "inference_share": float(inf_sum / lat.sum()),
         "inference_mean_ms": float(inf_sum / rounds * 1000),
+        "stages_ms": {k: (after[k] - before[k]) / rounds * 1000 for k in STAGES},
     }
 
 
-def _one_round(settings: Settings, producer, consumer, router: WindowRouter, series: list[str], index: int,
-               rng: np.random.Generator, timeout: float) -> float:
+async def _rounds(settings: Settings, bootstrap: str, series: list[str], context: int, rounds: int,
+                  metrics_port: int) -> tuple[list[float], dict[str, float], dict[str, float]]:
+    """Two warm-up rounds (the job is serving once forecasts come back), then ``rounds`` timed ones."""
+    from aiokafka import AIOKafkaConsumer
+    from aiokafka.structs import TopicPartition
+
+    topic = settings.topics.forecasts
+    reader = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest",
+                              fetch_max_wait_ms=settings.kafka.fetch_max_wait_ms,
+                              max_partition_fetch_bytes=64 << 20, fetch_max_bytes=256 << 20)
+    await reader.start()
+    producer = make_producer(settings, linger_ms=0)
+    rng = np.random.default_rng(1)
+    try:
+        reader.assign([TopicPartition(topic, p) for p in range(settings.kafka.partitions)])
+        await reader.seek_to_beginning()  # a fresh topic: every forecast is read
+        router = WindowRouter(settings.kafka.partitions)
+        for i in range(2):
+            await _one_round(settings, producer, reader, router, series, context + i, rng, timeout=180)
+        before = await asyncio.to_thread(scrape, metrics_port)
+        latencies = [await _one_round(settings, producer, reader, router, series, context + 2 + r, rng, timeout=60)
+                     for r in range(rounds)]
+        after = await asyncio.to_thread(scrape, metrics_port)
+    finally:
+        await reader.stop()
+        producer.close()
+    return latencies, before, after
+
+
+async def _one_round(settings: Settings, producer, reader, router: WindowRouter, series: list[str], index: int,
+                     rng: np.random.Generator, timeout: float) -> float:
     batch = windows_at(series, index, rng)
     end = T0 + index * STEP + STEP
     want = set(series)
@@ -142,11 +169,11 @@ def _one_round(settings: Settings, producer, consumer, router: WindowRouter, ser
     while want:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{len(want)} forecasts for window end {end} did not arrive in {timeout}s")
-        for records in consumer.poll(timeout_ms=50).values():
-            for rec in records:
-                msg = json.loads(rec.value)
-                if msg["last_window_end"] == end:
-                    want.discard(msg["series"])
+        fetched = await reader.getmany(timeout_ms=50)
+        values = [rec.value for records in fetched.values() for rec in records]
+        if values:
+            read = pl.read_ndjson(b"\n".join(values), schema={"series": pl.String, "last_window_end": pl.Int64})
+            want.difference_update(read.filter(pl.col("last_window_end") == end)["series"].to_list())
     return time.perf_counter() - t0
 
 
@@ -160,19 +187,28 @@ def main() -> None:
     ap.add_argument("--bootstrap", help="use this broker instead of starting tansu")
     ap.add_argument("--fetch-max-wait-ms", type=int,
                     help="kafka.fetch_max_wait_ms for the job and the reader (default: the setting's default)")
+    ap.add_argument("--inference-threads", type=int,
+                    help="forecast.inference_threads for the job (default: the setting's default)")
     args = ap.parse_args()
-    global FETCH_WAIT_MS
-    FETCH_WAIT_MS = args.fetch_max_wait_ms
+    global FETCH_WAIT_MS, THREADS
+    FETCH_WAIT_MS, THREADS = args.fetch_max_wait_ms, args.inference_threads
     work = Path(tempfile.mkdtemp(prefix="rollcast-latency-"))
     bootstrap, broker = stack.broker_unless_given(args.bootstrap, work)
     try:
         print("| model | series | rounds | p50 (ms) | p99 (ms) | inference per batch (ms) | inference share |")
         print("|---|---|---|---|---|---|---|")
+        stages = []
         for n in args.series:
             for name in args.models:
                 r = run_case(bootstrap, name, n, args.rounds, args.context, args.horizon, work)
                 print(f"| {r['model']} | {r['series']} | {r['rounds']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} "
                       f"| {r['inference_mean_ms']:.1f} | {r['inference_share']:.0%} |", flush=True)
+                stages.append((r["model"], r["series"], r["stages_ms"]))
+        print("\nThe job's time per round by stage, mean ms (from rollcast_forecast_stage_seconds):\n")
+        print("| model | series | " + " | ".join(STAGES) + " |")
+        print("|---|---|" + "---|" * len(STAGES))
+        for name, n, ms in stages:
+            print(f"| {name} | {n} | " + " | ".join(f"{ms[k]:.1f}" for k in STAGES) + " |")
     finally:
         if broker is not None:
             broker.stop()

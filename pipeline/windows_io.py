@@ -41,25 +41,42 @@ def decode_windows(value: bytes) -> pa.Table:
     return pa.ipc.open_stream(value).read_all()
 
 
+class KeyPartitions:
+    """The partition of each series key under kafka-python's DefaultPartitioner, memoised.
+
+    murmur2 is pure Python in kafka-python (a few microseconds a key); producers that send
+    thousands of keyed messages per batch look the partition up here and pass it to ``send``,
+    which then skips its partitioner. Same placement as sending with the key alone.
+    """
+
+    def __init__(self, partitions: int, max_keys: int = 1_000_000):
+        self.partitions = partitions
+        self.max_keys = max_keys
+        self._cache: dict[str, int] = {}
+
+    def __getitem__(self, series: str) -> int:
+        p = self._cache.get(series)
+        if p is None:
+            if len(self._cache) >= self.max_keys:
+                self._cache.clear()
+            p = self._cache[series] = partition_for(series, self.partitions)
+        return p
+
+
 class WindowRouter:
-    """Groups closed windows by the ``windows`` partition of their series (cached murmur2)."""
+    """Groups closed windows by the ``windows`` partition of their series."""
 
     def __init__(self, partitions: int, max_rows: int = 100_000):
         self.partitions = partitions
         self.max_rows = max_rows
-        self._cache: dict[str, int] = {}
+        self._parts = KeyPartitions(partitions)
 
     def messages(self, windows: pl.DataFrame) -> Iterator[tuple[int, bytes]]:
         """``(partition, Arrow IPC bytes)`` for every group of at most ``max_rows`` windows."""
         if windows.height == 0:
             return
         keys = windows["series"].unique().to_list()
-        for s in keys:
-            if s not in self._cache:
-                if len(self._cache) > 1_000_000:
-                    self._cache.clear()
-                self._cache[s] = partition_for(s, self.partitions)
-        parts = pl.DataFrame({"series": keys, "_p": [self._cache[s] for s in keys]},
+        parts = pl.DataFrame({"series": keys, "_p": [self._parts[s] for s in keys]},
                              schema={"series": pl.String, "_p": pl.Int64})
         routed = windows.join(parts, on="series", how="left", maintain_order="left")
         for (p,), group in routed.group_by("_p", maintain_order=True):

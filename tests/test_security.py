@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 from jobs.train import Candidate, Span, run_params
 from pipeline.config import load_settings
-from pipeline.kafka import _admin_keys, _consumer_keys, _producer_keys, client_kwargs
+from pipeline.kafka import _admin_keys, _consumer_keys, _producer_keys, client_kwargs, rdkafka_config
 
 SECURE = {
     "ROLLCAST_KAFKA__BOOTSTRAP_SERVERS": "kafka-1:9093,kafka-2:9093",
@@ -27,6 +27,22 @@ def test_security_settings_reach_producer_consumer_and_admin() -> None:
         assert kw["sasl_plain_username"] == "svc" and kw["sasl_plain_password"] == "hunter2-secret"
         assert kw["ssl_cafile"] == "/etc/ca.pem" and kw["ssl_certfile"] == "/etc/cert.pem"
         assert kw["ssl_keyfile"] == "/etc/key.pem" and kw["ssl_password"] == "keypass-secret"
+
+
+def test_security_settings_reach_the_librdkafka_forecast_producer(caplog) -> None:
+    env = {**SECURE, "ROLLCAST_KAFKA__CLIENT": SECURE["ROLLCAST_KAFKA__CLIENT"][:-1]
+           + ', ssl_check_hostname = false, max_in_flight_requests_per_connection = 3}'}
+    with caplog.at_level(logging.WARNING):
+        conf = rdkafka_config(load_settings(env=env))
+    assert conf["bootstrap.servers"] == "kafka-1:9093,kafka-2:9093"
+    assert conf["security.protocol"] == "SASL_SSL" and conf["sasl.mechanism"] == "SCRAM-SHA-512"
+    assert conf["sasl.username"] == "svc" and conf["sasl.password"] == "hunter2-secret"
+    assert conf["ssl.ca.location"] == "/etc/ca.pem" and conf["ssl.certificate.location"] == "/etc/cert.pem"
+    assert conf["ssl.key.location"] == "/etc/key.pem" and conf["ssl.key.password"] == "keypass-secret"
+    assert conf["ssl.endpoint.identification.algorithm"] == "none"
+    assert conf["enable.idempotence"] is True and conf["partitioner"] == "murmur2_random"
+    # a kafka-python key with no librdkafka equivalent is named, not silently dropped
+    assert "max_in_flight_requests_per_connection" in caplog.text and not any(x in caplog.text for x in SECRETS)
 
 
 def test_redacted_client_hides_secrets() -> None:
