@@ -94,7 +94,16 @@ def read_windows(args: argparse.Namespace, settings: Settings) -> tuple[pl.DataF
     """The window table to backtest on and a short name of its source."""
     from jobs.replay import ColumnMap, load_observations, resolve_dataset
 
-    source = Path(args.source) if args.source else settings.history_dir
+    if not args.source:
+        from pipeline.store import HistoryStore
+
+        store = HistoryStore(settings)  # a local directory or an object-store URI (storage.history)
+        windows = store.read()
+        if windows.height == 0:
+            raise DatasetError(f"the history store {store.location} is empty; run `rollcast ingest` first "
+                               "or pass a dataset file")
+        return windows, "history"
+    source = Path(args.source)
     if source.is_dir():
         files = list(source.glob("**/*.parquet"))
         if not files:

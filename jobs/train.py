@@ -172,7 +172,7 @@ def read_history(settings: Settings) -> tuple[Any, int, int]:
     ends = store.max_window_end()
     if not ends:
         raise NotEnoughData(
-            f"the history store {settings.history_dir} is empty; run `rollcast ingest` "
+            f"the history store {store.location} is empty; run `rollcast ingest` "
             "(and `rollcast replay` a dataset) first"
         )
     end = max(ends.values())

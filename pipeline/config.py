@@ -29,6 +29,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -198,6 +199,16 @@ class EmbeddedSettings(_Section):
     )
 
 
+class StorageSettings(_Section):
+    """Where rollcast keeps data outside Kafka and MLflow."""
+
+    history: str = Field(
+        "", description="the history store: a local directory or a URI that pyarrow.fs.FileSystem.from_uri "
+        "understands (s3://bucket/prefix?endpoint_override=host:9000&scheme=http, gs://bucket/prefix, "
+        "file:///var/lib/history); empty means <data_dir>/history",
+    )
+
+
 class ObservabilitySettings(_Section):
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus and /healthz")
     log_format: Literal["text", "json"] = "text"
@@ -219,11 +230,25 @@ class Settings(_Section):
     forecast: ForecastSettings = ForecastSettings()
     mlflow: MlflowSettings = MlflowSettings()
     embedded: EmbeddedSettings = EmbeddedSettings()
+    storage: StorageSettings = StorageSettings()
     observability: ObservabilitySettings = ObservabilitySettings()
 
     @property
+    def history_location(self) -> str:
+        """Where the history store lives: ``storage.history``, or ``<data_dir>/history`` when unset."""
+        return self.storage.history or str(self.data_dir / "history")
+
+    @property
     def history_dir(self) -> Path:
-        return self.data_dir / "history"
+        """The history store as a local directory, for code that only handles local files;
+        a :class:`ConfigError` when ``storage.history`` is a remote URI (use ``HistoryStore``)."""
+        location = self.history_location
+        scheme = location.split("://", 1)[0].lower() if "://" in location else ""
+        if not scheme:
+            return Path(location)
+        if scheme in ("file", "local"):
+            return Path(unquote(urlsplit(location).path))
+        raise ConfigError([f"storage.history: {scheme}:// is not a local directory; read it with HistoryStore"])
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with some top-level or dotted (``"kafka.bootstrap_servers"``) keys changed,

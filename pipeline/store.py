@@ -1,6 +1,10 @@
 """The history store: closed windows as a Parquet dataset, partitioned by day.
 
-Layout under ``settings.history_dir`` (a local directory)::
+The store lives at ``settings.history_location``: a local directory (default
+``<data_dir>/history``) or any URI :func:`pyarrow.fs.FileSystem.from_uri`
+understands (setting ``storage.history``), e.g.
+``s3://bucket/prefix?endpoint_override=minio:9000&scheme=http`` or
+``gs://bucket/prefix``. Every access goes through :mod:`pyarrow.fs`. Layout::
 
     day=2024-01-01/<checkpoint-id>-<topic>-<partition>.parquet   closed windows
     _progress/<topic>-<partition>.json                            commit point per partition
@@ -8,37 +12,67 @@ Layout under ``settings.history_dir`` (a local directory)::
 
 Readers (train, forecast, backtest) use :class:`HistoryStore`::
 
-    store = HistoryStore(settings)            # or HistoryStore("/path/to/history")
+    store = HistoryStore(settings)            # or HistoryStore("/path") / HistoryStore("s3://bucket/h")
     df = store.read(series=["a"], start_ms=t0, end_ms=t1)   # sorted by (series, window_start)
     recent = store.last_windows(96)           # the last 96 windows of every series
     store.count(), store.max_window_end()     # rows; {series: end of its last window}
 
-Writes are exactly-once across crashes: :meth:`HistoryStore.write_checkpoint`
-stages the files, then atomically replaces the partition's progress record
-(the commit point: position in the source partition, max event time, staged
-files), then moves the staged files into the dataset. :meth:`HistoryStore.recover`
-finishes a move a crash interrupted and discards staging no record names.
-Directories starting with ``_`` are invisible to Parquet dataset readers.
+Writes are exactly-once across crashes. :meth:`HistoryStore.write_checkpoint`
+
+1. writes the windows to staging files under ``_pending/`` (no reader looks
+   there: readers open only ``day=*/``, and names starting with ``_`` are
+   invisible to Parquet dataset readers);
+2. atomically replaces the partition's progress record: its position in the
+   source partition, its max event time, and the moves from staging to the
+   dataset. This is the commit point: a crash before it leaves the old record,
+   whose position makes the restart redo this checkpoint, and staging no
+   record names, which :meth:`HistoryStore.recover` deletes;
+3. moves the staged files to ``day=*/``. :meth:`HistoryStore.recover` repeats
+   every move of the record whose source still exists, so a crash during the
+   moves ends with each file moved exactly once. Destination names are unique
+   to the checkpoint, so a repeated move can only write the same file again.
+
+What makes steps 2 and 3 atomic and durable depends on the filesystem:
+
+- *Local*: staged files and the record are written to a temporary name,
+  fsynced and renamed over the final name (``os.replace``, atomic), and the
+  directory is fsynced; a move is a rename, so a file is either still staged
+  or in the dataset, never in both or neither.
+- *Object stores* (S3, GCS, Azure): a single-object PUT is atomic (readers see
+  the old object or the new one, never a part) and durable when it returns,
+  so the record is written in place. A move is copy then delete, not atomic:
+  a crash between the two leaves the file in both places. The copy in staging
+  is invisible to readers, and ``recover`` copies it again over the same
+  destination (same bytes) and then deletes it, so the dataset still holds it
+  once. Listing is strongly consistent on S3, GCS and Azure, so a reader sees
+  a moved file as soon as the move returns.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
-import shutil
+import re
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import polars as pl
+import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.config import Settings
+from pipeline.errors import ConfigError
 from pipeline.windows import WINDOW_SCHEMA
 
 DAY_MS = 86_400_000
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 @dataclass(frozen=True)
@@ -54,10 +88,18 @@ class Progress:
 
 
 class HistoryStore:
-    """Read and write the windows history (see the module docstring)."""
+    """Read and write the windows history (see the module docstring).
+
+    ``target`` is the settings (``settings.history_location``), a local path, or a
+    filesystem URI. ``location`` names the store in messages (credentials removed);
+    ``root`` is its path inside ``fs``.
+    """
 
     def __init__(self, target: Settings | str | Path):
-        self.root = Path(target.history_dir if isinstance(target, Settings) else target)
+        location = target.history_location if isinstance(target, Settings) else str(target)
+        self.location = redact_location(location)
+        self.fs, self.root = open_location(location)
+        self._local = isinstance(self.fs, pafs.LocalFileSystem)
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -72,7 +114,7 @@ class HistoryStore:
         files = self._files(start_ms, end_ms)
         if not files:
             return pl.DataFrame(schema=WINDOW_SCHEMA)
-        dataset = ds.dataset(files, format="parquet")
+        dataset = ds.dataset(files, filesystem=self.fs, format="parquet")
         flt = None
         if series is not None:
             names = [series] if isinstance(series, str) else list(series)
@@ -93,26 +135,35 @@ class HistoryStore:
     def count(self) -> int:
         """Number of windows stored."""
         files = self._files(None, None)
-        return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        return ds.dataset(files, filesystem=self.fs, format="parquet").count_rows() if files else 0
 
     def max_window_end(self) -> dict[str, int]:
         """End of the last stored window of every series."""
         files = self._files(None, None)
         if not files:
             return {}
-        table = ds.dataset(files, format="parquet").to_table(columns=["series", "window_end"])
-        ends = pl.from_arrow(table).group_by("series").agg(pl.col("window_end").max())
+        dataset = ds.dataset(files, filesystem=self.fs, format="parquet")
+        ends = pl.from_arrow(dataset.to_table(columns=["series", "window_end"]))
+        ends = ends.group_by("series").agg(pl.col("window_end").max())
         return dict(zip(ends["series"].to_list(), ends["window_end"].to_list(), strict=True))
 
     def _files(self, start_ms: int | None, end_ms: int | None) -> list[str]:
-        if not self.root.is_dir():
-            return []
+        """Parquet files of the day directories that may hold windows in [start_ms, end_ms)."""
         lo = _day(start_ms) if start_ms is not None else ""
         hi = _day(end_ms - 1) if end_ms is not None else "~"
+        days = [
+            info.path
+            for info in self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
+            if info.type == pafs.FileType.Directory
+            and info.base_name.startswith("day=")
+            and lo <= info.base_name[4:] <= hi
+        ]
         out = []
-        for d in sorted(self.root.glob("day=*")):
-            if lo <= d.name[4:] <= hi:
-                out.extend(str(p) for p in sorted(d.glob("*.parquet")))
+        for day in sorted(days):
+            infos = self.fs.get_file_info(pafs.FileSelector(day, allow_not_found=True))
+            out.extend(
+                sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+            )
         return out
 
     # -- writing (the ingest checkpoint) ----------------------------------------------------
@@ -121,70 +172,138 @@ class HistoryStore:
         """Make ``windows`` and ``progress`` of one source partition durable, exactly once."""
         name = f"{topic}-{partition}"
         ckpt = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
-        stage = self.root / "_pending" / name / ckpt
+        stage = f"_pending/{name}/{ckpt}"
         moves: list[tuple[str, str]] = []
         if windows.height:
-            stage.mkdir(parents=True, exist_ok=True)
             days = windows.with_columns(_day=(pl.col("window_start") // DAY_MS))
             for (day,), part in days.group_by("_day", maintain_order=True):
                 label = _day(int(day) * DAY_MS)
-                staged = stage / f"day={label}.parquet"
-                _write_parquet(part.drop("_day").sort("series", "window_start"), staged)
-                final = self.root / f"day={label}" / f"{ckpt}-{name}.parquet"
-                moves.append((str(staged.relative_to(self.root)), str(final.relative_to(self.root))))
-        record = {"position": progress.position, "max_ts": progress.max_ts, "checkpoint": ckpt, "moves": moves}
-        _write_atomic(self.root / "_progress" / f"{name}.json", json.dumps(record).encode())
+                staged = f"{stage}/day={label}.parquet"
+                self._put_parquet(part.drop("_day").sort("series", "window_start").to_arrow(), staged)
+                moves.append((staged, f"day={label}/{ckpt}-{name}.parquet"))
+        record = {
+            "position": progress.position,
+            "max_ts": progress.max_ts,
+            "checkpoint": ckpt,
+            "moves": moves,
+        }
+        self._put_record(f"_progress/{name}.json", json.dumps(record).encode())  # the commit point
         self._apply_moves(moves)
-        shutil.rmtree(stage, ignore_errors=True)
+        if moves:
+            self._remove_dir(stage)
 
     def recover(self, topic: str, partition: int) -> Progress | None:
         """Finish or discard what a crash interrupted; return the partition's last progress."""
         name = f"{topic}-{partition}"
-        path = self.root / "_progress" / f"{name}.json"
         try:
-            record = json.loads(path.read_text())
+            with self.fs.open_input_stream(self._path(f"_progress/{name}.json")) as f:
+                record = json.loads(f.read())
         except FileNotFoundError:
             record = None
         if record is not None:
             self._apply_moves([tuple(m) for m in record["moves"]])
-        shutil.rmtree(self.root / "_pending" / name, ignore_errors=True)
+        self._remove_dir(f"_pending/{name}")
         if record is None:
             return None
         return Progress(position=int(record["position"]), max_ts=record["max_ts"])
 
+    def _path(self, rel: str) -> str:
+        return f"{self.root}/{rel}"
+
+    def _put_parquet(self, table: pa.Table, rel: str) -> None:
+        """Write a staged file, durable when this returns."""
+        path = self._path(rel)
+        if not self._local:
+            pq.write_table(table, path, filesystem=self.fs)  # one object, visible once complete
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + ".tmp"
+        pq.write_table(table, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def _put_record(self, rel: str, data: bytes) -> None:
+        """Replace a progress record atomically."""
+        path = self._path(rel)
+        if not self._local:
+            with self.fs.open_output_stream(path) as f:  # a single-object PUT: atomic
+                f.write(data)
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(os.path.dirname(path))
+
     def _apply_moves(self, moves: list[tuple[str, str]]) -> None:
-        for staged, final in moves:
-            src, dst = self.root / staged, self.root / final
-            if src.exists():
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(src, dst)
-                _fsync_dir(dst.parent)
+        """Move every staged file that still exists to its place in the dataset (idempotent)."""
+        if not moves:
+            return
+        sources = self.fs.get_file_info([self._path(staged) for staged, _ in moves])
+        for (_, final), src in zip(moves, sources, strict=True):
+            if src.type == pafs.FileType.NotFound:
+                continue  # moved before a crash
+            dst = self._path(final)
+            if self._local:
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                os.replace(src.path, dst)
+                _fsync_dir(os.path.dirname(dst))
+            else:
+                self.fs.move(src.path, dst)  # copy, then delete the source
+
+    def _remove_dir(self, rel: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.delete_dir(self._path(rel))
+
+
+def open_location(location: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and root path of a store location: a local path or a pyarrow URI.
+
+    >>> fs, root = open_location("file:///tmp/history")
+    >>> type(fs).__name__, root
+    ('LocalFileSystem', '/tmp/history')
+    """
+    if not _URI.match(location):
+        return pafs.LocalFileSystem(), os.path.abspath(location)
+    try:
+        fs, root = _from_uri(location)
+    except (pa.ArrowInvalid, OSError, ValueError) as e:
+        shown = redact_location(location)
+        raise ConfigError(
+            [
+                f"storage.history: cannot open {shown}: {str(e).replace(location, shown)}; expected a local path "
+                "or a URI that pyarrow.fs.FileSystem.from_uri understands, e.g. "
+                "s3://bucket/prefix?region=eu-west-1 or s3://bucket/prefix?endpoint_override=host:9000&scheme=http"
+            ]
+        ) from None
+    return fs, root.rstrip("/")
+
+
+@functools.lru_cache(maxsize=16)
+def _from_uri(location: str) -> tuple[pafs.FileSystem, str]:
+    # Cached: jobs build a HistoryStore per read, and an S3 URI without a region costs a request.
+    return pafs.FileSystem.from_uri(location)
+
+
+def redact_location(location: str) -> str:
+    """``location`` without the credentials a URI may carry (``s3://KEY:SECRET@bucket/...``)."""
+    if not _URI.match(location):
+        return location
+    parts = urlsplit(location)
+    if "@" not in parts.netloc:
+        return location
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
 def _day(ms: int) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(ms // 1000)) if ms >= 0 else "0000-00-00"
 
 
-def _write_parquet(df: pl.DataFrame, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    pq.write_table(df.to_arrow(), tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
+def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -1,6 +1,7 @@
-"""Shared fixtures: one real tansu broker and one real MLflow server per session.
+"""Shared fixtures: one real tansu broker, one real MLflow server and one real S3 server per session.
 
-Tests never mock Kafka or MLflow. Each test that needs topics gets its own
+Tests never mock Kafka, MLflow or S3 (the S3 server is moto's, a separate
+process speaking the S3 HTTP API). Each test that needs topics gets its own
 uniquely named ones (``settings`` fixture), deleted when it ends, so tests do
 not see each other's messages.
 """
@@ -8,6 +9,7 @@ not see each other's messages.
 from __future__ import annotations
 
 import logging
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +40,36 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     child = stack.start_mlflow(root, port, root / "logs", timeout_s=180)
     yield f"http://127.0.0.1:{port}"
     child.stop()
+
+
+S3_BUCKET = "rollcast-test"
+S3_KEYS = "rollcast:rollcast-secret"  # access key and secret; moto accepts any
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``host:port`` of a session-wide moto S3 server holding the bucket ``S3_BUCKET``."""
+    import pyarrow.fs as pafs
+
+    logs = tmp_path_factory.mktemp("s3-logs")
+    port = stack.free_port()
+    argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    child = stack.Child("moto-s3", argv, logs / "moto.log").start()
+    try:
+        child.wait_healthy(lambda: stack.http_ok(f"http://127.0.0.1:{port}/moto-api/"), timeout_s=60)
+        access, secret = S3_KEYS.split(":")
+        pafs.S3FileSystem(access_key=access, secret_key=secret, region="us-east-1", scheme="http",
+                          endpoint_override=f"127.0.0.1:{port}", allow_bucket_creation=True).create_dir(S3_BUCKET)
+        yield f"127.0.0.1:{port}"
+    finally:
+        child.stop()
+
+
+@pytest.fixture
+def s3_uri(s3_server: str) -> str:
+    """A fresh prefix in the session bucket, as a ``pyarrow.fs.FileSystem.from_uri`` URI."""
+    prefix = uuid.uuid4().hex[:10]
+    return f"s3://{S3_KEYS}@{S3_BUCKET}/{prefix}?region=us-east-1&scheme=http&endpoint_override={s3_server}"
 
 
 def _topic_env(suffix: str) -> dict[str, str]:

@@ -79,3 +79,14 @@ def test_stack_file_of_a_dead_up_is_ignored(tmp_path: Path) -> None:
     (tmp_path / "stack.json").write_text(f'{{"pid": {os.getpid()}, "bootstrap_servers": "x:1", "tracking_uri": "http://y"}}')
     r = resolve_endpoints(s)
     assert (r.kafka.bootstrap_servers, r.mlflow.tracking_uri) == ("x:1", "http://y")
+
+
+def test_history_location_defaults_to_the_data_dir_and_takes_a_uri(tmp_path: Path) -> None:
+    s = load_settings(env={"ROLLCAST_DATA_DIR": str(tmp_path)})
+    assert s.history_location == str(tmp_path / "history") and s.history_dir == tmp_path / "history"
+    local = load_settings(env={"ROLLCAST_STORAGE__HISTORY": f"file://{tmp_path}/h%20x"})
+    assert local.history_dir == tmp_path / "h x"
+    remote = load_settings(env={"ROLLCAST_STORAGE__HISTORY": "s3://bucket/prefix?region=eu-west-1"})
+    assert remote.history_location == "s3://bucket/prefix?region=eu-west-1"
+    with pytest.raises(ConfigError, match="not a local directory"):
+        _ = remote.history_dir

@@ -1,0 +1,128 @@
+"""The history store on a local directory and on S3 (a real moto server): reads, day pruning, and
+exactly-once writes when a checkpoint crashes before or after its commit point."""
+
+from __future__ import annotations
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pytest
+
+from pipeline.config import load_settings
+from pipeline.errors import ConfigError
+from pipeline.store import HistoryStore, Progress
+from pipeline.windows import WINDOW_SCHEMA
+from tests.conftest import S3_KEYS
+from tests.pipeline.store_support import DAY, HOUR, T0, crash_while_moving, windows
+
+TOPIC = "obs"
+
+
+def expected(*frames: pl.DataFrame) -> pl.DataFrame:
+    return pl.concat(frames).sort("series", "window_start")
+
+
+def pending_files(store: HistoryStore) -> list[str]:
+    infos = store.fs.get_file_info(
+        pafs.FileSelector(f"{store.root}/_pending", recursive=True, allow_not_found=True)
+    )
+    return [i.path for i in infos if i.type == pafs.FileType.File]
+
+
+# Two checkpoints of one partition; the second spans midnight, so it writes two day files.
+FIRST = windows(["a", "b"], [T0 + h * HOUR for h in range(0, 20)])
+SECOND = windows(["a", "b"], [T0 + h * HOUR for h in range(20, 30)])
+
+
+def test_empty_store_reads_nothing(store_location: str) -> None:
+    store = HistoryStore(store_location)
+    assert store.read().height == 0
+    assert store.count() == 0
+    assert store.max_window_end() == {}
+    assert store.recover(TOPIC, 0) is None
+
+
+def test_write_then_read_filters_sorts_and_counts(store_location: str) -> None:
+    store = HistoryStore(store_location)
+    store.write_checkpoint(TOPIC, 0, FIRST, Progress(10, T0))
+    store.write_checkpoint(TOPIC, 0, SECOND, Progress(20, T0 + 30 * HOUR))
+    store.write_checkpoint(TOPIC, 1, pl.DataFrame(schema=WINDOW_SCHEMA), Progress(5, None))
+
+    reader = HistoryStore(store_location)  # another process's view
+    everything = expected(FIRST, SECOND)
+    assert reader.read().equals(everything)
+    assert reader.count() == everything.height == 60
+    assert reader.max_window_end() == {"a": T0 + 30 * HOUR, "b": T0 + 30 * HOUR}
+    assert reader.read(series="b").equals(everything.filter(pl.col("series") == "b"))
+    span = reader.read(["a"], start_ms=T0 + 18 * HOUR, end_ms=T0 + 22 * HOUR)
+    assert span["window_start"].to_list() == [T0 + h * HOUR for h in range(18, 22)]
+    assert reader.last_windows(2)["window_start"].to_list() == [T0 + 28 * HOUR, T0 + 29 * HOUR] * 2
+    assert reader.recover(TOPIC, 0) == Progress(20, T0 + 30 * HOUR)
+    assert reader.recover(TOPIC, 1) == Progress(5, None)
+    assert pending_files(reader) == []
+
+
+def test_reads_open_only_the_days_in_range(store_location: str) -> None:
+    store = HistoryStore(store_location)
+    store.write_checkpoint(TOPIC, 0, windows(["a"], [T0, T0 + 2 * DAY]), Progress(2, None))
+    # An unreadable file in the day between: a read that opened that day would fail.
+    store.fs.create_dir(f"{store.root}/day=2023-11-15")
+    with store.fs.open_output_stream(f"{store.root}/day=2023-11-15/broken.parquet") as f:
+        f.write(b"not parquet")
+    assert store.read(end_ms=T0 + DAY)["window_start"].to_list() == [T0]
+    assert store.read(start_ms=T0 + 2 * DAY)["window_start"].to_list() == [T0 + 2 * DAY]
+    with pytest.raises(pa.ArrowInvalid):
+        store.read()
+
+
+@pytest.mark.parametrize("copied", [0, 1], ids=["before-any-move", "after-a-copy-before-its-delete"])
+def test_crash_after_the_commit_point_is_finished_by_recover(
+    store_location: str, copied: int, monkeypatch
+) -> None:
+    store = HistoryStore(store_location)
+    store.write_checkpoint(TOPIC, 0, FIRST, Progress(10, T0))
+    crash_while_moving(store, TOPIC, 0, SECOND, Progress(20, T0 + 30 * HOUR), monkeypatch, copied=copied)
+    assert len(pending_files(store)) == 2  # one staged file per day
+
+    restarted = HistoryStore(store_location)
+    before = restarted.read()
+    assert before.select("series", "window_start").is_duplicated().sum() == 0  # staging is invisible
+    assert restarted.recover(TOPIC, 0) == Progress(20, T0 + 30 * HOUR)  # the record was committed
+    assert restarted.read().equals(expected(FIRST, SECOND))
+    assert pending_files(restarted) == []
+    assert restarted.recover(TOPIC, 0) == Progress(20, T0 + 30 * HOUR)  # recovering again changes nothing
+    assert restarted.read().equals(expected(FIRST, SECOND))
+
+
+def test_staging_no_record_names_is_discarded(store_location: str, monkeypatch) -> None:
+    store = HistoryStore(store_location)
+    store.write_checkpoint(TOPIC, 0, FIRST, Progress(10, T0))
+
+    def crash(rel: str, data: bytes) -> None:
+        raise OSError("killed before the progress record was written")
+
+    monkeypatch.setattr(store, "_put_record", crash)
+    with pytest.raises(OSError, match="killed"):
+        store.write_checkpoint(TOPIC, 0, SECOND, Progress(20, T0 + 30 * HOUR))
+    assert len(pending_files(store)) == 2
+
+    restarted = HistoryStore(store_location)
+    assert restarted.recover(TOPIC, 0) == Progress(10, T0)  # the restart redoes the second checkpoint
+    assert pending_files(restarted) == []
+    assert restarted.read().equals(FIRST.sort("series", "window_start"))
+    restarted.write_checkpoint(TOPIC, 0, SECOND, Progress(20, T0 + 30 * HOUR))
+    assert restarted.read().equals(expected(FIRST, SECOND))
+
+
+def test_location_from_settings_and_errors_hide_credentials(tmp_path, s3_uri: str) -> None:
+    local = load_settings(env={"ROLLCAST_DATA_DIR": str(tmp_path)})
+    assert HistoryStore(local).root == str(tmp_path / "history")
+    remote = load_settings(env={"ROLLCAST_DATA_DIR": str(tmp_path), "ROLLCAST_STORAGE__HISTORY": s3_uri})
+    store = HistoryStore(remote)
+    assert isinstance(store.fs, pafs.S3FileSystem)
+    assert S3_KEYS not in store.location and store.location.startswith("s3://rollcast-test/")
+    with pytest.raises(ConfigError, match="storage.history") as e:
+        HistoryStore(s3_uri.replace("scheme=http", "schema=http"))  # a typo in the query
+    assert "rollcast-secret" not in str(e.value)
+    with pytest.raises(ConfigError, match="storage.history"):
+        _ = remote.history_dir  # remote stores have no local directory
