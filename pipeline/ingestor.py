@@ -86,9 +86,12 @@ class Ingestor:
         new = [p for p in partitions if p not in self.runs]
         if not new:
             return
+        # Recover first: it may move a committed checkpoint's windows into the store, and replay must
+        # see them as closed, or it would close (and store) them a second time.
+        recovered = {p: self.store.recover(self.topic, p) for p in new}
         closed_until = self.store.max_window_end()
         for p in new:
-            progress = self.store.recover(self.topic, p)
+            progress = recovered[p]
             state = WindowState(self.spec, closed_until=dict(closed_until))
             run = PartitionRun(state)
             if progress is not None:
