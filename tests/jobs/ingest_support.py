@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
+import pyarrow.fs as pafs
 
 from jobs.stack import Child
 from pipeline.config import Settings
@@ -70,6 +71,24 @@ def reference_and_late(sent: list[tuple[int, int, dict]], length: int = 1000, gr
         late += len(late_seqs)
     df = pl.DataFrame(rows, schema=HistoryStore("/nonexistent").read().schema).sort("series", "window_start")
     return df, late
+
+
+def checkpoints(store: HistoryStore) -> tuple[bytes, ...]:
+    """The progress records as stored: a change means a new checkpoint.
+
+    File times would not do on S3 (one-second resolution). A read that races a replace on an
+    object store may come back torn or fail; either reads as a change, which is what it is.
+    """
+    found = store.fs.get_file_info(pafs.FileSelector(f"{store.root}/_progress", allow_not_found=True))
+    out = []
+    for info in sorted(found, key=lambda i: i.path):
+        if info.path.endswith(".json"):
+            try:
+                with store.fs.open_input_stream(info.path) as f:
+                    out.append(f.read())
+            except OSError:
+                out.append(b"(read while being replaced)")
+    return tuple(out)
 
 
 def assert_frames_equal(got: pl.DataFrame, want: pl.DataFrame) -> None:
