@@ -16,6 +16,7 @@ model it has.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import time
@@ -182,34 +183,42 @@ def forecast_messages(
     Point ``h`` (1-based) covers the window starting at ``last_window_end + (h-1)*step_ms``;
     its ``ts`` is that window's start, matching ``window_start`` in the history store.
     """
-    # Built column-wise by polars and serialised in one write_ndjson call: about half the time of
-    # per-message dicts through a JSON encoder, which matters at 1,000+ forecasts per batch.
+    # The JSON text is assembled column-wise by polars string expressions (one pass over all points,
+    # then one join per message): ~1/3 less time than building nested structs for write_ndjson, and
+    # several times faster than per-message dicts through a JSON encoder, at 1,000+ forecasts a batch.
     # Values are the model's float32 outputs, written as the shortest decimal that reads back as
     # that float32 (``99.33948``, not float64's ``99.3394775390625``): no precision is lost, and the
-    # messages are a quarter smaller to build, send, store and parse.
+    # messages are a quarter smaller to build, send, store and parse. Non-finite values become null.
     preds = np.asarray(preds, dtype=np.float32)
     n, horizon, _ = preds.shape
     if n == 0:
         return []
-    qkeys = [f"{q:g}" for q in model.quantiles]
     median = model.quantiles.index(0.5)
     ends = np.asarray(last_ends, dtype=np.int64)
-    flat = pl.DataFrame(
-        {
-            "ts": (ends[:, None] + np.arange(horizon, dtype=np.int64)[None] * step_ms).ravel(),
-            "mean": preds[:, :, median].ravel(),
-            **{k: preds[:, :, j].ravel() for j, k in enumerate(qkeys)},
-        }
-    )
-    points = flat.select(pl.struct("ts", "mean", pl.struct(qkeys).alias("quantiles")).alias("p"))["p"]
-    frame = pl.DataFrame(
-        {"series": series, "issued_at": np.full(n, issued_at, dtype=np.int64), "last_window_end": ends}
-    ).with_columns(
-        pl.struct(pl.lit(model.name).alias("name"), pl.lit(model.version).alias("version")).alias("model"),
-        pl.lit(step_ms, dtype=pl.Int64).alias("step_ms"),
-        points.reshape((n, horizon)).cast(pl.List(points.dtype)).alias("points"),
-    )
-    lines = frame.write_ndjson().encode().splitlines()
+
+    def number(values: np.ndarray) -> pl.Expr:
+        x = pl.lit(pl.Series(values.ravel()))
+        return pl.when(x.is_finite()).then(x.cast(pl.String)).otherwise(pl.lit("null"))
+
+    ts = (ends[:, None] + np.arange(horizon, dtype=np.int64)[None] * step_ms).ravel()
+    parts: list[pl.Expr] = [pl.lit('{"ts":'), pl.lit(pl.Series(ts)).cast(pl.String),
+                            pl.lit(',"mean":'), number(preds[:, :, median])]
+    for j, q in enumerate(model.quantiles):
+        parts += [pl.lit((',"quantiles":{' if j == 0 else ",") + json.dumps(f"{q:g}") + ":"), number(preds[:, :, j])]
+    parts.append(pl.lit("}}"))
+    points = pl.select(pl.concat_str(parts))[:, 0].reshape((n, horizon)).arr.join(",")
+    names = pl.Series(series, dtype=pl.String)
+    if names.str.contains(r'["\\\x00-\x1f]').any():  # needs escaping: let the JSON encoder do it
+        names = pl.Series([json.dumps(x) for x in series], dtype=pl.String)
+    else:
+        names = '"' + names + '"'
+    head = (f',"issued_at":{int(issued_at)},"last_window_end":')
+    mid = (',"model":' + json.dumps({"name": model.name, "version": model.version}, separators=(",", ":"))
+           + f',"step_ms":{int(step_ms)},"points":[')
+    lines = pl.select(pl.concat_str([
+        pl.lit('{"series":'), pl.lit(names), pl.lit(head), pl.lit(pl.Series(ends)).cast(pl.String),
+        pl.lit(mid), pl.lit(points), pl.lit("]}"),
+    ]).cast(pl.Binary))[:, 0].to_list()
     return list(zip(series, lines, strict=True))
 
 
@@ -531,6 +540,9 @@ def _serve(settings: Settings, args: argparse.Namespace, forecaster: Forecaster,
     try:
         while not shutdown.requested:
             batch = consumer.poll(timeout_ms=200)
+            if batch:  # windows of one checkpoint often land in two fetches: one inference for all
+                for tp, records in consumer.poll(timeout_ms=0).items():
+                    batch.setdefault(tp, []).extend(records)
             health.polled()
             lag.update(consumer, batch)
             if batch or not consumer.assignment():  # the idle clock runs only while assigned

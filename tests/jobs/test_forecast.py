@@ -75,6 +75,26 @@ def test_message_format_follows_the_contract() -> None:
     }
 
 
+def test_messages_are_valid_json_for_any_series_id_and_keep_float32_values_exactly() -> None:
+    model = LoadedModel("tcn", "7", None, L, 4, [0.1, 0.5, 0.9])
+    rng = np.random.default_rng(0)
+    preds = np.sort(rng.normal(0, 1e4, (4, 4, 3)).astype(np.float32), axis=-1)
+    preds[3, 2, 1] = np.nan  # a model that emitted NaN: null, still valid JSON
+    series = ['plain', 'quo"te\\back', "tab\tnew\nline", "ünïcödé €"]
+    out = forecast_messages(series, [1000, 2000, 3000, 4000], preds, model, STEP, issued_at=5)
+    assert [k for k, _ in out] == series
+    for i, (key, value) in enumerate(out):
+        msg = json.loads(value)
+        assert msg["series"] == key and msg["last_window_end"] == 1000 * (i + 1) and msg["issued_at"] == 5
+        assert [p["ts"] for p in msg["points"]] == [1000 * (i + 1) + h * STEP for h in range(4)]
+        for h, p in enumerate(msg["points"]):
+            for j, q in enumerate(("0.1", "0.5", "0.9")):
+                want = preds[i, h, j]
+                got = p["quantiles"][q]
+                assert (got is None) if np.isnan(want) else np.float32(got) == want  # shortest repr round-trips
+            assert p["mean"] == p["quantiles"]["0.5"]
+
+
 # ----------------------------------------------------------------------------- helpers
 
 
