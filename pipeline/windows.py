@@ -58,12 +58,19 @@ WINDOW_SCHEMA: dict[str, pl.DataType] = {
     "sum": pl.Float64,
 }
 _MIN_TS = -(2**62)
+# Queries here are small (one poll); polars' default engine for lazy queries (streaming) is slower
+# on them than the in-memory one that eager DataFrame methods use.
+ENGINE = "in-memory"
 
 
 class Aggregator:
     """Contract of one window aggregate; subclasses set ``name`` and the three methods.
 
-    Events inside a group are in offset order; state rows are combined older first.
+    Events inside a group are in event-time order, equal times in offset order; a group of state
+    rows holds at most two, the older first (the open window's, then a new batch's). First and
+    last are therefore positional (``first()``, ``last()``): nothing relies on ``arg_min`` or
+    ``arg_max``, which polars 2.1 answers wrongly inside a group when the column carries a
+    sorted flag.
     """
 
     name: str = ""
@@ -73,7 +80,7 @@ class Aggregator:
         raise NotImplementedError
 
     def add(self) -> list[pl.Expr]:
-        """State columns combining several state rows of one group."""
+        """State columns combining the state rows of one group (one or two, older first)."""
         raise NotImplementedError
 
     def result(self) -> pl.Expr:
@@ -138,12 +145,11 @@ class First(Aggregator):
     name = "first"
 
     def initialize(self) -> list[pl.Expr]:
-        ts = pl.col("ts")
-        return [pl.col("value").get(ts.arg_min()).alias("first"), ts.min().alias("_first_ts")]
+        return [pl.col("value").first().alias("first"), pl.col("ts").first().alias("_first_ts")]
 
     def add(self) -> list[pl.Expr]:
-        ts = pl.col("_first_ts")
-        return [pl.col("first").get(ts.arg_min()), ts.min()]
+        ts, v = pl.col("_first_ts"), pl.col("first")  # the newer row wins only with an earlier time
+        return [pl.when(ts.last() < ts.first()).then(v.last()).otherwise(v.first()), ts.min()]
 
     def result(self) -> pl.Expr:
         return pl.col("first")
@@ -155,12 +161,11 @@ class Last(Aggregator):
     name = "last"
 
     def initialize(self) -> list[pl.Expr]:
-        ts = pl.col("ts")  # arg_max finds the first maximum; reversed, that is the last one
-        return [pl.col("value").reverse().get(ts.reverse().arg_max()).alias("last"), ts.max().alias("_last_ts")]
+        return [pl.col("value").last().alias("last"), pl.col("ts").last().alias("_last_ts")]
 
     def add(self) -> list[pl.Expr]:
-        ts = pl.col("_last_ts")
-        return [pl.col("last").reverse().get(ts.reverse().arg_max()), ts.max()]
+        ts, v = pl.col("_last_ts"), pl.col("last")  # the newer row wins at an equal or later time
+        return [pl.when(ts.last() >= ts.first()).then(v.last()).otherwise(v.first()), ts.max()]
 
     def result(self) -> pl.Expr:
         return pl.col("last")
@@ -227,7 +232,7 @@ class WindowState:
 
     def _empty_open(self) -> pl.DataFrame:
         probe = pl.DataFrame(schema={"series": pl.String, "ts": pl.Int64, "value": pl.Float64, "offset": pl.Int64})
-        return self._partial(probe.with_columns(window_start=pl.col("ts")))
+        return self._partial(probe.with_columns(window_start=pl.col("ts"))).collect(engine=ENGINE)
 
     @property
     def watermark(self) -> int | None:
@@ -237,52 +242,67 @@ class WindowState:
     def n_open(self) -> int:
         return self.open.height
 
-    def _partial(self, events: pl.DataFrame) -> pl.DataFrame:
+    def _partial(self, events: pl.DataFrame) -> pl.LazyFrame:
+        """Aggregate events (in offset order) per (series, window); a stable sort by event time
+        first, unless they are already in that order (the usual case, checked in one pass)."""
+        if not events.get_column("ts").is_sorted():
+            events = events.sort("ts", maintain_order=True)
         init = [e for a in self.spec.aggregators for e in a.initialize()]
-        return events.group_by("series", "window_start", maintain_order=True).agg(
+        return events.lazy().group_by("series", "window_start", maintain_order=True).agg(
             *init, pl.col("offset").min().alias("min_offset")
         )
 
     def add(self, events: pl.DataFrame, now: float | None = None) -> Added:
-        """Apply events (``series, ts, value, offset, seq`` in offset order); close what the watermark passed."""
+        """Apply events (``series, ts, value, offset, seq`` in offset order); close what the watermark passed.
+
+        Written as few polars queries (three ``collect`` calls when nothing is late): the ingest
+        worker thread gives up the GIL during each one and must win it back afterwards from the
+        thread polling Kafka.
+        """
         L = self.spec.duration_ms
         if events.height == 0:
             return Added(events, pl.DataFrame(schema=self.spec.schema))
         prev_max = _MIN_TS if self.max_ts is None else self.max_ts
-        ev = events.with_columns(window_start=self.spec.start_of(pl.col("ts")))
-        ev = ev.with_columns(
+        keys = events.get_column("series").unique().to_list()
+        ev = events.lazy().with_columns(window_start=self.spec.start_of(pl.col("ts"))).with_columns(
             _wm_before=pl.max_horizontal(pl.col("ts").cum_max().shift(1, fill_value=prev_max), pl.lit(prev_max))
             - self.spec.grace_ms
         )
         late_expr = pl.col("window_start") + L <= pl.col("_wm_before")
-        keys = ev["series"].unique().to_list()
         known = [(s, self.closed_until[s]) for s in keys if s in self.closed_until]
         if known:
             cu = pl.DataFrame(known, schema={"series": pl.String, "_closed_until": pl.Int64}, orient="row")
-            ev = ev.join(cu, on="series", how="left", maintain_order="left")
+            ev = ev.join(cu.lazy(), on="series", how="left", maintain_order="left")
             late_expr = late_expr | (pl.col("window_start") + L <= pl.col("_closed_until")).fill_null(False)
-        ev = ev.with_columns(_late=late_expr)
-        late = ev.filter(pl.col("_late")).select(events.columns)
-        accepted = ev.filter(~pl.col("_late"))
-        self.max_ts = max(prev_max, int(ev["ts"].max()))
+        ev = ev.with_columns(_late=late_expr).collect(engine=ENGINE)
+        if ev.get_column("_late").any():
+            late = ev.filter(pl.col("_late")).select(events.columns)
+            accepted = ev.filter(~pl.col("_late"))
+        else:
+            late, accepted = events.clear(), ev
+        self.max_ts = max(prev_max, int(ev.get_column("ts").max()))
         if now is None:
             now = time.monotonic()
         for s in keys:
             self.last_seen[s] = now
+        wm = self.watermark
         if accepted.height:
-            partial = self._partial(accepted)
+            merged = self._partial(accepted)
             if self.open.height:
                 merge = [e for a in self.spec.aggregators for e in a.add()]
-                self.open = pl.concat([self.open, partial]).group_by(
+                merged = pl.concat([self.open.lazy(), merged]).group_by(
                     "series", "window_start", maintain_order=True
                 ).agg(*merge, pl.col("min_offset").min())
-            else:
-                self.open = partial
-        wm = self.watermark
-        due = pl.col("window_start") + L <= wm
-        closed = self.open.filter(due)
-        if closed.height:
-            self.open = self.open.filter(~due)
+            opened = merged.with_columns(_due=pl.col("window_start") + L <= wm).collect(engine=ENGINE)
+        else:
+            opened = self.open.with_columns(_due=pl.col("window_start") + L <= wm)
+        due = opened.get_column("_due")
+        if due.any():
+            parts = opened.partition_by("_due", as_dict=True, include_key=False)
+            closed = parts[(True,)]
+            self.open = parts.get((False,), closed.clear())
+        else:
+            closed, self.open = opened.clear().drop("_due"), opened.drop("_due")
         return Added(late, self._emit(closed))
 
     def close_series(self, series: Iterable[str]) -> pl.DataFrame:
@@ -313,31 +333,40 @@ class WindowState:
         L = self.spec.duration_ms
         if closed.height == 0:
             return pl.DataFrame(schema=self.spec.schema)
-        closed = closed.sort("series", "window_start")
-        keys = closed["series"].unique().to_list()
+        keys = closed.get_column("series").unique().to_list()
         prev = pl.DataFrame(
             {"series": keys, "_prev_end": [self.closed_until.get(s) for s in keys]},
             schema={"series": pl.String, "_prev_end": pl.Int64},
         )
-        closed = closed.join(prev, on="series", how="left", maintain_order="left").with_columns(
-            _prev_end=pl.coalesce(pl.col("window_start").shift(1).over("series") + L, pl.col("_prev_end"))
+        base = (
+            closed.lazy()
+            .sort("series", "window_start")
+            .join(prev.lazy(), on="series", how="left", maintain_order="left")
+            .with_columns(
+                _prev_end=pl.coalesce(pl.col("window_start").shift(1).over("series") + L, pl.col("_prev_end"))
+            )
         )
-        rows = closed.select(
+        rows = base.select(
             "series",
             "window_start",
             (pl.col("window_start") + L).alias("window_end"),
             *[a.result().alias(a.name) for a in self.spec.aggregators],
         )
         gap = (pl.col("window_start") - pl.col("_prev_end")) // L
-        fills = closed.filter((gap > 0) & (gap <= self.spec.max_gap_windows)).select(
-            "series", pl.int_ranges("_prev_end", "window_start", L, dtype=pl.Int64).alias("window_start")
+        fills = (
+            base.filter((gap > 0) & (gap <= self.spec.max_gap_windows))
+            .select("series", pl.int_ranges("_prev_end", "window_start", L, dtype=pl.Int64).alias("window_start"))
+            .explode("window_start")
+            .with_columns(window_end=pl.col("window_start") + L, count=pl.lit(0, dtype=pl.Int64))
         )
-        if fills.height:
-            fills = fills.explode("window_start").with_columns(
-                window_end=pl.col("window_start") + L, count=pl.lit(0, dtype=pl.Int64)
-            )
-            rows = pl.concat([rows, fills], how="diagonal_relaxed").sort("series", "window_start")
-        rows = rows.select(pl.col(k).cast(v) for k, v in self.spec.schema.items())
-        ends = rows.group_by("series").agg(pl.col("window_end").max())
-        self.closed_until.update(zip(ends["series"].to_list(), ends["window_end"].to_list(), strict=True))
-        return rows
+        out = (
+            pl.concat([rows, fills], how="diagonal_relaxed")
+            .sort("series", "window_start")
+            .select(pl.col(k).cast(v) for k, v in self.spec.schema.items())
+        )
+        ends = closed.lazy().group_by("series").agg(pl.col("window_start").max() + L)
+        out, ends = pl.collect_all([out, ends], engine=ENGINE)
+        self.closed_until.update(
+            zip(ends.get_column("series").to_list(), ends.get_column("window_start").to_list(), strict=True)
+        )
+        return out

@@ -111,3 +111,12 @@ def test_idle_close_makes_later_events_late_and_commit_offset_holds_open_windows
     assert state.commit_offset(9) == 8
     again = state.add(pl.DataFrame({"series": ["a"], "ts": [50], "value": [3.0], "offset": [9], "seq": [9]}), now=1.0)
     assert again.late["offset"].to_list() == [9]
+
+
+def test_last_breaks_ties_by_offset_when_ts_is_flagged_sorted():
+    # polars answers value.reverse().get(ts.reverse().arg_max()) wrongly for a sorted-flagged ts
+    ev = pl.DataFrame({"series": ["a"] * 3, "ts": [1, 1, 25], "value": [1.0, 2.0, 3.0], "offset": [0, 1, 2],
+                       "seq": [0, 1, 2]})
+    for events in (ev, ev.with_columns(pl.col("ts").set_sorted())):
+        closed = WindowState(TumblingWindow(duration_ms=10)).add(events, now=0.0).closed
+        assert closed.select("first", "last").rows() == [(1.0, 2.0)]
