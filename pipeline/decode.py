@@ -20,6 +20,7 @@ import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any, Protocol
 
 import polars as pl
@@ -27,6 +28,7 @@ import pyarrow as pa
 import pyarrow.json as pj
 
 from pipeline.config import FieldSettings
+from pipeline.windows import ENGINE
 
 ARROW_CONTENT_TYPE = "application/vnd.apache.arrow.stream"
 ROW_BITS = 24  # seq = offset << ROW_BITS | row within an Arrow message
@@ -44,6 +46,10 @@ REASONS = (MALFORMED_JSON, BAD_ARROW, MISSING_FIELD, WRONG_TYPE, BAD_TIMESTAMP, 
 
 EVENT_SCHEMA = {"series": pl.String, "ts": pl.Int64, "value": pl.Float64, "offset": pl.Int64, "seq": pl.Int64}
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_headers, _value = attrgetter("headers"), attrgetter("value")  # C-level field access over a whole poll
+# One poll's JSON (a few MB) is parsed on the calling thread: faster than splitting it over
+# Arrow's pool, and in ingest the other core belongs to the thread polling Kafka.
+_ONE_THREAD = pj.ReadOptions(use_threads=False)
 
 
 class Record(Protocol):
@@ -122,6 +128,8 @@ class Decoder:
         """Decode the records of one partition (in offset order)."""
         if not records:
             return Decoded(pl.DataFrame(schema=EVENT_SCHEMA))
+        if not any(map(_headers, records)):  # the usual JSON poll: no record has headers
+            return self._decode_json(records)
         arrow_idx = [i for i, r in enumerate(records) if r.headers and is_arrow(r)]
         if not arrow_idx:
             return self._decode_json(records)
@@ -148,7 +156,7 @@ class Decoder:
     # -- JSON -------------------------------------------------------------------------------
 
     def _decode_json(self, records: Sequence[Any]) -> Decoded:
-        values = [r.value for r in records]
+        values = list(map(_value, records))
         n = len(values)
         offsets = _offsets(records)
         table = None
@@ -169,7 +177,8 @@ class Decoder:
                     "value": table.column(f.value),
                 }
             )
-        ).with_columns(offset=offsets, seq=offsets * (1 << ROW_BITS), idx=pl.int_range(n, dtype=pl.Int64))
+        )
+        frame = frame.lazy().with_columns(offset=offsets, seq=offsets * (1 << ROW_BITS), idx=pl.int_range(n, dtype=pl.Int64))
         events, bad = self._check(frame)
         rejected = [Rejected(records[i], reason, detail) for i, reason, detail in bad.iter_rows()]
         return Decoded(events, rejected, json_messages=n)
@@ -177,7 +186,7 @@ class Decoder:
     def _read_json(self, joined: bytes, n: int) -> pa.Table | None:
         for options in (self._parse_int, self._parse_str):
             try:
-                table = pj.read_json(io.BytesIO(joined), parse_options=options)
+                table = pj.read_json(io.BytesIO(joined), read_options=_ONE_THREAD, parse_options=options)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
                 continue
             return table if table.num_rows == n else None
@@ -270,10 +279,12 @@ class Decoder:
 
     # -- shared checks ----------------------------------------------------------------------
 
-    def _check(self, frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
-        """Split ``series, ts_int, ts_str, value, offset, seq, idx`` into events and ``idx, reason, detail``."""
+    def _check(self, frame: pl.DataFrame | pl.LazyFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+        """Split ``series, ts_int, ts_str, value, offset, seq, idx`` into events and ``idx, reason, detail``.
+
+        One polars query when every row is valid (the usual case), a second one otherwise.
+        """
         ts = pl.coalesce(pl.col("ts_int"), parse_iso_ms(pl.col("ts_str")))
-        frame = frame.with_columns(ts=ts)
         f = self.fields
         reason = (
             pl.when(pl.col("series").is_null() | pl.col("value").is_null())
@@ -287,11 +298,12 @@ class Decoder:
             .when((pl.col("ts") < self.min_ts_ms) | (pl.col("ts") > self.max_ts_ms))
             .then(pl.lit(TS_OUT_OF_RANGE))
         )
-        frame = frame.with_columns(reason=reason)
+        frame = frame.lazy().with_columns(ts=ts).with_columns(reason=reason).collect(engine=ENGINE)
+        if frame.get_column("reason").null_count() == frame.height:
+            events = frame[["series", "ts", "value", "offset", "seq"]]
+            return events, pl.DataFrame(schema={"idx": pl.Int64, "reason": pl.String, "detail": pl.String})
         ok = frame.filter(pl.col("reason").is_null())
         events = ok.select("series", "ts", "value", "offset", "seq")
-        if ok.height == frame.height:
-            return events, pl.DataFrame(schema={"idx": pl.Int64, "reason": pl.String, "detail": pl.String})
         detail = (
             pl.when(pl.col("reason") == MISSING_FIELD)
             .then(pl.lit(f"needs {f.series!r} (string), {f.ts!r} and {f.value!r} (number)"))
