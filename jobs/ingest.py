@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import sys
 import time
 from typing import Any
 
@@ -38,9 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(settings: Settings, args: argparse.Namespace) -> int:
     from pipeline import metrics
     from pipeline.config import require_bootstrap
+    from pipeline.ingestor import GIL_SWITCH_INTERVAL_S
     from pipeline.kafka import ensure_topics
     from pipeline.observability import BrokerProbe, Health, LagTracker, exit_after, serve_http
 
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # the window worker gets the GIL back promptly
     stop: list[int] = []
 
     def _on_signal(signum: int, _frame: object) -> None:
@@ -133,7 +136,7 @@ def _consume(settings: Settings, args: argparse.Namespace, stop: list[int], heal
             if batch or ingestor.rebalancing:
                 last_data = now  # the idle clock runs only while partitions are assigned
             last_data = max(last_data, ingestor.last_assigned)
-            ingestor.maybe_checkpoint(now)  # closes idle series, then checkpoints
+            ingestor.maybe_checkpoint(now)  # queues a checkpoint (idle series first); commits finished ones
             if args.exit_when_idle is not None and now - last_data >= args.exit_when_idle:
                 log.info("no input for %gs; exiting", args.exit_when_idle)
                 stop.append(0)

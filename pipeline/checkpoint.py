@@ -21,6 +21,12 @@
    the Kafka commit, decides what a restart treats as already processed: a
    commit that is lost only means re-reading a little more.
 
+Steps 1-4 are :meth:`Checkpoint.make_durable`, which the ingestor runs in its
+worker thread (after the polls submitted before it, before those submitted
+after); it returns the offsets, and step 5, :meth:`Checkpoint.commit_offsets`,
+runs later in the consumer's thread. :meth:`Checkpoint.commit` runs all five
+in the caller's thread.
+
 A restart after a crash at any step: the store's progress record says which
 offsets were already processed (their windows are in the store, their
 rejects in the DLQ); re-read events below that position only rebuild the
@@ -76,6 +82,13 @@ class Checkpoint:
 
     def commit(self, runs: dict[int, PartitionRun], blocking: bool = True) -> None:
         """Run the five steps for ``runs`` (partition -> state); ``blocking=False`` in rebalance callbacks."""
+        self.commit_offsets(self.make_durable(runs), blocking)
+
+    def make_durable(self, runs: dict[int, PartitionRun]) -> dict[TopicPartition, OffsetAndMetadata]:
+        """Steps 1-4: produce and store what ``runs`` closed; return the offsets now safe to commit.
+
+        Touches no consumer, so it may run in another thread than the consumer's.
+        """
         closed = {p: (pl.concat(r.closed) if r.closed else None) for p, r in runs.items()}
         # 1. produce closed windows
         everything = [df for df in closed.values() if df is not None and df.height]
@@ -106,13 +119,16 @@ class Checkpoint:
                 metrics.WINDOWS_CLOSED.labels(cause=cause).inc(n)
             # 4. safe offset
             offsets[TopicPartition(self.topic, p)] = OffsetAndMetadata(run.state.commit_offset(run.position), "", -1)
-        # 5. commit
+        metrics.OPEN_WINDOWS.set(sum(r.state.n_open for r in runs.values()))
+        return offsets
+
+    def commit_offsets(self, offsets: dict[TopicPartition, OffsetAndMetadata], blocking: bool = True) -> None:
+        """Step 5: commit offsets returned by :meth:`make_durable` (in the consumer's thread)."""
         if offsets and blocking:
             self.consumer.commit(offsets)
         elif offsets:
             self.consumer.commit_async(offsets)
         metrics.CHECKPOINTS.inc()
-        metrics.OPEN_WINDOWS.set(sum(r.state.n_open for r in runs.values()))
 
 
 def _causes(windows: pl.DataFrame) -> list[tuple[str, int]]:

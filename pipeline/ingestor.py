@@ -7,21 +7,32 @@ it checkpoints and drops the revoked partitions' state, on assign it rebuilds
 it from the history store (progress record and last window per series) and
 re-reads from the committed offset.
 
-:meth:`Ingestor.submit` processes one poll in a single worker thread while the
-caller goes back to ``consumer.poll()``: kafka-python decodes the next fetch
-(pure Python, holding the GIL) while polars and pyarrow, which release it,
-decode and window the previous one. All consumer calls stay in the caller's
-thread; every method that reads or changes partition state (assign, revoke,
-close_idle, checkpoint, process) first waits for the submitted work with
+:meth:`Ingestor.submit` hands one poll to a single worker thread and returns
+at once, so the caller goes straight back to ``consumer.poll()``: kafka-python
+decodes the next fetch (pure Python, holding the GIL) while polars and
+pyarrow, which release it, decode and window the previous ones. A due
+checkpoint is handed to the same worker (:meth:`Ingestor.maybe_checkpoint`),
+which runs its produce, flush and store write (steps 1-4 of
+:class:`~pipeline.checkpoint.Checkpoint`) in order with the polls, and the
+offsets it made safe are committed by the caller's thread at its next call
+(:meth:`Ingestor.submit` or :meth:`Ingestor.maybe_checkpoint`): the worker
+never calls the consumer, and no offset is committed before what it covers is
+durable. At most ``max_inflight`` tasks wait for the worker (memory
+stays bounded; the caller waits when the worker falls behind). Every method
+that reads or changes partition state in the caller's thread (assign, revoke,
+close_idle, checkpoint, process) first waits for all submitted work with
 :meth:`Ingestor.drain`, so state is only ever touched by one thread at a time
 and a checkpoint never covers half-processed records. An error in the worker
-is raised by the next ``drain()``.
+is raised in the caller's thread by the next call that collects its result;
+the worker then refuses every later task and a revoke no longer checkpoints,
+so the state the failed task left is dropped, never made durable.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -40,12 +51,21 @@ from pipeline.windows_io import WindowRouter
 
 log = logging.getLogger(__name__)
 
+# The interpreter's GIL switch interval for a process running an Ingestor (``sys.setswitchinterval``;
+# set by the entry point, e.g. ``rollcast ingest``). The worker gives up the GIL for every
+# polars/pyarrow call and must win it back from the poll thread, which runs pure Python and lets
+# go only when a waiter has waited a whole interval: at CPython's default 5 ms the worker spent
+# most of its time waiting (1.4-2 s of wall time per 400k observations for 0.45 s of work) and the
+# poll thread waited for the worker. At 0.5 ms a waiter gets the GIL within half a millisecond; the
+# poll thread switches no more often (once per worker call either way).
+GIL_SWITCH_INTERVAL_S = 0.0005
+
 
 class Ingestor:
     """Everything between ``consumer.poll()`` and ``consumer.commit()``."""
 
     def __init__(self, settings: Settings, consumer: Any, producer: Any, store: HistoryStore | None = None,
-                 windows_partitions: int | None = None, checkpoint_interval_s: float = 1.0):
+                 windows_partitions: int | None = None, checkpoint_interval_s: float = 1.0, max_inflight: int = 2):
         self.settings = settings
         self.consumer = consumer
         self.topic = settings.topics.observations
@@ -70,14 +90,18 @@ class Ingestor:
         self.rebalancing = True  # until the first assignment, and between a revoke and the next assign
         self.last_assigned = time.monotonic()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-window")
-        self._pending: Future[None] | None = None
+        self.max_inflight = max_inflight
+        # submitted to the worker, oldest first: polls (result None) and checkpoints (result: offsets to commit)
+        self._inflight: deque[Future[Any]] = deque()
+        self._checkpoint_running: Future[Any] | None = None
+        self._worker_error: BaseException | None = None
         self.failed: Exception | None = None  # set by a rebalance callback that raised
 
     # -- partitions -------------------------------------------------------------------------
 
     def assign(self, partitions: Iterable[int]) -> None:
         """Rebuild state for newly assigned partitions from the history store."""
-        self.drain()
+        self.drain(blocking=False)
         self._assign(partitions)
 
     def _assign(self, partitions: Iterable[int]) -> None:
@@ -102,8 +126,13 @@ class Ingestor:
 
     def revoke(self, partitions: Iterable[int]) -> None:
         """Checkpoint the revoked partitions, then forget them."""
-        self.drain()
         self.rebalancing = True
+        if self._worker_error is not None:  # e.g. consumer.close() after the loop stopped on that error
+            log.warning("not checkpointing revoked partitions: the window worker failed (%s); "
+                        "a restart redoes their work", self._worker_error)
+            self.runs.clear()
+            return
+        self.drain(blocking=False)
         gone = {p: self.runs[p] for p in partitions if p in self.runs}
         if gone:
             self.checkpointer.commit(gone, blocking=False)
@@ -142,22 +171,60 @@ class Ingestor:
     # -- the loop body ----------------------------------------------------------------------
 
     def submit(self, batch: Mapping[Any, Sequence[Any]], now: float | None = None) -> None:
-        """Process one ``consumer.poll()`` result (TopicPartition -> records) in the worker thread."""
-        self.drain()
+        """Hand one ``consumer.poll()`` result (TopicPartition -> records) to the worker thread."""
+        self._collect()
         items = [(tp.partition, records) for tp, records in batch.items() if records]
         if items:
-            self._pending = self._worker.submit(self._process_all, items, now)
+            self._enqueue(self._process_all, items, now)
 
-    def drain(self) -> None:
-        """Wait for the submitted poll to be processed; re-raise its error if it failed."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
+    def drain(self, blocking: bool = True) -> None:
+        """Wait for all submitted work, commit the offsets of its checkpoints (asynchronously when
+        ``blocking`` is False: in a rebalance callback), and re-raise the first error; once a task
+        failed, every later call raises (nothing may checkpoint the state it left)."""
+        while self._inflight:
+            self._finish_oldest(blocking)
+        if self._worker_error is not None:
+            raise RuntimeError("the window worker failed earlier; its state must be dropped") from self._worker_error
 
     def close(self) -> None:
-        """Stop the worker thread (after the last checkpoint)."""
-        self._pending = None
-        self._worker.shutdown(wait=True)
+        """Stop the worker thread (after the last checkpoint); work not started is dropped."""
+        self._inflight.clear()
+        self._checkpoint_running = None
+        self._worker.shutdown(wait=True, cancel_futures=True)
+
+    def _enqueue(self, fn: Any, *args: Any) -> Future[Any]:
+        while len(self._inflight) >= self.max_inflight:
+            self._finish_oldest(True)
+        future = self._worker.submit(self._run_task, fn, *args)
+        self._inflight.append(future)
+        return future
+
+    def _run_task(self, fn: Any, *args: Any) -> Any:
+        """In the worker: run one task, unless an earlier one failed (the state it left is not
+        known to be consistent, so nothing after it may process or checkpoint)."""
+        if self._worker_error is not None:
+            raise RuntimeError("an earlier task of the ingest worker failed") from self._worker_error
+        try:
+            return fn(*args)
+        except BaseException as e:
+            self._worker_error = e
+            raise
+
+    def _collect(self) -> None:
+        """Commit what finished checkpoints made durable, in order; raise a worker's error."""
+        while self._inflight and self._inflight[0].done():
+            self._finish_oldest(True)
+
+    def _finish_oldest(self, blocking: bool) -> None:
+        future = self._inflight[0]
+        try:
+            offsets = future.result()
+        finally:
+            self._inflight.popleft()
+            if future is self._checkpoint_running:
+                self._checkpoint_running = None
+        if offsets is not None:
+            self.checkpointer.commit_offsets(offsets, blocking)
 
     def process(self, partition: int, records: Sequence[Any], now: float | None = None) -> None:
         """Decode, reject, window one partition's records (in offset order), in the caller's thread."""
@@ -202,31 +269,39 @@ class Ingestor:
     def close_idle(self, now: float | None = None) -> None:
         """Close the windows of series idle for ``window.idle_timeout_s``."""
         self.drain()
-        now = time.monotonic() if now is None else now
+        self._close_idle(time.monotonic() if now is None else now)
+
+    def _close_idle(self, now: float) -> None:
         for run in self.runs.values():
             idle = run.state.idle_series(now, self.settings.window.idle_timeout_s)
             if idle:
                 run.closed.append(run.state.close_series(idle))
 
     def maybe_checkpoint(self, now: float | None = None) -> bool:
-        """Every ``interval_s``: close idle series, then checkpoint.
+        """Every ``interval_s``: hand the worker a checkpoint that first closes idle series.
 
-        Idle series are closed here rather than after every poll (which would wait
-        for the worker each time); their windows become visible only at a
-        checkpoint anyway, so this delays nothing a reader can see.
+        Returns whether one was started. Its offsets are committed by a later call of this method
+        or :meth:`submit` (or by :meth:`drain`); a checkpoint still running delays the next one.
+        Idle series are closed here rather than after every poll; their windows become visible
+        only at a checkpoint anyway, so this delays nothing a reader can see.
         """
+        self._collect()
         now = time.monotonic() if now is None else now
-        if now - self._last_checkpoint < self.interval_s:
+        if now - self._last_checkpoint < self.interval_s or self._checkpoint_running is not None:
             return False
-        self.close_idle(now)
-        self.checkpoint()
+        self._last_checkpoint = now
+        self._checkpoint_running = self._enqueue(self._checkpoint_in_worker, now)
         return True
 
     def checkpoint(self) -> None:
-        """Commit every assigned partition (see :class:`~pipeline.checkpoint.Checkpoint`)."""
+        """Commit every assigned partition now (see :class:`~pipeline.checkpoint.Checkpoint`)."""
         self.drain()
         self.checkpointer.commit(self.runs)
         self._last_checkpoint = time.monotonic()
+
+    def _checkpoint_in_worker(self, now: float) -> dict[Any, Any]:
+        self._close_idle(now)
+        return self.checkpointer.make_durable(self.runs)
 
     def _reject_late(self, records: Sequence[Any], late: pl.DataFrame, state: WindowState) -> None:
         by_offset = {r.offset: r for r in records}
