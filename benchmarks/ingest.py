@@ -14,6 +14,9 @@ taken seconds apart on a shared machine; the summary line gives the median.
 Every ingest run ends with a final checkpoint (store write, produce, commit)
 inside the timed span. kafka-python verifies the CRC32C of every record batch,
 in pure Python unless the ``crc32c`` package is importable; the output says which.
+The process runs with the GIL switch interval ``rollcast ingest`` sets
+(:data:`pipeline.ingestor.GIL_SWITCH_INTERVAL_S`, 0.5 ms), for both loops alike;
+``--switch-interval-ms 5`` measures with CPython's default instead.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
+import sys
 import tempfile
 import time
 import uuid
@@ -32,7 +36,7 @@ import polars as pl
 from jobs import stack
 from pipeline.config import Settings, load_settings
 from pipeline.decode import ARROW_CONTENT_TYPE
-from pipeline.ingestor import Ingestor
+from pipeline.ingestor import GIL_SWITCH_INTERVAL_S, Ingestor
 from pipeline.kafka import ensure_topics, make_consumer, make_producer
 from pipeline.store import HistoryStore
 from pipeline.windows_io import encode_windows, partition_for
@@ -133,7 +137,11 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="alternating (a)/(b) pairs (default 3)")
     ap.add_argument("--window-ms", type=int, default=60_000)
     ap.add_argument("--bootstrap", help="use this broker instead of starting tansu")
+    ap.add_argument("--switch-interval-ms", type=float, default=GIL_SWITCH_INTERVAL_S * 1000,
+                    help="GIL switch interval for the whole process (default: what rollcast ingest sets, "
+                         f"{GIL_SWITCH_INTERVAL_S * 1000:g}; CPython's default is 5)")
     args = ap.parse_args()
+    sys.setswitchinterval(args.switch_interval_ms / 1000)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
     tmp = Path(tempfile.mkdtemp(prefix="rollcast-bench-"))
@@ -150,7 +158,7 @@ def main() -> None:
         s = load_settings(env=env)
         arrow_topic = f"bench-arrow-{tag}"
         ensure_topics(s, [s.topics.observations, s.topics.dlq, arrow_topic])
-        print(f"kafka-python CRC32C: {crc_impl()}")
+        print(f"kafka-python CRC32C: {crc_impl()}; GIL switch interval: {sys.getswitchinterval() * 1000:g} ms (both loops)")
         df = observations(args.n, args.series)
         t = time.perf_counter()
         produce_json(s, s.topics.observations, df)
