@@ -497,7 +497,8 @@ def _serve_with_retries(settings: Settings, args: argparse.Namespace, forecaster
 
     from pipeline.kafka import Backoff, ensure_topics, make_consumer
 
-    consumer = make_consumer(settings, settings.groups.forecast, settings.topics.windows)
+    consumer = make_consumer(settings, settings.groups.forecast)
+    consumer.subscribe([settings.topics.windows], listener=_assignment_log(consumer))
     backoff, failing = Backoff(), False
     try:
         while not shutdown.requested:
@@ -566,6 +567,24 @@ def _serve(settings: Settings, args: argparse.Namespace, forecaster: Forecaster,
     finally:
         producer.close(settings.observability.shutdown_timeout_s if clean else 1.0)
     return 0
+
+
+def _assignment_log(consumer: Any) -> Any:
+    """A rebalance listener that logs the partitions the job gains (with their committed offsets) and loses."""
+    from kafka import ConsumerRebalanceListener
+
+    class _AssignmentLog(ConsumerRebalanceListener):
+        def on_partitions_revoked(self, revoked: Any) -> None:
+            if revoked:
+                log.info("revoked partitions %s", sorted(tp.partition for tp in revoked))
+
+        def on_partitions_assigned(self, assigned: Any) -> None:
+            if assigned:
+                committed = {tp.partition: consumer.committed(tp) for tp in assigned}
+                log.info("assigned partitions %s (committed offsets %s; None: from the earliest)",
+                         sorted(committed), committed)
+
+    return _AssignmentLog()
 
 
 def _rewind(consumer: Any, batch: dict) -> None:

@@ -314,6 +314,7 @@ def train_candidates(
             result = fit(
                 model, train, val,
                 max_epochs=settings.model.max_epochs,
+                patience=settings.model.patience,
                 batch_size=settings.model.batch_size,
                 seed=settings.model.seed,
                 progress=progress,

@@ -138,6 +138,7 @@ class ModelSettings(_Section):
     quantiles: list[float] = Field(default_factory=lambda: [0.1, 0.5, 0.9], min_length=1)
     season: int = Field(24, ge=1, description="m of the seasonal-naive baseline and MASE")
     max_epochs: int = Field(20, ge=1)
+    patience: int = Field(5, ge=1, description="early stopping: epochs without a better validation loss")
     batch_size: int = Field(256, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
     seed: int = 0

@@ -250,7 +250,8 @@ def test_train_job_runs_on_schedule_and_stops_on_sigterm(mlflow_server: str, tmp
 
 @pytest.mark.slow
 def test_sigterm_during_training_abandons_the_cycle_and_exits_0(mlflow_server: str, tmp_path: Path) -> None:
-    env = train_env(mlflow_server, tmp_path / "data", **{**WEAK, "ROLLCAST_MODEL__MAX_EPOCHS": "500"})
+    env = train_env(mlflow_server, tmp_path / "data", **{**WEAK, "ROLLCAST_MODEL__MAX_EPOCHS": "500",
+                                                            "ROLLCAST_MODEL__PATIENCE": "500"})
     s = load_settings(env=env)
     write_windows(s, drifting_daily_windows(800))
     log = tmp_path / "train.log"
