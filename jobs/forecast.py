@@ -498,7 +498,7 @@ def _serve_with_retries(settings: Settings, args: argparse.Namespace, forecaster
     from pipeline.kafka import Backoff, ensure_topics, make_consumer
 
     consumer = make_consumer(settings, settings.groups.forecast)
-    consumer.subscribe([settings.topics.windows], listener=_assignment_log(consumer))
+    consumer.subscribe([settings.topics.windows], listener=_assignment_log())
     backoff, failing = Backoff(), False
     try:
         while not shutdown.requested:
@@ -569,8 +569,8 @@ def _serve(settings: Settings, args: argparse.Namespace, forecaster: Forecaster,
     return 0
 
 
-def _assignment_log(consumer: Any) -> Any:
-    """A rebalance listener that logs the partitions the job gains (with their committed offsets) and loses."""
+def _assignment_log() -> Any:
+    """A rebalance listener that logs the partitions the job gains and loses."""
     from kafka import ConsumerRebalanceListener
 
     class _AssignmentLog(ConsumerRebalanceListener):
@@ -580,9 +580,7 @@ def _assignment_log(consumer: Any) -> Any:
 
         def on_partitions_assigned(self, assigned: Any) -> None:
             if assigned:
-                committed = {tp.partition: consumer.committed(tp) for tp in assigned}
-                log.info("assigned partitions %s (committed offsets %s; None: from the earliest)",
-                         sorted(committed), committed)
+                log.info("assigned partitions %s", sorted(tp.partition for tp in assigned))
 
     return _AssignmentLog()
 
