@@ -20,7 +20,7 @@ import json
 import logging
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -65,6 +65,9 @@ SERIES = Gauge("rollcast_forecast_series", "Series held in memory")
 LAG = Gauge("rollcast_forecast_consumer_lag", "Windows messages behind the partition's end", ["partition"])
 
 BUFFER_SLACK = 32  # windows kept beyond L so repeats after a restart still find their context
+# forecasts built and handed to the producer at a time: the broker receives (and readers can read) the
+# first ones while the rest are built, instead of all of them after the last
+MESSAGE_CHUNK = 250
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -270,15 +273,17 @@ class Forecaster:
         self.buffers.put(series, ends, values)
         return list(zip(series, ends.tolist(), strict=True))
 
-    def forecast(self, keys: Iterable[tuple[str, int]], issued_at: int) -> list[tuple[str, bytes]]:
-        """One batched inference over every (series, window_end) with enough context."""
+    def forecast(self, keys: Iterable[tuple[str, int]], issued_at: int,
+                 chunk: int = MESSAGE_CHUNK) -> Iterator[list[tuple[str, bytes]]]:
+        """One batched inference over every (series, window_end) with enough context; yields the forecast
+        messages ``chunk`` series at a time (the caller sends each while the next is built)."""
         import models
 
         t_start = time.perf_counter()
         length = self.model.context
         keys = list(dict.fromkeys(keys))
         if not keys:
-            return []
+            return
         series = [s for s, _ in keys]
         ends = np.fromiter((e for _, e in keys), dtype=np.int64, count=len(keys))
         rows = self.buffers.row_of(series)
@@ -299,7 +304,7 @@ class Forecaster:
             SKIPPED.labels("leading_gap").inc(int(lead.sum()))
         use = np.flatnonzero(ok & ~lead)
         if not len(use):
-            return []
+            return
         ok_ends = ends[use]
         grid = ok_ends[:, None] - self.step_ms * np.arange(length - 1, -1, -1)
         contexts = ctx[use]
@@ -309,10 +314,15 @@ class Forecaster:
         t1 = time.perf_counter()
         INFERENCE_S.observe(t1 - t0)
         STAGE_S.labels("inference").observe(t1 - t0)
-        out = forecast_messages([series[i] for i in use.tolist()], ok_ends, np.asarray(preds), self.model,
-                                self.step_ms, issued_at)
-        STAGE_S.labels("messages").observe(time.perf_counter() - t1)
-        return out
+        names, preds = [series[i] for i in use.tolist()], np.asarray(preds)
+        building = 0.0
+        for lo in range(0, len(names), chunk):
+            t2 = time.perf_counter()
+            out = forecast_messages(names[lo:lo + chunk], ok_ends[lo:lo + chunk], preds[lo:lo + chunk],
+                                    self.model, self.step_ms, issued_at)
+            building += time.perf_counter() - t2
+            yield out
+        STAGE_S.labels("messages").observe(building)
 
     def _buffer_from_store(self, series: str, first_end: int, last_end: int, length: int) -> ContextBuffers:
         """The stored windows of ``series`` that supply the contexts of windows ending in
@@ -445,11 +455,35 @@ class ChampionWatcher:
             self.version = version
 
 
+def keep_freed_heap(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30) -> bool:
+    """Let glibc's malloc reuse freed memory for the next inference instead of returning it to the OS.
+
+    Every inference allocates and frees tensors of a few MB. With glibc's defaults those come from
+    fresh ``mmap`` regions or a heap top that ``free`` trims back to the OS, so each call faults its
+    pages in again: TCN inference for 1,000 series took 28 ms per batch in the job against 12 ms
+    with these thresholds (benchmarks/forecast_latency.py, one run each; BENCHMARKS.md). Memory then
+    stays at the largest batch's working set instead of shrinking between batches. No-op (False)
+    where the C library is not glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    return bool(mallopt(m_mmap_threshold, mmap_threshold)) and bool(mallopt(m_trim_threshold, trim_threshold))
+
+
 def run(settings: Settings, args: argparse.Namespace) -> int:
     from pipeline.config import require_bootstrap
     from pipeline.kafka import ensure_topics
     from pipeline.observability import BrokerProbe, Health, serve_http
 
+    if not keep_freed_heap():
+        log.debug("not glibc: malloc thresholds left as they are")
     if settings.forecast.inference_threads is not None:
         import torch
 
@@ -618,16 +652,21 @@ def process_batch(batch: dict, forecaster: Forecaster, producer: BulkProducer, c
         commits[tp] = OffsetAndMetadata(records[-1].offset + 1, "", -1)
     SERIES.set(len(forecaster.buffers))
     STAGE_S.labels("decode").observe(time.perf_counter() - t_start)
-    messages = forecaster.forecast(keys, issued_at=int(time.time() * 1000))
-    t0 = time.perf_counter()
     topic = settings.topics.forecasts
     parts = forecaster.partitions_of(topic, producer)
+    sent, sending = 0, 0.0
+    # librdkafka sends each chunk while the next one's JSON is built
+    for messages in forecaster.forecast(keys, issued_at=int(time.time() * 1000)):
+        t0 = time.perf_counter()
+        producer.send(topic, [(key.encode(), value, parts[key]) for key, value in messages])
+        sent += len(messages)
+        sending += time.perf_counter() - t0
+    t0 = time.perf_counter()
     # raises unless the broker acknowledged every message: then offsets stay uncommitted
-    producer.send_all(topic, [(key.encode(), value, parts[key]) for key, value in messages],
-                      timeout_s=settings.observability.shutdown_timeout_s)
+    producer.confirm(topic, timeout_s=settings.observability.shutdown_timeout_s)
     t2 = time.perf_counter()
-    STAGE_S.labels("send").observe(t2 - t0)
-    FORECASTS.inc(len(messages))
+    STAGE_S.labels("send").observe(sending + t2 - t0)
+    FORECASTS.inc(sent)
     if oldest_ts is not None:
         END_TO_END_S.observe(max(0.0, time.time() - oldest_ts / 1000))
     # bounded: kafka-python retries a commit forever while the coordinator is unknown

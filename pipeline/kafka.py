@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
@@ -192,7 +192,7 @@ def rdkafka_config(settings: Settings) -> dict[str, Any]:
     conf.update({
         "enable.idempotence": True,  # implies acks=all and ordered retries without duplicates
         "partitioner": "murmur2_random",  # the Java client's and kafka-python's choice for keyed messages
-        "linger.ms": 0,  # send_all flushes at once anyway; nothing to wait for
+        "linger.ms": 0,  # callers send what is ready and confirm at once; nothing to wait for
         "message.max.bytes": 16 << 20,
         "batch.size": 16 << 20,
         "message.timeout.ms": int(settings.kafka.connect_timeout_s * 1000) + 20_000,
@@ -205,8 +205,9 @@ class BulkProducer:
 
     The forecast job sends one message per series per window; kafka-python's pure-Python producer
     spends ~20 us per message on the caller's thread and its I/O thread, librdkafka ~2 us (C, own
-    threads). :meth:`send_all` returns only when every message is acknowledged and raises
-    :class:`~pipeline.errors.BrokerUnavailable` otherwise (undelivered messages are purged, so
+    threads). :meth:`send` queues messages that librdkafka starts sending at once, so a caller can
+    build the next ones meanwhile; :meth:`confirm` (or :meth:`send_all`, both in one) returns only when
+    every message is acknowledged and raises :class:`~pipeline.errors.BrokerUnavailable` otherwise (undelivered messages are purged, so
     a retry with a new producer may repeat some but never reorders a partition behind them).
     """
 
@@ -215,6 +216,7 @@ class BulkProducer:
 
         self.settings = settings
         self._producer = Producer({**rdkafka_config(settings), **overrides}, logger=log)
+        self._failed: list[Any] = []  # delivery errors since the last confirm()
         try:  # fail fast with the same clear error as the kafka-python clients
             self._producer.list_topics(timeout=settings.kafka.connect_timeout_s)
         except KafkaException as e:
@@ -234,9 +236,10 @@ class BulkProducer:
         found = meta.topics.get(topic)
         return 0 if found is None or found.error is not None else len(found.partitions)
 
-    def send_all(self, topic: str, messages: list[tuple[bytes, bytes, int]], timeout_s: float) -> None:
-        """Send ``(key, value, partition)`` messages; return when the broker acknowledged all of them."""
-        failed: list[Any] = []
+    def send(self, topic: str, messages: Iterable[tuple[bytes, bytes, int]]) -> None:
+        """Queue ``(key, value, partition)`` messages; librdkafka sends them at once, in the background.
+        :meth:`confirm` waits for the broker's acknowledgement of everything sent."""
+        failed = self._failed
 
         def delivered(err: Any, msg: Any) -> None:
             if err is not None:
@@ -250,12 +253,23 @@ class BulkProducer:
                     break
                 except BufferError:  # local queue full: serve delivery reports, then try again
                     self._producer.poll(0.05)
+        self._producer.poll(0)  # serve delivery reports (and librdkafka's logs) of earlier messages
+
+    def confirm(self, topic: str, timeout_s: float) -> None:
+        """Return when the broker acknowledged every message sent so far; otherwise purge what is left and
+        raise :class:`~pipeline.errors.BrokerUnavailable`."""
         left = self._producer.flush(timeout_s)
+        failed, self._failed = self._failed, []
         if left or failed:
             self._producer.purge()
             self._producer.flush(0)
             reason = f"{failed[0]} ({len(failed)} failed)" if failed else f"{left} not acknowledged in {timeout_s:g}s"
-            raise BrokerUnavailable(f"forecasts to {topic!r} not delivered: {reason}")
+            raise BrokerUnavailable(f"messages to {topic!r} not delivered: {reason}")
+
+    def send_all(self, topic: str, messages: Iterable[tuple[bytes, bytes, int]], timeout_s: float) -> None:
+        """Send ``(key, value, partition)`` messages; return when the broker acknowledged all of them."""
+        self.send(topic, messages)
+        self.confirm(topic, timeout_s)
 
     def close(self, timeout_s: float) -> None:
         """Deliver what is queued (up to ``timeout_s``), then drop the rest."""
