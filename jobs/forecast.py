@@ -204,10 +204,13 @@ def forecast_messages(
         return pl.when(x.is_finite()).then(x.cast(pl.String)).otherwise(pl.lit("null"))
 
     ts = (ends[:, None] + np.arange(horizon, dtype=np.int64)[None] * step_ms).ravel()
+    # each quantile's text once (the mean is the median's text), all of them in one parallel query
+    texts = [pl.lit(t) for t in pl.select([number(preds[:, :, j]).alias(str(j))
+                                           for j in range(len(model.quantiles))]).get_columns()]
     parts: list[pl.Expr] = [pl.lit('{"ts":'), pl.lit(pl.Series(ts)).cast(pl.String),
-                            pl.lit(',"mean":'), number(preds[:, :, median])]
+                            pl.lit(',"mean":'), texts[median]]
     for j, q in enumerate(model.quantiles):
-        parts += [pl.lit((',"quantiles":{' if j == 0 else ",") + json.dumps(f"{q:g}") + ":"), number(preds[:, :, j])]
+        parts += [pl.lit((',"quantiles":{' if j == 0 else ",") + json.dumps(f"{q:g}") + ":"), texts[j]]
     parts.append(pl.lit("}}"))
     points = pl.select(pl.concat_str(parts))[:, 0].reshape((n, horizon)).arr.join(",")
     names = pl.Series(series, dtype=pl.String)
