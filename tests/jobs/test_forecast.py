@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+import torch
 
 import models
 from jobs.forecast import ContextBuffers, LoadedModel, forecast_messages
@@ -93,6 +94,33 @@ def test_messages_are_valid_json_for_any_series_id_and_keep_float32_values_exact
                 got = p["quantiles"][q]
                 assert (got is None) if np.isnan(want) else np.float32(got) == want  # shortest repr round-trips
             assert p["mean"] == p["quantiles"]["0.5"]
+
+
+def test_forecasts_come_in_chunks_equal_to_one_offline_inference(tmp_path: Path) -> None:
+    from jobs.forecast import Forecaster
+    from pipeline.config import load_settings
+
+    s = load_settings(env={"ROLLCAST_DATA_DIR": str(tmp_path), "ROLLCAST_WINDOW__LENGTH_MS": str(STEP),
+                           "ROLLCAST_MODEL__CONTEXT": str(L)})
+    module = models.create_model("lstm", context=L, horizon=H, hidden=4)
+    for p in module.parameters():  # not the zero-initialised head: outputs differ per series
+        torch.nn.init.normal_(p, std=0.3)
+    model = LoadedModel("lstm", "1", module, L, H, list(module.config.quantiles))
+    names = [f"s{i}" for i in range(7)]
+    windows = make_windows(names, L + 2)
+    forecaster = Forecaster(s, model)
+    forecaster.add(windows.to_arrow())
+    last = int(windows["window_end"].max())
+    keys = [(name, last) for name in names] + [("s3", last), ("unknown", last)]  # a repeat; no context
+    chunks = list(forecaster.forecast(keys, issued_at=9, chunk=3))
+    assert [len(c) for c in chunks] == [3, 3, 1]  # each series once, those with context only
+    contexts = np.stack([windows.filter(pl.col("series") == n).sort("window_end")["last"].to_numpy()[-L:]
+                         for n in names])
+    grid = last - STEP * np.arange(L - 1, -1, -1)
+    offline = models.predict(module, contexts, window_end_ms=np.broadcast_to(grid, contexts.shape))
+    assert [m for c in chunks for m in c] == forecast_messages(names, [last] * 7, offline, model, STEP, issued_at=9)
+    assert [m for c in forecaster.forecast(keys, issued_at=9, chunk=100) for m in c] == [
+        m for c in chunks for m in c]
 
 
 # ----------------------------------------------------------------------------- helpers
