@@ -67,7 +67,7 @@ def windows_at(series: list[str], index: int, rng: np.random.Generator) -> pl.Da
     )
 
 
-STAGES = ("decode", "context", "inference", "messages", "send", "commit")
+STAGES = ("arrival", "decode", "context", "inference", "messages", "send", "commit")
 
 
 def scrape(port: int) -> dict[str, float]:
