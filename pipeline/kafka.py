@@ -206,9 +206,9 @@ class BulkProducer:
     The forecast job sends one message per series per window; kafka-python's pure-Python producer
     spends ~20 us per message on the caller's thread and its I/O thread, librdkafka ~2 us (C, own
     threads). :meth:`send` queues messages that librdkafka starts sending at once, so a caller can
-    build the next ones meanwhile; :meth:`confirm` (or :meth:`send_all`, both in one) returns only when
-    every message is acknowledged and raises :class:`~pipeline.errors.BrokerUnavailable` otherwise (undelivered messages are purged, so
-    a retry with a new producer may repeat some but never reorders a partition behind them).
+    build the next ones meanwhile; :meth:`confirm` returns only when every message is acknowledged
+    and raises :class:`~pipeline.errors.BrokerUnavailable` otherwise (undelivered messages are
+    purged, so a retry with a new producer may repeat some but never reorders a partition behind them).
     """
 
     def __init__(self, settings: Settings, **overrides: Any):
@@ -239,17 +239,11 @@ class BulkProducer:
     def send(self, topic: str, messages: Iterable[tuple[bytes, bytes, int]]) -> None:
         """Queue ``(key, value, partition)`` messages; librdkafka sends them at once, in the background.
         :meth:`confirm` waits for the broker's acknowledgement of everything sent."""
-        failed = self._failed
-
-        def delivered(err: Any, msg: Any) -> None:
-            if err is not None:
-                failed.append(err)
-
         produce = self._producer.produce
         for key, value, partition in messages:
             while True:
                 try:
-                    produce(topic, value, key, partition, on_delivery=delivered)
+                    produce(topic, value, key, partition, on_delivery=self._delivered)
                     break
                 except BufferError:  # local queue full: serve delivery reports, then try again
                     self._producer.poll(0.05)
@@ -266,10 +260,10 @@ class BulkProducer:
             reason = f"{failed[0]} ({len(failed)} failed)" if failed else f"{left} not acknowledged in {timeout_s:g}s"
             raise BrokerUnavailable(f"messages to {topic!r} not delivered: {reason}")
 
-    def send_all(self, topic: str, messages: Iterable[tuple[bytes, bytes, int]], timeout_s: float) -> None:
-        """Send ``(key, value, partition)`` messages; return when the broker acknowledged all of them."""
-        self.send(topic, messages)
-        self.confirm(topic, timeout_s)
+    def _delivered(self, err: Any, msg: Any) -> None:
+        """librdkafka's delivery report (served by ``poll``/``flush`` on the caller's thread)."""
+        if err is not None:
+            self._failed.append(err)
 
     def close(self, timeout_s: float) -> None:
         """Deliver what is queued (up to ``timeout_s``), then drop the rest."""
