@@ -244,6 +244,9 @@ class Forecaster:
         self.buffers = ContextBuffers(self.capacity, self.step_ms)
         self.watcher: ChampionWatcher | None = None
         self._partitions: KeyPartitions | None = None
+        # windows added since the last forecast: the contexts of a batch's older windows come from
+        # the store plus these (ingest produces a checkpoint's windows before it writes them to the store)
+        self._added: list[tuple[list[str], np.ndarray, np.ndarray]] = []
 
     def partitions_of(self, topic: str, producer: BulkProducer) -> KeyPartitions:
         """Partition of each series in ``topic`` (the key's default-partitioner choice), memoised
@@ -268,6 +271,7 @@ class Forecaster:
         frame = HistoryStore(self.settings).last_windows(self.capacity)
         self.buffers = ContextBuffers(self.capacity, self.step_ms)
         self.add(frame.to_arrow())
+        self._added.clear()
         SERIES.set(len(self.buffers))
         log.info("rebuilt context of %d series from the history store", len(self.buffers))
 
@@ -275,6 +279,7 @@ class Forecaster:
         """Put windows into the buffers; return their (series, window_end) in arrival order."""
         series, ends, values = target_values(table, self.target)
         self.buffers.put(series, ends, values)
+        self._added.append((series, ends, values))
         return list(zip(series, ends.tolist(), strict=True))
 
     def forecast(self, keys: Iterable[tuple[str, int]], issued_at: int,
@@ -285,6 +290,7 @@ class Forecaster:
 
         t_start = time.perf_counter()
         length = self.model.context
+        added, self._added = self._added, []
         keys = list(dict.fromkeys(keys))
         if not keys:
             return
@@ -292,14 +298,15 @@ class Forecaster:
         ends = np.fromiter((e for _, e in keys), dtype=np.int64, count=len(keys))
         rows = self.buffers.row_of(series)
         ctx, ok, evicted = self.buffers.contexts(rows, ends, length)
-        # Windows older than the buffer (a lagging batch holding more than `capacity` windows of a
-        # series, e.g. after a restart): one store read per series for all of them, not one per window
-        # (per-window reads took minutes for a few thousand windows and stalled the job).
+        # Windows older than the buffer (a batch holding more than `capacity` windows of a series:
+        # a lagging one after a restart, or gap rows filling a long silence): one store read per series
+        # for all of them, not one per window (per-window reads took minutes for a few thousand windows
+        # and stalled the job), plus the windows added with this batch.
         older: dict[str, list[int]] = {}
         for i in np.flatnonzero(evicted).tolist():
             older.setdefault(series[i], []).append(i)
         for s, items in older.items():
-            stored = self._buffer_from_store(s, int(ends[items].min()), int(ends[items].max()), length)
+            stored = self._buffer_from_store(s, int(ends[items].min()), int(ends[items].max()), length, added)
             ctx[items], ok[items], _ = stored.contexts(stored.row_of([s] * len(items)), ends[items], length)
         lead = ok & np.isnan(ctx[:, 0])  # gap rows are forward-filled; a context cannot start with one
         if (~ok).any():
@@ -328,16 +335,21 @@ class Forecaster:
             yield out
         STAGE_S.labels("messages").observe(building)
 
-    def _buffer_from_store(self, series: str, first_end: int, last_end: int, length: int) -> ContextBuffers:
-        """The stored windows of ``series`` that supply the contexts of windows ending in
-        [first_end, last_end] (older than the in-memory buffer: after a restart with lag)."""
+    def _buffer_from_store(self, series: str, first_end: int, last_end: int, length: int,
+                           added: list[tuple[list[str], np.ndarray, np.ndarray]]) -> ContextBuffers:
+        """The windows of ``series`` that supply the contexts of windows ending in [first_end, last_end]
+        (older than the in-memory buffer): those in the history store, and those in ``added``, the
+        batch's own, which the store may not hold yet."""
         from pipeline.store import HistoryStore
 
-        frame = HistoryStore(self.settings).read(series=series, start_ms=first_end - length * self.step_ms,
-                                                 end_ms=last_end)
+        lo = first_end - length * self.step_ms
+        frame = HistoryStore(self.settings).read(series=series, start_ms=lo, end_ms=last_end)
         buf = ContextBuffers((last_end - first_end) // self.step_ms + length + 1, self.step_ms)
-        names, window_ends, values = target_values(frame.to_arrow(), self.target)
-        buf.put(names, window_ends, values)
+        buf.put(*target_values(frame.to_arrow(), self.target))
+        for names, window_ends, values in added:
+            mine = (np.asarray(names, dtype=object) == series) & (window_ends > lo) & (window_ends <= last_end)
+            if mine.any():
+                buf.put([series] * int(mine.sum()), window_ends[mine], values[mine])
         return buf
 
 

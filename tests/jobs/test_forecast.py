@@ -123,6 +123,28 @@ def test_forecasts_come_in_chunks_equal_to_one_offline_inference(tmp_path: Path)
         m for c in chunks for m in c]
 
 
+def test_a_batch_longer_than_the_buffer_is_forecast_before_the_store_holds_it(tmp_path: Path) -> None:
+    """Ingest produces a checkpoint's windows before it writes them to the store: a batch with more
+    windows of a series than the buffer holds (gap rows after a long silence, a lagging restart)
+    takes the contexts of its older windows from the batch itself when the store has none yet."""
+    from jobs.forecast import Forecaster
+    from pipeline.config import load_settings
+
+    s = load_settings(env={"ROLLCAST_DATA_DIR": str(tmp_path), "ROLLCAST_WINDOW__LENGTH_MS": str(STEP),
+                           "ROLLCAST_MODEL__CONTEXT": str(L)})
+    module = models.create_model("lstm", context=L, horizon=H, hidden=4)
+    model = LoadedModel("lstm", "1", module, L, H, list(module.config.quantiles))
+    forecaster = Forecaster(s, model)
+    windows = make_windows(["a", "b"], 4 * forecaster.capacity)
+    assert HistoryStore(s).count() == 0
+    keys = forecaster.add(windows.to_arrow())
+    got = {(m[0], json.loads(m[1])["last_window_end"]) for c in forecaster.forecast(keys, issued_at=1) for m in c}
+    ends = windows.filter(pl.col("series") == "b")["window_end"].to_list()
+    assert {("b", e) for e in ends[L - 1:]} <= got  # every window with a full context, none skipped
+    assert len(got) == len(keys) - 2 * (L - 1) - 1  # and in "a" the one context starting at its gap row
+    assert not list(forecaster.forecast(keys[:1], issued_at=1))  # the batch's windows were used once
+
+
 # ----------------------------------------------------------------------------- helpers
 
 
