@@ -105,11 +105,14 @@ def read_windows(args: argparse.Namespace, settings: Settings) -> tuple[pl.DataF
         return windows, "history"
     source = Path(args.source)
     if source.is_dir():
-        files = list(source.glob("**/*.parquet"))
+        # names starting with "_" or "." are hidden, as for every Parquet dataset reader: a history
+        # store's staging (`_pending/`) and progress records are not windows
+        files = sorted(f for f in source.glob("**/*.parquet")
+                       if not any(part.startswith(("_", ".")) for part in f.relative_to(source).parts))
         if not files:
             raise DatasetError(f"{source} holds no window Parquet files (**/*.parquet)")
         try:
-            return pl.scan_parquet(source / "**/*.parquet").collect(), source.name or "history"
+            return pl.scan_parquet(files, hive_partitioning=False).collect(), source.name or "history"
         except pl.exceptions.PolarsError as e:
             raise DatasetError(f"cannot read the window files in {source}: {e}") from e
     path = resolve_dataset(str(source))

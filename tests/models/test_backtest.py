@@ -74,12 +74,17 @@ def test_cli_backtest_reads_a_window_store_and_reports_errors(tmp_path: Path) ->
     store.mkdir(parents=True)
     t = np.arange(200) * HOUR
     v = 10 + np.sin(2 * np.pi * np.arange(200) / 24)
-    pl.DataFrame({"series": ["s"] * 200, "window_start": t, "window_end": t + HOUR, "count": [1] * 200,
-                  "first": v, "last": v, "min": v, "max": v, "mean": v, "sum": v}).write_parquet(store / "a.parquet")
+    frame = pl.DataFrame({"series": ["s"] * 200, "window_start": t, "window_end": t + HOUR, "count": [1] * 200,
+                          "first": v, "last": v, "min": v, "max": v, "mean": v, "sum": v})
+    frame.write_parquet(store / "a.parquet")
+    staged = tmp_path / "history" / "_pending" / "obs-0" / "ckpt"  # an unfinished ingest checkpoint: hidden
+    staged.mkdir(parents=True)
+    frame.with_columns(pl.col("series") + "-staged").write_parquet(staged / "a.parquet")
     r = rollcast("backtest", str(tmp_path / "history"), "--models", "naive,seasonal_naive", "--context", "48",
                  "--horizon", "24", "--test-windows", "2", "--no-progress", "--out", str(tmp_path / "o"))
     assert r.returncode == 0, r.stderr
     assert pl.read_csv(tmp_path / "o" / "metrics.csv")["mae"].to_list()[1] == pytest.approx(0, abs=1e-5)
+    assert "1 series" in r.stdout, r.stdout
     bad = rollcast("backtest", str(tmp_path / "history"), "--models", "nope", "--no-progress")
     assert bad.returncode == 1 and "known models" in bad.stderr and "Traceback" not in bad.stderr
     short = rollcast("backtest", str(tmp_path / "history"), "--models", "naive", "--test-windows", "50",
