@@ -305,8 +305,10 @@ class Forecaster:
         older: dict[str, list[int]] = {}
         for i in np.flatnonzero(evicted).tolist():
             older.setdefault(series[i], []).append(i)
+        own = _windows_of(added, older.keys()) if older else {}
         for s, items in older.items():
-            stored = self._buffer_from_store(s, int(ends[items].min()), int(ends[items].max()), length, added)
+            stored = self._buffer_from_store(s, int(ends[items].min()), int(ends[items].max()), length,
+                                             own.get(s))
             ctx[items], ok[items], _ = stored.contexts(stored.row_of([s] * len(items)), ends[items], length)
         lead = ok & np.isnan(ctx[:, 0])  # gap rows are forward-filled; a context cannot start with one
         if (~ok).any():
@@ -336,21 +338,35 @@ class Forecaster:
         STAGE_S.labels("messages").observe(building)
 
     def _buffer_from_store(self, series: str, first_end: int, last_end: int, length: int,
-                           added: list[tuple[list[str], np.ndarray, np.ndarray]]) -> ContextBuffers:
+                           own: tuple[np.ndarray, np.ndarray] | None = None) -> ContextBuffers:
         """The windows of ``series`` that supply the contexts of windows ending in [first_end, last_end]
-        (older than the in-memory buffer): those in the history store, and those in ``added``, the
-        batch's own, which the store may not hold yet."""
+        (older than the in-memory buffer): those in the history store, then ``own`` (window ends and
+        values of the batch's own windows, which the store may not hold yet)."""
         from pipeline.store import HistoryStore
 
         lo = first_end - length * self.step_ms
         frame = HistoryStore(self.settings).read(series=series, start_ms=lo, end_ms=last_end)
         buf = ContextBuffers((last_end - first_end) // self.step_ms + length + 1, self.step_ms)
         buf.put(*target_values(frame.to_arrow(), self.target))
-        for names, window_ends, values in added:
-            mine = (np.asarray(names, dtype=object) == series) & (window_ends > lo) & (window_ends <= last_end)
-            if mine.any():
-                buf.put([series] * int(mine.sum()), window_ends[mine], values[mine])
+        if own is not None:
+            window_ends, values = own
+            mine = (window_ends > lo) & (window_ends <= last_end)  # others would wrap around this buffer
+            buf.put([series] * int(mine.sum()), window_ends[mine], values[mine])
         return buf
+
+
+def _windows_of(added: list[tuple[list[str], np.ndarray, np.ndarray]],
+                wanted: Iterable[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{series: (window ends, values)} of the ``wanted`` series among the windows ``added``."""
+    if not added:
+        return {}
+    frame = pl.DataFrame({
+        "series": pl.Series([s for names, _, _ in added for s in names], dtype=pl.String),
+        "end": np.concatenate([e for _, e, _ in added]),
+        "value": np.concatenate([v for _, _, v in added]),
+    }).filter(pl.col("series").is_in(list(wanted)))
+    return {s: (part["end"].to_numpy(), part["value"].to_numpy())
+            for (s,), part in frame.partition_by("series", as_dict=True).items()}
 
 
 def target_values(table: pa.Table, target: str) -> tuple[list[str], np.ndarray, np.ndarray]:
