@@ -129,8 +129,37 @@ class HistoryStore:
         return pl.from_arrow(table).cast(WINDOW_SCHEMA).sort("series", "window_start")
 
     def last_windows(self, n: int, series: str | list[str] | None = None) -> pl.DataFrame:
-        """The last ``n`` windows of each series, sorted by (series, window_start)."""
-        return self.read(series).group_by("series", maintain_order=True).tail(n)
+        """The last ``n`` windows of each series, sorted by (series, window_start).
+
+        Memory follows the result, not the history: one pass over two columns counts the windows of
+        every series, then the day directories are read newest first, each for the series still
+        short of their windows, until every series has its ``min(n, windows)``.
+        """
+        stats = self._series_stats(series)
+        need = stats.select("series", pl.min_horizontal(pl.col("windows"), n).cast(pl.Int64).alias("need"))
+        need = need.filter(pl.col("need") > 0)
+        frames = []
+        for day in reversed(self._days(None, None)):
+            if need.height == 0:
+                break
+            files = self._day_files(day)
+            if not files:
+                continue
+            table = ds.dataset(files, filesystem=self.fs, format="parquet").to_table(
+                columns=list(WINDOW_SCHEMA), filter=ds.field("series").isin(need["series"].to_list()))
+            if table.num_rows == 0:
+                continue
+            got = (pl.from_arrow(table).cast(WINDOW_SCHEMA).sort("series", "window_start")
+                   .join(need, on="series")
+                   .filter(pl.int_range(pl.len()).reverse().over("series") < pl.col("need")))
+            frames.append(got.drop("need"))
+            taken = got.group_by("series").agg(pl.len().alias("taken"))
+            need = (need.join(taken, on="series", how="left")
+                    .select("series", (pl.col("need") - pl.col("taken").fill_null(0)).alias("need"))
+                    .filter(pl.col("need") > 0))
+        if not frames:
+            return pl.DataFrame(schema=WINDOW_SCHEMA)
+        return pl.concat(frames).sort("series", "window_start")
 
     def count(self) -> int:
         """Number of windows stored."""
@@ -139,32 +168,49 @@ class HistoryStore:
 
     def max_window_end(self) -> dict[str, int]:
         """End of the last stored window of every series."""
+        stats = self._series_stats()
+        return dict(zip(stats["series"].to_list(), stats["last_end"].to_list(), strict=True))
+
+    def _series_stats(self, series: str | list[str] | None = None) -> pl.DataFrame:
+        """``series, windows, last_end`` of every stored series (or of ``series``), from one streamed
+        pass over two columns: memory follows the number of series, not of windows."""
+        stats = pl.DataFrame(schema={"series": pl.String, "windows": pl.Int64, "last_end": pl.Int64})
         files = self._files(None, None)
         if not files:
-            return {}
-        dataset = ds.dataset(files, filesystem=self.fs, format="parquet")
-        ends = pl.from_arrow(dataset.to_table(columns=["series", "window_end"]))
-        ends = ends.group_by("series").agg(pl.col("window_end").max())
-        return dict(zip(ends["series"].to_list(), ends["window_end"].to_list(), strict=True))
+            return stats
+        flt = None
+        if series is not None:
+            flt = ds.field("series").isin([series] if isinstance(series, str) else list(series))
+        parts = [stats]
+        for batch in ds.dataset(files, filesystem=self.fs, format="parquet").to_batches(
+                columns=["series", "window_end"], filter=flt, batch_size=1 << 20):
+            if batch.num_rows:
+                parts.append(pl.from_arrow(batch).group_by("series").agg(
+                    pl.len().cast(pl.Int64).alias("windows"),
+                    pl.col("window_end").max().cast(pl.Int64).alias("last_end")))
+            if len(parts) >= 64:
+                parts = [_merge_stats(parts)]
+        return _merge_stats(parts)
 
-    def _files(self, start_ms: int | None, end_ms: int | None) -> list[str]:
-        """Parquet files of the day directories that may hold windows in [start_ms, end_ms)."""
+    def _days(self, start_ms: int | None, end_ms: int | None) -> list[str]:
+        """Day directories, oldest first, that may hold windows in [start_ms, end_ms)."""
         lo = _day(start_ms) if start_ms is not None else ""
         hi = _day(end_ms - 1) if end_ms is not None else "~"
-        days = [
+        return sorted(
             info.path
             for info in self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
             if info.type == pafs.FileType.Directory
             and info.base_name.startswith("day=")
             and lo <= info.base_name[4:] <= hi
-        ]
-        out = []
-        for day in sorted(days):
-            infos = self.fs.get_file_info(pafs.FileSelector(day, allow_not_found=True))
-            out.extend(
-                sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
-            )
-        return out
+        )
+
+    def _day_files(self, day: str) -> list[str]:
+        infos = self.fs.get_file_info(pafs.FileSelector(day, allow_not_found=True))
+        return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+
+    def _files(self, start_ms: int | None, end_ms: int | None) -> list[str]:
+        """Parquet files of the day directories that may hold windows in [start_ms, end_ms)."""
+        return [f for day in self._days(start_ms, end_ms) for f in self._day_files(day)]
 
     # -- writing (the ingest checkpoint) ----------------------------------------------------
 
@@ -297,6 +343,10 @@ def redact_location(location: str) -> str:
     if "@" not in parts.netloc:
         return location
     return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+def _merge_stats(parts: list[pl.DataFrame]) -> pl.DataFrame:
+    return pl.concat(parts).group_by("series").agg(pl.col("windows").sum(), pl.col("last_end").max())
 
 
 def _day(ms: int) -> str:

@@ -62,6 +62,27 @@ def test_write_then_read_filters_sorts_and_counts(store_location: str) -> None:
     assert pending_files(reader) == []
 
 
+@pytest.mark.parametrize("n", [1, 3, 30, 200])
+def test_last_windows_reads_days_newest_first_and_equals_a_full_read(store_location: str, n: int) -> None:
+    store = HistoryStore(store_location)
+    # "a" spans four days, "b" has two windows on the first day only, "c" only the last day's, and
+    # "d" one window on each of two days far apart
+    store.write_checkpoint(TOPIC, 0, windows(["a"], [T0 + h * HOUR for h in range(0, 80)]), Progress(1, None))
+    store.write_checkpoint(TOPIC, 1, windows(["b"], [T0, T0 + HOUR]), Progress(1, None))
+    store.write_checkpoint(TOPIC, 1, windows(["c"], [T0 + 79 * HOUR]), Progress(2, None))
+    store.write_checkpoint(TOPIC, 2, windows(["d"], [T0 + 2 * HOUR, T0 + 75 * HOUR]), Progress(1, None))
+    everything = store.read()
+    want = everything.group_by("series", maintain_order=True).tail(n)
+    assert store.last_windows(n).equals(want)
+    assert store.last_windows(n, series=["b", "d"]).equals(want.filter(pl.col("series").is_in(["b", "d"])))
+    assert store.max_window_end() == {s: int(part["window_end"].max())
+                                      for (s,), part in everything.group_by("series")}
+
+
+def test_last_windows_of_an_empty_store_has_the_window_schema(store_location: str) -> None:
+    assert HistoryStore(store_location).last_windows(5).schema == pl.Schema(WINDOW_SCHEMA)
+
+
 def test_reads_open_only_the_days_in_range(store_location: str) -> None:
     store = HistoryStore(store_location)
     store.write_checkpoint(TOPIC, 0, windows(["a"], [T0, T0 + 2 * DAY]), Progress(2, None))
