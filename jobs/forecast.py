@@ -20,7 +20,7 @@ import json
 import logging
 import signal
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -244,9 +244,6 @@ class Forecaster:
         self.buffers = ContextBuffers(self.capacity, self.step_ms)
         self.watcher: ChampionWatcher | None = None
         self._partitions: KeyPartitions | None = None
-        # windows added since the last forecast: the contexts of a batch's older windows come from
-        # the store plus these (ingest produces a checkpoint's windows before it writes them to the store)
-        self._added: list[tuple[list[str], np.ndarray, np.ndarray]] = []
 
     def partitions_of(self, topic: str, producer: BulkProducer) -> KeyPartitions:
         """Partition of each series in ``topic`` (the key's default-partitioner choice), memoised
@@ -271,7 +268,6 @@ class Forecaster:
         frame = HistoryStore(self.settings).last_windows(self.capacity)
         self.buffers = ContextBuffers(self.capacity, self.step_ms)
         self.add(frame.to_arrow())
-        self._added.clear()
         SERIES.set(len(self.buffers))
         log.info("rebuilt context of %d series from the history store", len(self.buffers))
 
@@ -279,18 +275,20 @@ class Forecaster:
         """Put windows into the buffers; return their (series, window_end) in arrival order."""
         series, ends, values = target_values(table, self.target)
         self.buffers.put(series, ends, values)
-        self._added.append((series, ends, values))
         return list(zip(series, ends.tolist(), strict=True))
 
-    def forecast(self, keys: Iterable[tuple[str, int]], issued_at: int,
-                 chunk: int = MESSAGE_CHUNK) -> Iterator[list[tuple[str, bytes]]]:
+    def forecast(self, keys: Iterable[tuple[str, int]], issued_at: int, chunk: int = MESSAGE_CHUNK,
+                 batch: Sequence[pa.Table] = ()) -> Iterator[list[tuple[str, bytes]]]:
         """One batched inference over every (series, window_end) with enough context; yields the forecast
-        messages ``chunk`` series at a time (the caller sends each while the next is built)."""
+        messages ``chunk`` series at a time (the caller sends each while the next is built).
+
+        ``batch``: the windows tables just :meth:`add`-ed. Ingest produces a checkpoint's windows
+        before it writes them to the store, so contexts older than the buffer come from the store
+        plus these."""
         import models
 
         t_start = time.perf_counter()
         length = self.model.context
-        added, self._added = self._added, []
         keys = list(dict.fromkeys(keys))
         if not keys:
             return
@@ -305,7 +303,7 @@ class Forecaster:
         older: dict[str, list[int]] = {}
         for i in np.flatnonzero(evicted).tolist():
             older.setdefault(series[i], []).append(i)
-        own = _windows_of(added, older.keys()) if older else {}
+        own = _windows_of(batch, older.keys(), self.target) if older else {}
         for s, items in older.items():
             stored = self._buffer_from_store(s, int(ends[items].min()), int(ends[items].max()), length,
                                              own.get(s))
@@ -355,11 +353,12 @@ class Forecaster:
         return buf
 
 
-def _windows_of(added: list[tuple[list[str], np.ndarray, np.ndarray]],
-                wanted: Iterable[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{series: (window ends, values)} of the ``wanted`` series among the windows ``added``."""
-    if not added:
+def _windows_of(tables: Sequence[pa.Table], wanted: Iterable[str],
+                target: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{series: (window ends, target values)} of the ``wanted`` series in the windows ``tables``."""
+    if not tables:
         return {}
+    added = [target_values(table, target) for table in tables]
     frame = pl.DataFrame({
         "series": pl.Series([s for names, _, _ in added for s in names], dtype=pl.String),
         "end": np.concatenate([e for _, e, _ in added]),
@@ -666,6 +665,7 @@ def process_batch(batch: dict, forecaster: Forecaster, producer: BulkProducer, c
 
     t_start, wall_start = time.perf_counter(), time.time()
     keys: list[tuple[str, int]] = []
+    tables: list[pa.Table] = []
     oldest_ts = None
     commits = {}
     for tp, records in batch.items():
@@ -680,6 +680,7 @@ def process_batch(batch: dict, forecaster: Forecaster, producer: BulkProducer, c
                 continue
             WINDOWS_IN.inc(table.num_rows)
             keys.extend(forecaster.add(table))
+            tables.append(table)
             oldest_ts = rec.timestamp if oldest_ts is None else min(oldest_ts, rec.timestamp)
         commits[tp] = OffsetAndMetadata(records[-1].offset + 1, "", -1)
     SERIES.set(len(forecaster.buffers))
@@ -690,7 +691,7 @@ def process_batch(batch: dict, forecaster: Forecaster, producer: BulkProducer, c
     parts = forecaster.partitions_of(topic, producer)
     sent, sending = 0, 0.0
     # librdkafka sends each chunk while the next one's JSON is built
-    for messages in forecaster.forecast(keys, issued_at=int(time.time() * 1000)):
+    for messages in forecaster.forecast(keys, issued_at=int(time.time() * 1000), batch=tables):
         t0 = time.perf_counter()
         producer.send(topic, [(key.encode(), value, parts[key]) for key, value in messages])
         sent += len(messages)

@@ -46,20 +46,25 @@ S3_BUCKET = "rollcast-test"
 S3_KEYS = "rollcast:rollcast-secret"  # access key and secret; moto accepts any
 
 
+def create_bucket(server: str, bucket: str) -> None:
+    """Create ``bucket`` on the moto S3 server at ``server`` (``host:port``)."""
+    import pyarrow.fs as pafs
+
+    access, secret = S3_KEYS.split(":")
+    pafs.S3FileSystem(access_key=access, secret_key=secret, region="us-east-1", scheme="http",
+                      endpoint_override=server, allow_bucket_creation=True).create_dir(bucket)
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``host:port`` of a session-wide moto S3 server holding the bucket ``S3_BUCKET``."""
-    import pyarrow.fs as pafs
-
     logs = tmp_path_factory.mktemp("s3-logs")
     port = stack.free_port()
     argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
     child = stack.Child("moto-s3", argv, logs / "moto.log").start()
     try:
         child.wait_healthy(lambda: stack.http_ok(f"http://127.0.0.1:{port}/moto-api/"), timeout_s=60)
-        access, secret = S3_KEYS.split(":")
-        pafs.S3FileSystem(access_key=access, secret_key=secret, region="us-east-1", scheme="http",
-                          endpoint_override=f"127.0.0.1:{port}", allow_bucket_creation=True).create_dir(S3_BUCKET)
+        create_bucket(f"127.0.0.1:{port}", S3_BUCKET)
         yield f"127.0.0.1:{port}"
     finally:
         child.stop()

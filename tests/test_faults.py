@@ -31,7 +31,7 @@ from jobs.stack import Child
 from pipeline.config import Settings, load_settings
 from pipeline.kafka import ensure_topics, make_consumer, make_producer
 from pipeline.store import HistoryStore
-from tests.conftest import S3_KEYS
+from tests.conftest import S3_KEYS, create_bucket
 from tests.jobs.helpers import wait_for
 from tests.jobs.ingest_support import (
     INGEST_ENV,
@@ -231,12 +231,9 @@ def private_broker(tmp_path: Path, s3_server: str) -> Iterator[dict]:
     It keeps its topics, records and committed offsets in a bucket of its own on the moto S3 server,
     so that, like a Kafka broker, it restarts with everything it had acknowledged.
     """
-    import pyarrow.fs as pafs
-
-    access, secret = S3_KEYS.split(":")
     bucket = f"tansu-{uuid.uuid4().hex[:10]}"
-    pafs.S3FileSystem(access_key=access, secret_key=secret, region="us-east-1", scheme="http",
-                      endpoint_override=s3_server, allow_bucket_creation=True).create_dir(bucket)
+    create_bucket(s3_server, bucket)
+    access, secret = S3_KEYS.split(":")
     env = {**os.environ, "AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret,
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT": f"http://{s3_server}", "AWS_ALLOW_HTTP": "true"}
     port, binary = stack.free_port(), stack.broker_binary(None)
@@ -272,17 +269,17 @@ def test_broker_restart_mid_stream(private_broker, test_env, tmp_path, model_dir
         shift = 10_000_000  # event times well after the first part's
         after = produce(s, [dict(o, ts=o["ts"] + shift) for o in make_observations(2000, series=4, seed=22)])
         second = reference(after)
-        wait_for(lambda: store_complete(s, pl.concat([first, second])), 120, "the windows of both parts")
+        both = pl.concat([first, second])
+        wait_for(lambda: store_complete(s, both), 120, "the windows of both parts")
         got = HistoryStore(s).read()
         expected = forecastable(first) | forecastable(second)
         seen = forecast_keys(s, expected, 90)  # returns as soon as every expected forecast is there
-        lost, duplicated = counts(got, pl.concat([first, second]))
+        lost, duplicated = counts(got, both)
         if expected - seen.keys():
             print(forecast.tail(60), flush=True)
         report("broker-restart", windows_lost=lost, windows_duplicated=duplicated,
                forecasts_missing=len(expected - seen.keys()))
-        assert_frames_equal(got.join(pl.concat([first, second]).select(KEYS), on=KEYS).sort(KEYS),
-                            pl.concat([first, second]).sort(KEYS))
+        assert_frames_equal(got.join(both.select(KEYS), on=KEYS).sort(KEYS), both.sort(KEYS))
         healthy(ingest, ip)
         healthy(forecast, fp)
         for child in (ingest, forecast):  # one clear line per outage, not a flood

@@ -137,12 +137,14 @@ def test_a_batch_longer_than_the_buffer_is_forecast_before_the_store_holds_it(tm
     forecaster = Forecaster(s, model)
     windows = make_windows(["a", "b"], 4 * forecaster.capacity)
     assert HistoryStore(s).count() == 0
-    keys = forecaster.add(windows.to_arrow())
-    got = {(m[0], json.loads(m[1])["last_window_end"]) for c in forecaster.forecast(keys, issued_at=1) for m in c}
+    table = windows.to_arrow()
+    keys = forecaster.add(table)
+    got = {(m[0], json.loads(m[1])["last_window_end"])
+           for c in forecaster.forecast(keys, issued_at=1, batch=[table]) for m in c}
     ends = windows.filter(pl.col("series") == "b")["window_end"].to_list()
     assert {("b", e) for e in ends[L - 1:]} <= got  # every window with a full context, none skipped
     assert len(got) == len(keys) - 2 * (L - 1) - 1  # and in "a" the one context starting at its gap row
-    assert not list(forecaster.forecast(keys[:1], issued_at=1))  # the batch's windows were used once
+    assert not list(forecaster.forecast(keys[:1], issued_at=1))  # without them, the empty store has no context
 
 
 # ----------------------------------------------------------------------------- helpers
