@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import signal
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -32,7 +33,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from pipeline.config import Settings
 from pipeline.errors import BrokerUnavailable, MlflowUnavailable
-from pipeline.windows_io import KeyPartitions, decode_windows
+from pipeline.windows_io import KeyPartitions, announced_missing, decode_windows
 
 if TYPE_CHECKING:
     from pipeline.kafka import BulkProducer
@@ -63,6 +64,12 @@ END_TO_END_S = Histogram(
 MODEL_VERSION = Gauge("rollcast_forecast_model_version", "Registered model version in use (0: none)")
 MLFLOW_UP = Gauge("rollcast_forecast_mlflow_reachable", "1 if the last champion check reached MLflow")
 SERIES = Gauge("rollcast_forecast_series", "Series held in memory")
+BATCH_WAITS = Counter(
+    "rollcast_forecast_batch_waits_total",
+    "Polls whose windows batch announced partitions not yet fetched, by outcome: complete (the rest came "
+    "within forecast.batch_wait_ms) or timeout (forecast without them; they follow as another batch)",
+    ["outcome"],
+)
 LAG = Gauge("rollcast_forecast_consumer_lag", "Windows messages behind the partition's end", ["partition"])
 
 BUFFER_SLACK = 32  # windows kept beyond L so repeats after a restart still find their context
@@ -600,15 +607,14 @@ def _serve(settings: Settings, args: argparse.Namespace, forecaster: Forecaster,
     from pipeline.observability import LagTracker
 
     lag = LagTracker(LAG)
-    producer = BulkProducer(settings)
+    producer = BulkProducer(settings, **{"compression.type": settings.forecast.compression})
     last_data = time.monotonic()
     clean = False
     try:
         while not shutdown.requested:
             batch = consumer.poll(timeout_ms=200)
-            if batch:  # windows of one checkpoint often land in two fetches: one inference for all
-                for tp, records in consumer.poll(timeout_ms=0).items():
-                    batch.setdefault(tp, []).extend(records)
+            if batch:
+                complete_batch(consumer, batch, settings.forecast.batch_wait_ms / 1000)
             health.polled()
             lag.update(consumer, batch)
             if batch or not consumer.assignment():  # the idle clock runs only while assigned
@@ -632,6 +638,33 @@ def _serve(settings: Settings, args: argparse.Namespace, forecaster: Forecaster,
     finally:
         producer.close(settings.observability.shutdown_timeout_s if clean else 1.0)
     return 0
+
+
+def complete_batch(consumer: Any, batch: dict, wait_s: float) -> None:
+    """Add to ``batch`` (a poll's records) what the consumer has fetched since, then the rest of every windows
+    batch whose ``rollcast-batch`` headers announce partitions this consumer owns but ``batch`` lacks, for up
+    to ``wait_s``. A checkpoint's partitions often land in different fetches; forecasting each fetch on its
+    own runs the inference and the messages twice and delays the second half by the first."""
+
+    def extend(more: dict) -> None:
+        for tp, records in more.items():
+            batch.setdefault(tp, []).extend(records)
+
+    extend(consumer.poll(timeout_ms=0))
+    if wait_s <= 0:
+        return
+    owned = {tp.partition for tp in consumer.assignment()}
+    deadline, waited = time.monotonic() + wait_s, False
+    while announced_missing(((tp.partition, r) for tp, records in batch.items() for r in records), owned):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            BATCH_WAITS.labels("timeout").inc()
+            log.debug("windows batch still incomplete after %.0f ms; forecasting what arrived", wait_s * 1000)
+            return
+        waited = True
+        extend(consumer.poll(timeout_ms=max(1, math.ceil(left * 1000))))
+    if waited:
+        BATCH_WAITS.labels("complete").inc()
 
 
 def _assignment_log() -> Any:

@@ -47,7 +47,7 @@ from pipeline import metrics
 from pipeline.errors import RollcastError
 from pipeline.store import HistoryStore, Progress
 from pipeline.windows import WindowState
-from pipeline.windows_io import HEADERS, WindowRouter
+from pipeline.windows_io import WindowRouter
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +93,9 @@ class Checkpoint:
         # 1. produce closed windows
         everything = [df for df in closed.values() if df is not None and df.height]
         if everything:
-            for part, value in self.router.messages(pl.concat(everything)):
+            for part, value, headers in self.router.batch(pl.concat(everything)):
                 self.futures.append(
-                    self.producer.send(self.windows_topic, value=value, partition=part, headers=HEADERS)
+                    self.producer.send(self.windows_topic, value=value, partition=part, headers=headers)
                 )
         # 2. flush and check every future
         self.producer.flush(timeout=self.timeout_s)

@@ -6,11 +6,20 @@ series id), so a forecast consumer owning a partition owns whole series.
 Consumers decode a message with :func:`decode_windows`; a restart of ingest
 may repeat a (series, window_start) row, always with the same values, so drop
 repeats by that key.
+
+The messages of one batch (one ingest checkpoint) carry the header
+``rollcast-batch: <id>/<partitions>``: an id of the batch and every partition
+it has messages in. A batch's partitions often arrive in different fetches
+(a broker applies a produce partition by partition; partitions led by other
+brokers are fetched separately); a consumer that owns several of them can
+wait for the rest (:func:`announced_missing`) and forecast the batch at once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import polars as pl
 import pyarrow as pa
@@ -19,6 +28,7 @@ from kafka.partitioner.default import murmur2
 from pipeline.decode import ARROW_CONTENT_TYPE
 
 HEADERS = [("content-type", ARROW_CONTENT_TYPE.encode())]
+BATCH_HEADER = "rollcast-batch"
 
 
 def partition_for(series: str, partitions: int) -> int:
@@ -63,6 +73,22 @@ class KeyPartitions:
         return p
 
 
+def announced_missing(records: Iterable[tuple[int, Any]], owned: set[int]) -> set[tuple[str, int]]:
+    """(batch id, partition) announced by the ``rollcast-batch`` headers of ``records`` (pairs of
+    partition and consumer record) in a partition of ``owned`` but not among ``records``.
+    Records without the header, or with one that does not parse, announce nothing."""
+    announced: set[tuple[str, int]] = set()
+    seen: set[tuple[str, int]] = set()
+    for partition, record in records:
+        for key, value in record.headers or ():
+            if key != BATCH_HEADER:
+                continue
+            batch, _, parts = bytes(value).decode("utf-8", "replace").partition("/")
+            seen.add((batch, partition))
+            announced.update((batch, int(p)) for p in parts.split(",") if p.isdigit() and int(p) in owned)
+    return announced - seen
+
+
 class WindowRouter:
     """Groups closed windows by the ``windows`` partition of their series."""
 
@@ -83,3 +109,11 @@ class WindowRouter:
             group = group.drop("_p")
             for start in range(0, group.height, self.max_rows):
                 yield int(p), encode_windows(group.slice(start, self.max_rows))
+
+    def batch(self, windows: pl.DataFrame) -> list[tuple[int, bytes, list[tuple[str, bytes]]]]:
+        """``(partition, Arrow IPC bytes, headers)`` of every message of one batch: :data:`HEADERS` plus
+        ``rollcast-batch`` naming a new batch id and all the partitions the batch reaches."""
+        messages = list(self.messages(windows))
+        parts = ",".join(str(p) for p in sorted({p for p, _ in messages}))
+        headers = [*HEADERS, (BATCH_HEADER, f"{os.urandom(8).hex()}/{parts}".encode())]
+        return [(p, value, headers) for p, value in messages]

@@ -6,15 +6,18 @@ import asyncio
 import json
 import os
 import signal
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import polars as pl
 import pytest
 import torch
+from kafka import TopicPartition
 
 import models
-from jobs.forecast import ContextBuffers, LoadedModel, forecast_messages
+from jobs.forecast import ContextBuffers, LoadedModel, complete_batch, forecast_messages
 from pipeline.config import Settings
 from pipeline.kafka import make_consumer, make_producer
 from pipeline.store import HistoryStore, Progress
@@ -147,6 +150,67 @@ def test_a_batch_longer_than_the_buffer_is_forecast_before_the_store_holds_it(tm
     assert not list(forecaster.forecast(keys[:1], issued_at=1))  # without them, the empty store has no context
 
 
+class ScriptedConsumer:
+    """Stands in for the consumer in :func:`complete_batch`: each poll hands out the next scripted fetch,
+    or, with none left, waits out its timeout and returns nothing."""
+
+    def __init__(self, owned: set[int], fetches: list[dict]):
+        self.owned, self.fetches, self.timeouts = owned, fetches, []
+
+    def assignment(self) -> set[TopicPartition]:
+        return {TopicPartition("windows", p) for p in self.owned}
+
+    def poll(self, timeout_ms: int) -> dict:
+        self.timeouts.append(timeout_ms)
+        if self.fetches:
+            return self.fetches.pop(0)
+        time.sleep(timeout_ms / 1000)
+        return {}
+
+
+def _batch_records(series: list[str]) -> dict[TopicPartition, list[SimpleNamespace]]:
+    """One windows batch as consumer records (only headers matter here), by partition."""
+    out: dict[TopicPartition, list[SimpleNamespace]] = {}
+    for p, value, headers in WindowRouter(4).batch(make_windows(series, 1)):
+        out.setdefault(TopicPartition("windows", p), []).append(SimpleNamespace(headers=headers, value=value))
+    return out
+
+
+def test_a_batch_split_across_fetches_is_completed_before_forecasting() -> None:
+    parts = _batch_records([f"s{i}" for i in range(40)])
+    first, *rest = parts
+    assert rest
+    # the rest arrives two polls later: the job waits for it
+    consumer = ScriptedConsumer({0, 1, 2, 3}, [{}, {}, {tp: parts[tp] for tp in rest}])
+    batch = {first: list(parts[first])}
+    complete_batch(consumer, batch, wait_s=5)
+    assert batch == parts and consumer.timeouts[0] == 0 and len(consumer.timeouts) == 3
+    # a whole batch: one look at what is already fetched, no waiting
+    consumer = ScriptedConsumer({0, 1, 2, 3}, [])
+    batch = {tp: list(records) for tp, records in parts.items()}
+    complete_batch(consumer, batch, wait_s=5)
+    assert batch == parts and consumer.timeouts == [0]
+    # partitions owned by another consumer are not waited for
+    consumer = ScriptedConsumer({first.partition}, [])
+    complete_batch(consumer, {first: list(parts[first])}, wait_s=5)
+    assert consumer.timeouts == [0]
+
+
+def test_a_batch_whose_rest_never_comes_is_forecast_after_the_wait() -> None:
+    parts = _batch_records([f"s{i}" for i in range(40)])
+    first = next(iter(parts))
+    consumer = ScriptedConsumer({0, 1, 2, 3}, [])
+    batch = {first: list(parts[first])}
+    t0 = time.monotonic()
+    complete_batch(consumer, batch, wait_s=0.2)
+    assert 0.2 <= time.monotonic() - t0 < 2
+    assert batch == {first: parts[first]}
+    # batch_wait_ms = 0: what is fetched now, no wait
+    consumer = ScriptedConsumer({0, 1, 2, 3}, [])
+    complete_batch(consumer, {first: list(parts[first])}, wait_s=0)
+    assert consumer.timeouts == [0]
+
+
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -185,8 +249,8 @@ def offline(model_dir: Path, windows: pl.DataFrame) -> dict[tuple[str, int], lis
 def produce_windows(settings: Settings, windows: pl.DataFrame) -> None:
     producer = make_producer(settings)
     router = WindowRouter(settings.kafka.partitions, max_rows=7)
-    for partition, value in router.messages(windows):
-        producer.send(settings.topics.windows, value, partition=partition, headers=HEADERS)
+    for partition, value, headers in router.batch(windows):  # as ingest's checkpoint does
+        producer.send(settings.topics.windows, value, partition=partition, headers=headers)
     producer.flush()
     producer.close()
 

@@ -41,9 +41,16 @@ def test_windows_match_reference_and_topic(settings, test_env, tmp_path):
     # the windows topic holds the same windows, each message on its series' partition
     n_parts = 2
     recs = consume_all(s, s.topics.windows, lambda got_: windows_from_topic(got_).height >= want.height)
+    batches: dict[str, tuple[set[int], set[int]]] = {}  # id -> (announced partitions, partitions seen)
     for r in recs:
         series = set(pl.from_arrow(decode_windows(r.value))["series"].to_list())
         assert {partition_for(x, n_parts) for x in series} == {r.partition}
+        batch, parts = dict(r.headers)["rollcast-batch"].decode().split("/")
+        announced, seen = batches.setdefault(batch, ({int(p) for p in parts.split(",")}, set()))
+        assert announced == {int(p) for p in parts.split(",")}
+        seen.add(r.partition)
+    # every checkpoint's messages name their batch and exactly the partitions it reached
+    assert batches and all(announced == seen for announced, seen in batches.values())
     assert_frames_equal(windows_from_topic(recs), want)
     # late events went to the DLQ with reason `late`
     dlq = consume_all(s, s.topics.dlq, lambda g: len(g) >= late_expected)

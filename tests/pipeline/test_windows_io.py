@@ -1,0 +1,62 @@
+"""Windows messages: routing by partition and the batch header that lets a consumer wait for the rest."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import polars as pl
+
+from pipeline.windows import WINDOW_SCHEMA
+from pipeline.windows_io import (
+    BATCH_HEADER,
+    HEADERS,
+    WindowRouter,
+    announced_missing,
+    decode_windows,
+    partition_for,
+)
+
+
+def _windows(series: list[str]) -> pl.DataFrame:
+    n = len(series)
+    return pl.DataFrame(
+        {"series": series, "window_start": [0] * n, "window_end": [60_000] * n, "count": [1] * n,
+         "first": [1.0] * n, "last": [1.0] * n, "min": [1.0] * n, "max": [1.0] * n, "mean": [1.0] * n,
+         "sum": [1.0] * n},
+        schema=WINDOW_SCHEMA,
+    )
+
+
+def _record(headers: list[tuple[str, bytes]] | None) -> SimpleNamespace:
+    return SimpleNamespace(headers=headers)
+
+
+def test_a_batch_names_itself_and_every_partition_it_reaches():
+    series = [f"s{i}" for i in range(40)]
+    router = WindowRouter(4, max_rows=7)
+    messages = router.batch(_windows(series))
+    parts = {p for p, _, _ in messages}
+    assert parts == {partition_for(s, 4) for s in series} and len(messages) > len(parts)  # split by max_rows
+    (header,) = {dict(h)[BATCH_HEADER] for _, _, h in messages}  # one batch id for all its messages
+    batch, listed = header.decode().split("/")
+    assert len(batch) == 16 and {int(p) for p in listed.split(",")} == parts
+    assert all(h[: len(HEADERS)] == HEADERS for _, _, h in messages)
+    assert sorted(s for _, v, _ in messages for s in decode_windows(v).column("series").to_pylist()) == sorted(series)
+    # the next batch gets another id
+    assert dict(router.batch(_windows(series))[0][2])[BATCH_HEADER] != header
+
+
+def test_announced_missing_lists_owned_partitions_not_yet_read():
+    [(p0, _, h0), *rest] = WindowRouter(4).batch(_windows([f"s{i}" for i in range(40)]))
+    batch = dict(h0)[BATCH_HEADER].decode().split("/")[0]
+    others = {p for p, _, _ in rest}
+    assert others and p0 not in others
+    assert announced_missing([(p0, _record(h0))], owned={0, 1, 2, 3}) == {(batch, p) for p in others}
+    # partitions another consumer owns are not waited for
+    assert announced_missing([(p0, _record(h0))], owned={p0}) == set()
+    # the whole batch read: nothing missing
+    assert announced_missing([(p0, _record(h0)), *((p, _record(h)) for p, _, h in rest)], owned={0, 1, 2, 3}) == set()
+    # records without the header (older producers) or with an unreadable one announce nothing
+    assert announced_missing([(0, _record(None)), (1, _record(HEADERS))], owned={0, 1, 2, 3}) == set()
+    junk = [(0, _record([(BATCH_HEADER, b"\xff\xfe")])), (1, _record([(BATCH_HEADER, b"id/x,,-1")]))]
+    assert announced_missing(junk, owned={0, 1, 2, 3}) == set()
