@@ -196,6 +196,9 @@ def rdkafka_config(settings: Settings) -> dict[str, Any]:
         "message.max.bytes": 16 << 20,
         "batch.size": 16 << 20,
         "message.timeout.ms": int(settings.kafka.connect_timeout_s * 1000) + 20_000,
+        # delivery reports (a Python callback each, served on the caller's thread) only for failures:
+        # success is what flush() returning 0 says
+        "delivery.report.only.error": True,
     })
     return conf
 
