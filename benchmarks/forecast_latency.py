@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import os
 import re
 import subprocess
@@ -49,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 import models  # noqa: E402
 from jobs import stack  # noqa: E402
+from jobs.forecast import freeze_heap  # noqa: E402
 from pipeline.config import Settings, load_settings  # noqa: E402
 from pipeline.kafka import ensure_topics, make_producer  # noqa: E402
 from pipeline.store import HistoryStore, Progress  # noqa: E402
@@ -162,10 +162,9 @@ async def _rounds(settings: Settings, bootstrap: str, series: list[str], context
         router = WindowRouter(settings.kafka.partitions)
         for i in range(2):
             await _one_round(settings, producer, reader, router, series, context + i, rng, timeout=180)
-        # as the job does (jobs.forecast.freeze_heap): a full collection of this process's start-up objects
-        # (torch, polars) takes ~0.3 s and would land in whichever round triggers it
-        gc.collect()
-        gc.freeze()
+        # as the job does: a full collection of this process's start-up objects (torch, polars) takes ~0.3 s
+        # and would land in whichever round triggers it
+        freeze_heap()
         before = await asyncio.to_thread(scrape, metrics_port)
         latencies = [await _one_round(settings, producer, reader, router, series, context + 2 + r, rng, timeout=60)
                      for r in range(rounds)]

@@ -111,14 +111,15 @@ class HistoryStore:
     ) -> pl.DataFrame:
         """Windows with ``start_ms <= window_start < end_ms`` (either bound optional), sorted by
         (series, window_start). Only the day directories in range are opened."""
-        files = self._files(start_ms, end_ms)
+        return self._read_files(self._files(start_ms, end_ms), series, start_ms, end_ms)
+
+    def _read_files(self, files: list[str], series: str | list[str] | None = None, start_ms: int | None = None,
+                    end_ms: int | None = None) -> pl.DataFrame:
+        """:meth:`read` over the Parquet ``files`` (those of the day directories in range)."""
         if not files:
             return pl.DataFrame(schema=WINDOW_SCHEMA)
         dataset = ds.dataset(files, filesystem=self.fs, format="parquet")
-        flt = None
-        if series is not None:
-            names = [series] if isinstance(series, str) else list(series)
-            flt = ds.field("series").isin(names)
+        flt = _series_filter(series)
         if start_ms is not None:
             f = ds.field("window_start") >= start_ms
             flt = f if flt is None else flt & f
@@ -142,15 +143,10 @@ class HistoryStore:
         for day in reversed(self._days(None, None)):
             if need.height == 0:
                 break
-            files = self._day_files(day)
-            if not files:
+            day_windows = self._read_files(self._day_files(day), need["series"].to_list())
+            if day_windows.height == 0:
                 continue
-            table = ds.dataset(files, filesystem=self.fs, format="parquet").to_table(
-                columns=list(WINDOW_SCHEMA), filter=ds.field("series").isin(need["series"].to_list()))
-            if table.num_rows == 0:
-                continue
-            got = (pl.from_arrow(table).cast(WINDOW_SCHEMA).sort("series", "window_start")
-                   .join(need, on="series")
+            got = (day_windows.join(need, on="series")
                    .filter(pl.int_range(pl.len()).reverse().over("series") < pl.col("need")))
             frames.append(got.drop("need"))
             taken = got.group_by("series").agg(pl.len().alias("taken"))
@@ -178,12 +174,9 @@ class HistoryStore:
         files = self._files(None, None)
         if not files:
             return stats
-        flt = None
-        if series is not None:
-            flt = ds.field("series").isin([series] if isinstance(series, str) else list(series))
         parts = [stats]
         for batch in ds.dataset(files, filesystem=self.fs, format="parquet").to_batches(
-                columns=["series", "window_end"], filter=flt, batch_size=1 << 20):
+                columns=["series", "window_end"], filter=_series_filter(series), batch_size=1 << 20):
             if batch.num_rows:
                 parts.append(pl.from_arrow(batch).group_by("series").agg(
                     pl.len().cast(pl.Int64).alias("windows"),
@@ -343,6 +336,13 @@ def redact_location(location: str) -> str:
     if "@" not in parts.netloc:
         return location
     return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+def _series_filter(series: str | list[str] | None) -> ds.Expression | None:
+    """Dataset filter for one series, a list of them, or all (None)."""
+    if series is None:
+        return None
+    return ds.field("series").isin([series] if isinstance(series, str) else list(series))
 
 
 def _merge_stats(parts: list[pl.DataFrame]) -> pl.DataFrame:
