@@ -622,7 +622,7 @@ def _serve(settings: Settings, args: argparse.Namespace, forecaster: Forecaster,
     """One producer session: poll windows, forecast, commit, swap in a new champion."""
     from kafka.errors import KafkaError
 
-    from pipeline.kafka import BulkProducer
+    from pipeline.kafka import BulkProducer, poll_promptly
     from pipeline.observability import LagTracker
 
     lag = LagTracker(LAG)
@@ -631,7 +631,7 @@ def _serve(settings: Settings, args: argparse.Namespace, forecaster: Forecaster,
     clean = False
     try:
         while not shutdown.requested:
-            batch = consumer.poll(timeout_ms=200)
+            batch = poll_promptly(consumer, 200)
             if batch:
                 complete_batch(consumer, batch, settings.forecast.batch_wait_ms / 1000)
             health.polled()
@@ -666,6 +666,8 @@ def complete_batch(consumer: Any, batch: dict, wait_s: float) -> None:
     to ``wait_s``. A checkpoint's partitions often land in different fetches; forecasting each fetch on its
     own runs the inference and the messages twice and delays the second half by the first."""
 
+    from pipeline.kafka import poll_promptly
+
     def extend(more: dict) -> None:
         for tp, records in more.items():
             batch.setdefault(tp, []).extend(records)
@@ -682,7 +684,7 @@ def complete_batch(consumer: Any, batch: dict, wait_s: float) -> None:
             log.debug("windows batch still incomplete after %.0f ms; forecasting what arrived", wait_s * 1000)
             return
         waited = True
-        extend(consumer.poll(timeout_ms=max(1, math.ceil(left * 1000))))
+        extend(poll_promptly(consumer, max(1, math.ceil(left * 1000))))
     if waited:
         BATCH_WAITS.labels("complete").inc()
 

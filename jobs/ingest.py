@@ -116,7 +116,7 @@ def _consume(settings: Settings, args: argparse.Namespace, stop: list[int], heal
     from kafka.errors import KafkaError
 
     from pipeline.ingestor import Ingestor
-    from pipeline.kafka import make_consumer, make_producer
+    from pipeline.kafka import make_consumer, make_producer, poll_promptly
 
     producer = make_producer(settings)
     consumer = make_consumer(settings, settings.groups.ingest)
@@ -127,7 +127,7 @@ def _consume(settings: Settings, args: argparse.Namespace, stop: list[int], heal
         consumer.subscribe([settings.topics.observations], listener=ingestor.listener())
         last_data = time.monotonic()
         while not stop:
-            batch = consumer.poll(timeout_ms=args.poll_timeout_ms)
+            batch = poll_promptly(consumer, args.poll_timeout_ms)
             health.polled()
             ingestor.raise_failed()  # a checkpoint inside a rebalance callback failed
             lag.update(consumer, batch)

@@ -146,6 +146,8 @@ def plot(settings: Settings, msg: dict, path: Path, history: int) -> None:
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
+    from pipeline.kafka import poll_promptly
+
     latest, consumer = read_latest(settings, args.series, args.idle_ms)
     try:
         if args.json:
@@ -167,7 +169,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         if args.follow:
             wanted = set(args.series)
             while True:
-                for records in consumer.poll(timeout_ms=500).values():
+                for records in poll_promptly(consumer, 500).values():
                     for rec in records:
                         msg = _keep_newest(latest, rec.value, wanted)
                         if msg is None:
