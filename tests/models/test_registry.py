@@ -107,6 +107,21 @@ def test_flat_series_and_level_shift_are_handled() -> None:
     np.testing.assert_allclose(predict(m, 100 + 10 * ctx), 100 + 10 * predict(m, ctx), rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("normalise", ["last", "mean"])
+def test_scale_is_the_floored_population_std_and_flat_contexts_train(normalise: str) -> None:
+    m = create_model("tcn", context=L, horizon=H, channels_hidden=4, normalise=normalise)
+    x = torch.from_numpy(np.random.default_rng(1).normal(7, 3, size=(64, L, 1)).astype(np.float32))
+    x[0] = 2.5  # a flat context: the scale is eps
+    loc, scale = m.scaling(x)
+    want = x[..., 0].std(dim=1, keepdim=True, unbiased=False).clamp_min(m.config.eps)
+    torch.testing.assert_close(scale, want, rtol=1e-6, atol=0)
+    assert scale[0].item() == pytest.approx(m.config.eps)
+    # the flat sample's gradient is finite (a root of a zero variance would give NaN)
+    x.requires_grad_(True)
+    m.loss(x, torch.ones(64, H)).backward()
+    assert torch.isfinite(x.grad).all()
+
+
 def test_tcn_receptive_field() -> None:
     m = create_model("tcn", context=64, kernel_size=3, levels=3, channels_hidden=4, dropout=0.0).eval()
     assert m.receptive_field == receptive_field(3, 3) == 1 + 2 * 2 * (1 + 2 + 4) == 29
