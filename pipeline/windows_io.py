@@ -21,8 +21,10 @@ import os
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 from kafka.partitioner.default import murmur2
 
 from pipeline.decode import ARROW_CONTENT_TYPE
@@ -101,14 +103,17 @@ class WindowRouter:
         """``(partition, Arrow IPC bytes)`` for every group of at most ``max_rows`` windows."""
         if windows.height == 0:
             return
-        keys = windows["series"].unique().to_list()
-        parts = pl.DataFrame({"series": keys, "_p": [self._parts[s] for s in keys]},
-                             schema={"series": pl.String, "_p": pl.Int64})
-        routed = windows.join(parts, on="series", how="left", maintain_order="left")
-        for (p,), group in routed.group_by("_p", maintain_order=True):
-            group = group.drop("_p")
-            for start in range(0, group.height, self.max_rows):
-                yield int(p), encode_windows(group.slice(start, self.max_rows))
+        # In Arrow, without polars' thread pool: a group_by and a conversion per group took ~2.5 ms for
+        # 1,000 windows, this ~1 ms, on the way from a closed window to its forecast.
+        table = windows.to_arrow()
+        series = pc.dictionary_encode(table.column("series").combine_chunks())
+        of_key = np.array([self._parts[s] for s in series.dictionary.to_pylist()], dtype=np.int64)
+        partition = of_key[series.indices.to_numpy(zero_copy_only=False)]
+        found, first = np.unique(partition, return_index=True)
+        for p in found[np.argsort(first)].tolist():  # partitions in the order of their first row
+            rows = np.flatnonzero(partition == p)  # the partition's rows, in their order
+            for start in range(0, len(rows), self.max_rows):
+                yield p, encode_windows(table.take(rows[start:start + self.max_rows]))
 
     def batch(self, windows: pl.DataFrame) -> list[tuple[int, bytes, list[tuple[str, bytes]]]]:
         """``(partition, Arrow IPC bytes, headers)`` of every message of one batch: :data:`HEADERS` plus

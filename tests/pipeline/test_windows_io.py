@@ -42,6 +42,9 @@ def test_a_batch_names_itself_and_every_partition_it_reaches():
     assert len(batch) == 16 and {int(p) for p in listed.split(",")} == parts
     assert all(h[: len(HEADERS)] == HEADERS for _, _, h in messages)
     assert sorted(s for _, v, _ in messages for s in decode_windows(v).column("series").to_pylist()) == sorted(series)
+    for p, value, _ in messages:  # every row of a message is in that message's partition, rows in input order
+        rows = decode_windows(value).column("series").to_pylist()
+        assert {partition_for(s, 4) for s in rows} == {p} and rows == sorted(rows, key=series.index)
     # the next batch gets another id
     assert dict(router.batch(_windows(series))[0][2])[BATCH_HEADER] != header
 
