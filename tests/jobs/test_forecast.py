@@ -45,6 +45,8 @@ def test_buffers_give_the_context_ending_at_a_window_and_replace_repeats() -> No
     assert evicted.tolist() == [False, False, False, False, False]
     _, ok, evicted = buf.contexts(buf.row_of(["a"]), np.array([5000]), 4)  # 2000 was pushed out: bounded
     assert not ok[0] and evicted[0]  # older than the buffer: the job reads the store for it
+    _, ok, evicted = buf.contexts(buf.row_of(["a"]), np.array([7000]), 6)  # longer than the buffer
+    assert not ok[0] and evicted[0]
     _, ok, _ = buf.contexts(buf.row_of(["b"]), np.array([2000]), 2)
     assert ok[0]
     buf.put(["a"], np.array([6000]), np.array([60.0]))  # a repeat after a restart replaces the value

@@ -7,7 +7,7 @@ import polars as pl
 import pytest
 
 from models import create_model, predict
-from models.data import SeriesMatrix, calendar_features, make_samples, time_split, windows_to_matrix
+from models.data import SeriesMatrix, calendar_features, ffill, make_samples, time_split, windows_to_matrix
 from pipeline.errors import DatasetError, NotEnoughData
 
 HOUR = 3_600_000
@@ -72,3 +72,12 @@ def test_time_split() -> None:
     m = SeriesMatrix(["x"], np.arange(200.0)[None], np.arange(200) * HOUR, HOUR)
     val = make_samples(m, 20, 5, split.val)
     assert val.y.min() == 155 and val.y.max() == 169
+
+
+def test_ffill_fills_gaps_forward_and_returns_a_new_array():
+    gappy = np.array([[np.nan, 1.0, np.nan, np.nan, 4.0], [2.0, np.nan, 3.0, np.nan, np.nan]])
+    np.testing.assert_array_equal(ffill(gappy), [[np.nan, 1.0, 1.0, 1.0, 4.0], [2.0, 2.0, 3.0, 3.0, 3.0]])
+    full = np.arange(6.0).reshape(2, 3)
+    out = ffill(full)  # nothing to fill: equal values, and not the caller's array
+    out[0, 0] = 99.0
+    assert full[0, 0] == 0.0 and out[1].tolist() == [3.0, 4.0, 5.0]
