@@ -202,6 +202,25 @@ def forecast_messages(
     Point ``h`` (1-based) covers the window starting at ``last_window_end + (h-1)*step_ms``;
     its ``ts`` is that window's start, matching ``window_start`` in the history store.
     """
+    return [m for chunk in forecast_message_chunks(series, last_ends, preds, model, step_ms, issued_at)
+            for m in chunk]
+
+
+def forecast_message_chunks(
+    series: list[str],
+    last_ends: list[int] | np.ndarray,
+    preds: np.ndarray,
+    model: LoadedModel,
+    step_ms: int,
+    issued_at: int,
+    chunk: int | None = None,
+) -> Iterator[list[tuple[str, bytes]]]:
+    """:func:`forecast_messages`, ``chunk`` messages at a time (all at once if None).
+
+    The text of every point is built for the whole batch in one pass; only the documents are
+    assembled per chunk, so a caller can send each chunk while the next is assembled. Building
+    everything per chunk instead repeated polars' per-call overhead (~0.5 ms a call of 250).
+    """
     # The JSON text is assembled column-wise by polars string expressions (one pass over all points,
     # then one join per message): ~1/3 less time than building nested structs for write_ndjson, and
     # several times faster than per-message dicts through a JSON encoder, at 1,000+ forecasts a batch.
@@ -211,7 +230,7 @@ def forecast_messages(
     preds = np.asarray(preds, dtype=np.float32)
     n, horizon, _ = preds.shape
     if n == 0:
-        return []
+        return
     median = model.quantiles.index(0.5)
     ends = np.asarray(last_ends, dtype=np.int64)
 
@@ -239,11 +258,14 @@ def forecast_messages(
     head = (f',"issued_at":{int(issued_at)},"last_window_end":')
     mid = (',"model":' + json.dumps({"name": model.name, "version": model.version}, separators=(",", ":"))
            + f',"step_ms":{int(step_ms)},"points":[')
-    lines = pl.select(pl.concat_str([
-        pl.lit('{"series":'), pl.lit(names), pl.lit(head), pl.lit(pl.Series(ends)).cast(pl.String),
-        pl.lit(mid), pl.lit(points), pl.lit("]}"),
-    ]).cast(pl.Binary))[:, 0].to_list()
-    return list(zip(series, lines, strict=True))
+    ends_text = pl.Series(ends).cast(pl.String)
+    step = chunk or n
+    for lo in range(0, n, step):
+        lines = pl.select(pl.concat_str([
+            pl.lit('{"series":'), pl.lit(names[lo:lo + step]), pl.lit(head), pl.lit(ends_text[lo:lo + step]),
+            pl.lit(mid), pl.lit(points[lo:lo + step]), pl.lit("]}"),
+        ]).cast(pl.Binary))[:, 0].to_list()
+        yield list(zip(series[lo:lo + step], lines, strict=True))
 
 
 # --------------------------------------------------------------------------- the job
@@ -343,13 +365,11 @@ class Forecaster:
         INFERENCE_S.observe(t1 - t0)
         STAGE_S.labels("inference").observe(t1 - t0)
         names, preds = [series[i] for i in use.tolist()], np.asarray(preds)
-        building = 0.0
-        for lo in range(0, len(names), chunk):
-            t2 = time.perf_counter()
-            out = forecast_messages(names[lo:lo + chunk], ok_ends[lo:lo + chunk], preds[lo:lo + chunk],
-                                    self.model, self.step_ms, issued_at)
+        building, t2 = 0.0, time.perf_counter()
+        for out in forecast_message_chunks(names, ok_ends, preds, self.model, self.step_ms, issued_at, chunk):
             building += time.perf_counter() - t2
             yield out
+            t2 = time.perf_counter()
         STAGE_S.labels("messages").observe(building)
 
     def _buffer_from_store(self, series: str, first_end: int, last_end: int, length: int,
