@@ -150,21 +150,26 @@ def test_hrnn_pooling_schedule() -> None:
         create_model("hrnn", context=8, levels=3, k=4)
 
 
-def test_tcn_last_step_equals_full_dilated_tcn() -> None:
-    """The subsampled TCN equals an ordinary dilated causal TCN (built here from torch ops) at its last step."""
+@pytest.mark.parametrize(("context", "kernel", "levels"), [(40, 3, None), (37, 3, None), (37, 2, None),
+                                                       (50, 4, None), (10, 3, 4)])
+def test_tcn_last_step_equals_full_dilated_tcn(context: int, kernel: int, levels: int | None) -> None:
+    """The subsampled TCN equals an ordinary dilated causal TCN (built here from torch ops) at its last step,
+    for even and odd lengths inside it and blocks shorter than the kernel, with and without autograd."""
     import torch.nn.functional as F
 
-    model = create_model("tcn", context=40, horizon=4, channels_hidden=5, dropout=0.0).eval()
-    x = torch.randn(3, 40, 1)
+    model = create_model("tcn", context=context, horizon=4, channels_hidden=5, kernel_size=kernel,
+                         levels=levels, dropout=0.0).eval()
+    x = torch.randn(3, context, 1)
     h = x.transpose(1, 2)
     for i, block in enumerate(model.blocks):
         d = 2**i
         out = h
         for conv in (block.net[0].conv, block.net[3].conv):
-            out = F.relu(F.conv1d(F.pad(out, (2 * d, 0)), conv.weight, conv.bias, dilation=d))
+            out = F.relu(F.conv1d(F.pad(out, ((kernel - 1) * d, 0)), conv.weight, conv.bias, dilation=d))
         h = F.relu(out + block.down(h))
     with torch.no_grad():
         torch.testing.assert_close(model.backbone(x), h[:, :, -1])
+    torch.testing.assert_close(model.backbone(x), h[:, :, -1])  # the autograd path (no in-place add)
 
 
 def test_models_saved_before_a_field_existed_load_with_its_old_value(tmp_path: Path) -> None:
