@@ -3,7 +3,9 @@
 For each registered model: training samples/s (Lightning fit, 1 epoch over
 synthetic sine samples) and the latency of one plain-PyTorch ``predict`` call
 for 1,000 series at L=96, H=24 (p50/p99 over --runs calls after a warm-up).
-Usage: python -m benchmarks.models [--runs N] [--train-samples N]
+Usage: python -m benchmarks.models [--runs N] [--train-samples N] [--threads N] [--models NAME ...]
+(``--threads 1`` is what the forecast job uses by default; the process sets
+glibc's malloc thresholds as the job does, see ``keep_freed_heap``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from jobs.forecast import keep_freed_heap  # noqa: E402
 from models import available_models, create_model, predict  # noqa: E402
 from models.data import Samples  # noqa: E402
 from models.training import fit  # noqa: E402
@@ -36,12 +39,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--train-samples", type=int, default=4096)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--models", nargs="+", default=None, help="default: every registered model")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    keep_freed_heap()  # as the forecast job: without it each call faults its tensors' pages in again
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {SERIES} series, L={L}, H={H}\n")
     print("| model | parameters | train samples/s | inference p50 ms | inference p99 ms |")
     print("|---|---|---|---|---|")
     ctx = synthetic(SERIES, seed=1)[:, :L]
-    for name in available_models():
+    for name in args.models or available_models():
         model = create_model(name, context=L, horizon=H, season=24 if name != "naive" else 0)
         n_params = sum(p.numel() for p in model.parameters())
         if model.trainable:
