@@ -36,8 +36,10 @@ What makes steps 2 and 3 atomic and durable depends on the filesystem:
 
 - *Local*: staged files and the record are written to a temporary name,
   fsynced and renamed over the final name (``os.replace``, atomic), and the
-  directory is fsynced; a move is a rename, so a file is either still staged
-  or in the dataset, never in both or neither.
+  directory is fsynced (so are the parents of directories created on the
+  way), so everything the record names survives a power loss with it; a
+  move is a rename, so a file is either still staged or in the dataset,
+  never in both or neither.
 - *Object stores* (S3, GCS, Azure): a single-object PUT is atomic (readers see
   the old object or the new one, never a part) and durable when it returns,
   so the record is written in place. A move is copy then delete, not atomic:
@@ -255,12 +257,15 @@ class HistoryStore:
         if not self._local:
             pq.write_table(table, path, filesystem=self.fs)  # one object, visible once complete
             return
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        _makedirs(os.path.dirname(path))
         tmp = path + ".tmp"
         pq.write_table(table, tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        # the record written next names this file: its directory entry must be durable before that,
+        # or a power loss could leave a record whose staged file is gone (recover would skip the move)
+        _fsync_dir(os.path.dirname(path))
 
     def _put_record(self, rel: str, data: bytes) -> None:
         """Replace a progress record atomically."""
@@ -269,7 +274,7 @@ class HistoryStore:
             with self.fs.open_output_stream(path) as f:  # a single-object PUT: atomic
                 f.write(data)
             return
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        _makedirs(os.path.dirname(path))
         tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
         with open(tmp, "wb") as f:
             f.write(data)
@@ -288,7 +293,7 @@ class HistoryStore:
                 continue  # moved before a crash
             dst = self._path(final)
             if self._local:
-                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                _makedirs(os.path.dirname(dst))
                 os.replace(src.path, dst)
                 _fsync_dir(os.path.dirname(dst))
             else:
@@ -351,6 +356,18 @@ def _merge_stats(parts: list[pl.DataFrame]) -> pl.DataFrame:
 
 def _day(ms: int) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(ms // 1000)) if ms >= 0 else "0000-00-00"
+
+
+def _makedirs(path: str) -> None:
+    """``os.makedirs(path, exist_ok=True)``, then fsync the parent of every directory it created: a new
+    directory's entry is durable only once its parent is synced."""
+    created, p = [], path
+    while p and not os.path.isdir(p):
+        created.append(p)
+        p = os.path.dirname(p)
+    os.makedirs(path, exist_ok=True)
+    for d in reversed(created):
+        _fsync_dir(os.path.dirname(d) or ".")
 
 
 def _fsync_dir(path: str) -> None:

@@ -147,3 +147,27 @@ def test_location_from_settings_and_errors_hide_credentials(tmp_path, s3_uri: st
     assert "rollcast-secret" not in str(e.value)
     with pytest.raises(ConfigError, match="storage.history"):
         _ = remote.history_dir  # remote stores have no local directory
+
+
+def test_local_directory_entries_are_synced_before_the_record_names_them(tmp_path, monkeypatch) -> None:
+    """On a local disk a renamed or created entry survives a power loss only once its directory is
+    fsynced: the staged files' directory (and every directory created for it) before the commit point,
+    the dataset's day directories (and the root, which gains them) before the checkpoint returns."""
+    import pipeline.store as store_module
+
+    events: list[str] = []
+    real_fsync_dir = store_module._fsync_dir
+    monkeypatch.setattr(store_module, "_fsync_dir", lambda path: (events.append(path), real_fsync_dir(path)))
+    store = HistoryStore(str(tmp_path / "history"))
+    real_put_record = store._put_record
+    monkeypatch.setattr(store, "_put_record", lambda rel, data: (events.append("RECORD"), real_put_record(rel, data)))
+
+    store.write_checkpoint(TOPIC, 0, SECOND, Progress(20, T0 + 30 * HOUR))  # two days
+    root = str(tmp_path / "history")
+    before = set(events[: events.index("RECORD")])
+    (stage,) = {p for p in before if p.startswith(f"{root}/_pending/{TOPIC}-0/")}
+    assert {str(tmp_path), root, f"{root}/_pending", f"{root}/_pending/{TOPIC}-0", stage} <= before
+    after = set(events[events.index("RECORD") + 1:])
+    days = {f"{root}/{d.name}" for d in (tmp_path / "history").iterdir() if d.name.startswith("day=")}
+    assert len(days) == 2 and days | {root, f"{root}/_progress"} <= after
+    assert store.read().equals(expected(SECOND))
