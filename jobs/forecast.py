@@ -547,7 +547,8 @@ def keep_freed_heap(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 3
 
 def freeze_heap() -> int:
     """Collect garbage once, then exempt every object alive now (imported modules, the model, the buffers)
-    from later collections; return how many that is.
+    from later collections, and make sure the collector is on (``rollcast`` starts with it off, see
+    :func:`jobs.cli.collector_off_during_start_up`); return how many objects are exempt.
 
     The job holds a few hundred thousand long-lived objects (torch, polars, MLflow, the model), and every
     full (generation 2) collection walked all of them: 275 ms in one benchmark run, a stall of one batch
@@ -558,6 +559,7 @@ def freeze_heap() -> int:
 
     gc.collect()
     gc.freeze()
+    gc.enable()
     return gc.get_freeze_count()
 
 

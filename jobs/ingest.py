@@ -11,6 +11,7 @@ SIGTERM/SIGINT finish the current batch, checkpoint and exit 0.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import signal
 import sys
@@ -125,6 +126,7 @@ def _consume(settings: Settings, args: argparse.Namespace, stop: list[int], heal
     try:
         ingestor = Ingestor(settings, consumer, producer, checkpoint_interval_s=args.checkpoint_interval_s)
         consumer.subscribe([settings.topics.observations], listener=ingestor.listener())
+        gc.enable()  # started: the collector was off for the imports (jobs.cli.collector_off_during_start_up)
         last_data = time.monotonic()
         while not stop:
             batch = poll_promptly(consumer, args.poll_timeout_ms)

@@ -50,3 +50,26 @@ def test_no_broker_configured_and_none_running_says_what_to_do(tmp_path: Path) -
     r = rollcast("replay", "temperature_hourly.csv", env={"ROLLCAST_DATA_DIR": str(tmp_path)})
     assert r.returncode == 2
     assert "rollcast up" in r.stderr and "ROLLCAST_KAFKA__BOOTSTRAP_SERVERS" in r.stderr
+
+
+def test_the_collector_is_off_during_start_up_and_back_on_after() -> None:
+    """A rollcast process imports with the garbage collector off; it comes back on when the forecast job
+    freezes its start-up heap, and by a timer in any case."""
+    import subprocess
+    import sys
+
+    script = (
+        "import gc, time\n"
+        "from jobs.cli import collector_off_during_start_up\n"
+        "from jobs.forecast import freeze_heap\n"
+        "collector_off_during_start_up(0.3)\n"
+        "assert not gc.isenabled()\n"
+        "time.sleep(1.0)\n"
+        "assert gc.isenabled(), 'the timer did not turn it on'\n"
+        "collector_off_during_start_up(60)\n"
+        "assert not gc.isenabled()\n"
+        "assert freeze_heap() > 0 and gc.isenabled(), 'freeze_heap did not turn it on'\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 0, r.stderr
