@@ -189,23 +189,6 @@ def load_saved_model(model_dir: Path, version: str) -> LoadedModel:
 # --------------------------------------------------------------------------- messages
 
 
-def forecast_messages(
-    series: list[str],
-    last_ends: list[int] | np.ndarray,
-    preds: np.ndarray,
-    model: LoadedModel,
-    step_ms: int,
-    issued_at: int,
-) -> list[tuple[str, bytes]]:
-    """One JSON forecast per row of ``preds`` (B, H, Q), in DESIGN.md's format.
-
-    Point ``h`` (1-based) covers the window starting at ``last_window_end + (h-1)*step_ms``;
-    its ``ts`` is that window's start, matching ``window_start`` in the history store.
-    """
-    return [m for chunk in forecast_message_chunks(series, last_ends, preds, model, step_ms, issued_at)
-            for m in chunk]
-
-
 def forecast_message_chunks(
     series: list[str],
     last_ends: list[int] | np.ndarray,
@@ -215,8 +198,11 @@ def forecast_message_chunks(
     issued_at: int,
     chunk: int | None = None,
 ) -> Iterator[list[tuple[str, bytes]]]:
-    """:func:`forecast_messages`, ``chunk`` messages at a time (all at once if None).
+    """One JSON forecast per row of ``preds`` (B, H, Q), in DESIGN.md's format, as ``(series, bytes)``
+    pairs in lists of ``chunk`` (one list of all if None).
 
+    Point ``h`` (1-based) covers the window starting at ``last_window_end + (h-1)*step_ms``;
+    its ``ts`` is that window's start, matching ``window_start`` in the history store.
     The text of every point is built for the whole batch in one pass; only the documents are
     assembled per chunk, so a caller can send each chunk while the next is assembled. Building
     everything per chunk instead repeated polars' per-call overhead (~0.5 ms a call of 250).

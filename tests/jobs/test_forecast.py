@@ -9,6 +9,7 @@ import signal
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -17,7 +18,7 @@ import torch
 from kafka import TopicPartition
 
 import models
-from jobs.forecast import ContextBuffers, LoadedModel, complete_batch, forecast_messages
+from jobs.forecast import ContextBuffers, LoadedModel, complete_batch, forecast_message_chunks
 from pipeline.config import Settings
 from pipeline.kafka import make_consumer, make_producer
 from pipeline.store import HistoryStore, Progress
@@ -64,6 +65,11 @@ def test_buffers_give_the_context_ending_at_a_window_and_replace_repeats() -> No
     many.put(names, np.full(200, 1000), np.arange(200.0))
     ctx, ok, _ = many.contexts(many.row_of(names[::-1]), np.full(200, 1000), 1)
     assert ok.all() and ctx[:, 0].tolist() == list(np.arange(200.0)[::-1]) and len(many) == 200
+
+
+def forecast_messages(*args: Any, **kwargs: Any) -> list[tuple[str, bytes]]:
+    """All of :func:`forecast_message_chunks`'s messages in one list."""
+    return [m for chunk in forecast_message_chunks(*args, **kwargs) for m in chunk]
 
 
 def test_message_format_follows_the_contract() -> None:
