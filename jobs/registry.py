@@ -113,6 +113,15 @@ def champion_version(settings: Settings, client: MlflowClient | None = None) -> 
             raise
 
 
+def latest_version(settings: Settings, client: MlflowClient | None = None) -> ModelVersion | None:
+    """The newest version of ``mlflow.registered_model`` (the last training cycle's), or None."""
+    client = client or configure(settings)
+    name = settings.mlflow.registered_model
+    with mlflow_errors(settings, f"looking up the newest version of {name}"):
+        found = client.search_model_versions(f"name='{name}'", max_results=1, order_by=["version_number DESC"])
+    return found[0] if found else None
+
+
 def cache_dir(settings: Settings) -> Path:
     """Where downloaded versions of the registered model are kept."""
     return settings.data_dir / "models" / settings.mlflow.registered_model

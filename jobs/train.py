@@ -14,10 +14,12 @@ margin train.min_improvement; a version with a non-finite loss or metric is
 tagged validation_status=failed and never promoted.
 
 Cycles run every train.every_minutes, after train.after_windows new windows
-reached the store, or on whichever comes first when both are set; the first
-one runs at start. If MLflow is unreachable a cycle is retried
-train.max_retries times with exponential backoff (trained models are kept,
-not retrained), and a failed cycle never touches the serving champion.
+reached the store, or on whichever comes first when both are set, counted
+from the last cycle recorded in MLflow (the newest registered version and the
+data it was trained on), so a restarted job does not retrain at once; with no
+version yet the first cycle runs at start. If MLflow is unreachable a cycle is
+retried train.max_retries times with exponential backoff (trained models are
+kept, not retrained), and a failed cycle never touches the serving champion.
 --once runs one cycle and exits (0 also when nothing was promoted).
 SIGTERM or Ctrl-C stops training at the end of the current batch, abandons
 the cycle, and exits 0.
@@ -767,6 +769,23 @@ class Schedule:
         self.last_time = time.monotonic()
         self.last_count = self.count()
 
+    def resume(self, ago_s: float, new_windows: int | None) -> None:
+        """Go on from a cycle that ended ``ago_s`` seconds ago, since which ``new_windows`` windows
+        (None: not known) reached the store."""
+        self.last_time = time.monotonic() - max(0.0, ago_s)
+        if new_windows is not None:
+            self.last_count = self.count() - new_windows
+
+    def next(self) -> str:
+        """When the next cycle is due, in words."""
+        parts = []
+        if self.every_s is not None:
+            left = max(0.0, self.every_s - (time.monotonic() - self.last_time))
+            parts.append(f"in {left / 60:.1f} minutes")
+        if self.after_windows is not None:
+            parts.append(f"after {self.after_windows - (self.count() - self.last_count)} more windows")
+        return " or ".join(parts)
+
     def due(self) -> str | None:
         """Why a cycle is due now, or None."""
         if self.every_s is not None and time.monotonic() - self.last_time >= self.every_s:
@@ -816,7 +835,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     store = HistoryStore(settings)
     t = settings.train
     schedule = Schedule(t.every_minutes * 60 if t.every_minutes else None, t.after_windows, store.count)
-    reason: str | None = "start-up"
+    reason = resume(settings, schedule, store)
     while not stop.is_set():
         if reason is not None:
             log.info("training cycle: %s", reason)
@@ -828,6 +847,32 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         reason = schedule.due()
     log.info("train job stopped")
     return 0
+
+
+def resume(settings: Settings, schedule: Schedule, store: Any) -> str | None:
+    """Continue the schedule from the last cycle recorded in MLflow (the newest registered version: when
+    it was created, and the windows newer than its data); return why a cycle is due now, or None.
+
+    A restarted job (a deploy, a crash, ``rollcast up`` after ``train --once``) would otherwise count
+    "every T minutes" from its own start and retrain at once, however recent the last model. With no
+    version yet, or MLflow unreachable, the first cycle runs at start.
+    """
+    from jobs import registry
+
+    try:
+        last = registry.latest_version(settings)
+    except MlflowUnavailable as e:
+        log.warning("cannot look up the last cycle (%s); training now", e)
+        return "start-up (the last cycle is unknown)"
+    if last is None:
+        return "start-up (no version yet)"
+    ago_s = max(0.0, time.time() - last.creation_timestamp / 1000)  # a server clock ahead: as if just now
+    data_end = str((last.tags or {}).get("data_end_ms", ""))
+    schedule.resume(ago_s, store.count(after_ms=int(data_end)) if data_end.isdigit() else None)
+    reason = schedule.due()
+    log.info("last cycle: version %s of %s, %.1f minutes ago; %s", last.version, settings.mlflow.registered_model,
+             ago_s / 60, f"training now: {reason}" if reason else f"next cycle {schedule.next()}")
+    return reason
 
 
 def _guarded_cycle(settings: Settings, progress: bool, stop: threading.Event, health: Any) -> None:

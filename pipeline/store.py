@@ -159,10 +159,13 @@ class HistoryStore:
             return pl.DataFrame(schema=WINDOW_SCHEMA)
         return pl.concat(frames).sort("series", "window_start")
 
-    def count(self) -> int:
-        """Number of windows stored."""
+    def count(self, after_ms: int | None = None) -> int:
+        """Number of windows stored; with ``after_ms``, of those that end after it."""
         files = self._files(None, None)
-        return ds.dataset(files, filesystem=self.fs, format="parquet").count_rows() if files else 0
+        if not files:
+            return 0
+        flt = None if after_ms is None else ds.field("window_end") > after_ms
+        return ds.dataset(files, filesystem=self.fs, format="parquet").count_rows(filter=flt)
 
     def max_window_end(self) -> dict[str, int]:
         """End of the last stored window of every series."""

@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 
 import models
 from jobs import registry, stack
-from jobs.train import Candidate, decide, run_cycle
+from jobs.train import Candidate, Schedule, decide, run_cycle
 from pipeline.config import load_settings
 from pipeline.errors import MlflowUnavailable, PromotionRefused
 from pipeline.store import HistoryStore
@@ -218,34 +218,77 @@ def test_train_once_with_too_little_history_says_so(mlflow_server: str, tmp_path
     assert "Traceback" not in proc.stderr
 
 
+def test_schedule_goes_on_from_an_earlier_cycle() -> None:
+    stored = [1000]
+    schedule = Schedule(3600.0, 24, lambda: stored[0])
+    schedule.resume(ago_s=3000.0, new_windows=20)  # 50 minutes and 20 windows after the last cycle
+    assert schedule.due() is None
+    assert schedule.next() == "in 10.0 minutes or after 4 more windows"
+    stored[0] += 4
+    assert schedule.due() == "24 new windows"
+    schedule = Schedule(3600.0, 24, lambda: stored[0])
+    schedule.resume(ago_s=3601.0, new_windows=None)  # windows since then unknown: counted from now
+    assert schedule.due() == "60 minutes passed"
+    assert schedule.next() == "in 0.0 minutes or after 24 more windows"
+
+
 @pytest.mark.slow
-def test_train_job_runs_on_schedule_and_stops_on_sigterm(mlflow_server: str, tmp_path: Path) -> None:
+def test_train_job_runs_on_schedule_and_goes_on_after_a_restart(mlflow_server: str, tmp_path: Path) -> None:
+    """Cycles at start, after 24 new windows, and after a restart only when the schedule says so: the
+    last cycle recorded in MLflow (its version's time and data end) is where the schedule goes on from."""
     env = train_env(mlflow_server, tmp_path / "data", **WEAK)
     s = load_settings(env=env)
     write_windows(s, drifting_daily_windows(800))
-    proc = start_rollcast("train", "--every-minutes", "60", "--after-windows", "24", "--poll-s", "0.2",
-                          env=env, log=tmp_path / "train.log")
-    try:
-        client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
+    later = drifting_daily_windows(872)
+    first = int(later["window_start"].min())
+    client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
 
-        def versions() -> list[str]:
-            try:
-                return [v.version for v in client.search_model_versions(f"name='{s.mlflow.registered_model}'")]
-            except mlflow.exceptions.MlflowException:
-                return []
+    def versions() -> list[str]:
+        try:
+            return sorted(v.version for v in client.search_model_versions(f"name='{s.mlflow.registered_model}'"))
+        except mlflow.exceptions.MlflowException:
+            return []
 
-        wait_for(lambda: versions() == ["1"], 120, "the start-up cycle to register version 1")
-        # 24 new windows reach the store: the next cycle runs without waiting an hour.
-        later = drifting_daily_windows(824)
-        write_windows(s, later.filter(later["window_start"] >= later["window_start"].min() + 800 * 3_600_000))
-        wait_for(lambda: sorted(versions()) == ["1", "2"], 120, "a cycle after 24 new windows")
+    def add_windows(hours: int) -> None:  # 24 hours of every series from hour `hours`: 72 windows
+        start = first + hours * 3_600_000
+        write_windows(s, later.filter((later["window_start"] >= start) & (later["window_start"] < start + 24 * 3_600_000)))
+
+    def start(name: str) -> tuple[object, Path]:
+        log = tmp_path / f"{name}.log"
+        return start_rollcast("train", "--every-minutes", "60", "--after-windows", "24", "--poll-s", "0.2",
+                              env=env, log=log), log
+
+    def stop(proc: object) -> None:
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
+
+    proc, log = start("train-1")
+    try:
+        wait_for(lambda: versions() == ["1"], 120, "the start-up cycle to register version 1")
+        assert "training cycle: start-up (no version yet)" in log.read_text()
+        # 24 new windows reach the store: the next cycle runs without waiting an hour.
+        add_windows(800)
+        wait_for(lambda: versions() == ["1", "2"], 120, "a cycle after 24 new windows")
+        stop(proc)
+        assert "train job stopped" in log.read_text()
+        # 24 windows arrive while the job is down: the restarted job trains at once
+        add_windows(824)
+        proc, log = start("train-2")
+        wait_for(lambda: versions() == ["1", "2", "3"], 120, "a cycle at restart for the windows that came meanwhile")
+        assert "training now: 72 new windows" in log.read_text()  # 24 hours of 3 series
+        stop(proc)
+        # nothing new, last cycle minutes ago: the restarted job waits for its schedule
+        proc, log = start("train-3")
+        wait_for(lambda: "next cycle in" in log.read_text(), 60, "the restarted job to go on from version 3")
+        text = log.read_text()
+        assert "last cycle: version 3 of" in text and "after 24 more windows" in text, text
+        time.sleep(1.0)  # five polls of the schedule
+        stop(proc)
+        assert "training cycle" not in log.read_text() and versions() == ["1", "2", "3"]
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert "train job stopped" in (tmp_path / "train.log").read_text()
 
 
 @pytest.mark.slow

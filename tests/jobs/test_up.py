@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 from pathlib import Path
 
@@ -70,9 +69,9 @@ def test_demo_runs_the_whole_pipeline_and_exits_by_itself(tmp_path: Path) -> Non
     assert "replaying 11400 observations of 2 series" in out
     assert "ingest has written" in out
     assert "champion -> version 1" in out
-    # query tables for both series, from the champion, after the live replay: version 1, or version 2 when
-    # the scheduled train job's start-up cycle (started after `train --once`) was promoted first
-    assert re.search(r"demand — model tcn v[12],", out) and re.search(r"temperature — model tcn v[12],", out), out
+    # query tables for both series, from the champion, after the live replay: version 1 (the scheduled train
+    # job, started after `train --once`, goes on from that cycle instead of training again at its start)
+    assert "demand — model tcn v1," in out and "temperature — model tcn v1," in out, out
     assert "MLflow UI" in out
     assert not (tmp_path / "d" / "stack.json").exists()
     stray = [p for p in map(int, filter(str.isdigit, os.listdir("/proc"))) if alive(p)
