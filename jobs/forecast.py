@@ -32,7 +32,7 @@ import pyarrow as pa
 from prometheus_client import Counter, Gauge, Histogram
 
 from pipeline.config import Settings
-from pipeline.errors import BrokerUnavailable, MlflowUnavailable
+from pipeline.errors import BrokerUnavailable, MlflowUnavailable, StoreUnavailable
 from pipeline.windows_io import KeyPartitions, announced_missing, decode_windows
 
 if TYPE_CHECKING:
@@ -591,7 +591,8 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
 
 def _serve_with_retries(settings: Settings, args: argparse.Namespace, forecaster: Forecaster,
                         shutdown: Shutdown, health: Any) -> int:
-    """Run :func:`_serve` until asked to stop; after a Kafka error, back off and start a new session.
+    """Run :func:`_serve` until asked to stop; after a Kafka error (or a history store error while reading
+    the context of a lagging batch), back off and start a new session.
 
     The consumer is kept (it rejoins its group by itself; the failed batch was
     rewound, so windows whose forecasts were not acknowledged are read again);
@@ -613,14 +614,15 @@ def _serve_with_retries(settings: Settings, args: argparse.Namespace, forecaster
                 if failing:
                     ensure_topics(settings)
                 return _serve(settings, args, forecaster, consumer, shutdown, health)
-            except (KafkaError, BrokerUnavailable) as e:
+            except (KafkaError, BrokerUnavailable, StoreUnavailable) as e:
                 health.facts["last_error"] = f"{type(e).__name__}: {e}"
                 if shutdown.requested:
                     log.error("could not finish the last batch (%s); a restart forecasts it again", e)
                     return 1
                 if not failing:
-                    log.warning("Kafka error in the forecast loop (%s: %s); retrying the batch with a new "
-                                "producer", type(e).__name__, e)
+                    what = "history store" if isinstance(e, StoreUnavailable) else "Kafka"
+                    log.warning("%s error in the forecast loop (%s: %s); retrying the batch with a new "
+                                "producer", what, type(e).__name__, e)
                 else:
                     log.debug("still failing: %s", e)
                 failing = True
@@ -657,7 +659,7 @@ def _serve(settings: Settings, args: argparse.Namespace, forecaster: Forecaster,
             if batch:
                 try:
                     process_batch(batch, forecaster, producer, consumer, settings)
-                except (KafkaError, BrokerUnavailable):
+                except (KafkaError, BrokerUnavailable, StoreUnavailable):
                     _rewind(consumer, batch)  # not committed: read it again
                     raise
             elif args.exit_when_idle is not None and time.monotonic() - last_data > args.exit_when_idle:

@@ -73,7 +73,8 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
 
 def _consume_with_retries(settings: Settings, args: argparse.Namespace, stop: list[int], health: Any,
                           lag: Any, totals: list[int]) -> bool:
-    """Run :func:`_consume` until asked to stop; after a Kafka error, back off and start over.
+    """Run :func:`_consume` until asked to stop; after a Kafka or history store error (an S3 outage, a
+    full disk), back off and start over.
 
     Starting over is what a restarted process does: the in-memory state is
     dropped and rebuilt from the history store's progress records, and a new
@@ -85,7 +86,7 @@ def _consume_with_retries(settings: Settings, args: argparse.Namespace, stop: li
     from kafka.errors import KafkaError
 
     from pipeline.checkpoint import CheckpointError
-    from pipeline.errors import BrokerUnavailable
+    from pipeline.errors import BrokerUnavailable, StoreUnavailable
     from pipeline.kafka import Backoff, ensure_topics
 
     backoff, failing = Backoff(), False
@@ -95,14 +96,15 @@ def _consume_with_retries(settings: Settings, args: argparse.Namespace, stop: li
                 ensure_topics(settings, [settings.topics.observations, settings.topics.dlq, settings.topics.windows])
             _consume(settings, args, stop, health, lag, totals)
             return True
-        except (KafkaError, CheckpointError, BrokerUnavailable) as e:
+        except (KafkaError, CheckpointError, BrokerUnavailable, StoreUnavailable) as e:
             health.facts["last_error"] = f"{type(e).__name__}: {e}"
             if stop:
                 log.error("final checkpoint failed (%s); a restart redoes the unfinished work", e)
                 return False
             if not failing:
-                log.warning("Kafka error in the ingest loop (%s: %s); dropping what is not durable, "
-                            "resuming from the history store and the committed offsets", type(e).__name__, e)
+                what = "history store" if isinstance(e, StoreUnavailable) else "Kafka"
+                log.warning("%s error in the ingest loop (%s: %s); dropping what is not durable, resuming from "
+                            "the history store and the committed offsets", what, type(e).__name__, e)
             else:
                 log.debug("still failing: %s", e)
             failing = True

@@ -50,7 +50,7 @@ import numpy as np
 from prometheus_client import Counter, Gauge
 
 from pipeline.config import Settings
-from pipeline.errors import ConfigError, MlflowUnavailable, NotEnoughData
+from pipeline.errors import ConfigError, MlflowUnavailable, NotEnoughData, StoreUnavailable
 
 if TYPE_CHECKING:
     from models.backtest import BacktestResult
@@ -758,23 +758,52 @@ def _attempt(
 
 
 class Schedule:
-    """When the next cycle is due: every ``every_s`` seconds and/or after ``after_windows`` new windows."""
+    """When the next cycle is due: every ``every_s`` seconds and/or after ``after_windows`` new windows.
+
+    ``count`` (the windows in the store) may raise :class:`StoreUnavailable`: while the store does not
+    answer, no cycle is due for new windows (one warning per outage), and counting starts again from
+    the first answer."""
 
     def __init__(self, every_s: float | None, after_windows: int | None, count: Callable[[], int]):
         self.every_s, self.after_windows, self.count = every_s, after_windows, count
+        self._store_down = False
         self.last_time = time.monotonic()
-        self.last_count = count()
+        self.last_count = self._count()
+
+    def _count(self) -> int | None:
+        if self.after_windows is None:
+            return None
+        try:
+            n = self.count()
+        except StoreUnavailable as e:
+            if not self._store_down:
+                log.warning("cannot count the new windows (%s); no cycle for new windows until it answers", e)
+            self._store_down = True
+            return None
+        if self._store_down:
+            log.info("the history store answers again")
+            self._store_down = False
+        return n
 
     def mark(self) -> None:
         self.last_time = time.monotonic()
-        self.last_count = self.count()
+        self.last_count = self._count()
 
     def resume(self, ago_s: float, new_windows: int | None) -> None:
         """Go on from a cycle that ended ``ago_s`` seconds ago, since which ``new_windows`` windows
         (None: not known) reached the store."""
         self.last_time = time.monotonic() - max(0.0, ago_s)
-        if new_windows is not None:
-            self.last_count = self.count() - new_windows
+        now = self._count()
+        if new_windows is not None and now is not None:
+            self.last_count = now - new_windows
+
+    def _new_windows(self) -> int | None:
+        now = self._count()
+        if now is None:
+            return None
+        if self.last_count is None:  # the store did not answer at the last cycle: count from now
+            self.last_count = now
+        return now - self.last_count
 
     def next(self) -> str:
         """When the next cycle is due, in words."""
@@ -783,7 +812,9 @@ class Schedule:
             left = max(0.0, self.every_s - (time.monotonic() - self.last_time))
             parts.append(f"in {left / 60:.1f} minutes")
         if self.after_windows is not None:
-            parts.append(f"after {self.after_windows - (self.count() - self.last_count)} more windows")
+            new = self._new_windows()
+            parts.append(f"after {self.after_windows - new} more windows" if new is not None
+                         else f"after {self.after_windows} new windows")
         return " or ".join(parts)
 
     def due(self) -> str | None:
@@ -791,8 +822,8 @@ class Schedule:
         if self.every_s is not None and time.monotonic() - self.last_time >= self.every_s:
             return f"{self.every_s / 60:g} minutes passed"
         if self.after_windows is not None:
-            new = self.count() - self.last_count
-            if new >= self.after_windows:
+            new = self._new_windows()
+            if new is not None and new >= self.after_windows:
                 return f"{new} new windows"
         return None
 
@@ -868,7 +899,12 @@ def resume(settings: Settings, schedule: Schedule, store: Any) -> str | None:
         return "start-up (no version yet)"
     ago_s = max(0.0, time.time() - last.creation_timestamp / 1000)  # a server clock ahead: as if just now
     data_end = str((last.tags or {}).get("data_end_ms", ""))
-    schedule.resume(ago_s, store.count(after_ms=int(data_end)) if data_end.isdigit() else None)
+    try:
+        new_windows = store.count(after_ms=int(data_end)) if data_end.isdigit() else None
+    except StoreUnavailable as e:
+        log.warning("cannot count the windows since the last cycle (%s); counting from now", e)
+        new_windows = None
+    schedule.resume(ago_s, new_windows)
     reason = schedule.due()
     log.info("last cycle: version %s of %s, %.1f minutes ago; %s", last.version, settings.mlflow.registered_model,
              ago_s / 60, f"training now: {reason}" if reason else f"next cycle {schedule.next()}")
@@ -883,8 +919,8 @@ def _guarded_cycle(settings: Settings, progress: bool, stop: threading.Event, he
         CYCLES.labels("not_enough_data").inc()
         log.warning("no cycle: %s", e)
         return
-    except MlflowUnavailable as e:
-        CYCLES.labels("mlflow_unavailable").inc()
+    except (MlflowUnavailable, StoreUnavailable) as e:
+        CYCLES.labels("mlflow_unavailable" if isinstance(e, MlflowUnavailable) else "store_unavailable").inc()
         health.facts["last_error"] = str(e)
         log.error("cycle failed: %s", e)
         return

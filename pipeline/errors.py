@@ -29,6 +29,12 @@ class MlflowUnavailable(RollcastError):
     """The MLflow tracking server could not be reached in time."""
 
 
+class StoreUnavailable(RollcastError, OSError):
+    """The history store could not be read or written: an object store outage, a full or failing disk.
+    Nothing it did not make durable counts as written; the jobs retry. An ``OSError`` too, as the
+    error it wraps was."""
+
+
 class StackStartError(RollcastError):
     """A child process of the embedded stack failed to start or become healthy."""
 

@@ -59,8 +59,10 @@ import os
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import polars as pl
@@ -70,11 +72,29 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.config import Settings
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, StoreUnavailable
 from pipeline.windows import WINDOW_SCHEMA
 
 DAY_MS = 86_400_000
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _io(doing: str) -> Callable[[_Method], _Method]:
+    """Raise an I/O error of the decorated method (``OSError``: pyarrow's S3, GCS and local errors) as
+    :class:`StoreUnavailable`, naming the store and what it was doing; other errors pass unchanged."""
+
+    def wrap(method: _Method) -> _Method:
+        @functools.wraps(method)
+        def run(self: HistoryStore, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(self, *args, **kwargs)
+            except OSError as e:
+                raise StoreUnavailable(f"history store {self.location}: {doing} failed: {e}") from e
+
+        return cast(_Method, run)
+
+    return wrap
 
 
 @dataclass(frozen=True)
@@ -105,6 +125,7 @@ class HistoryStore:
 
     # -- reading ----------------------------------------------------------------------------
 
+    @_io("reading windows")
     def read(
         self,
         series: str | list[str] | None = None,
@@ -131,6 +152,7 @@ class HistoryStore:
         table = dataset.to_table(columns=list(WINDOW_SCHEMA), filter=flt)
         return pl.from_arrow(table).cast(WINDOW_SCHEMA).sort("series", "window_start")
 
+    @_io("reading the last windows")
     def last_windows(self, n: int, series: str | list[str] | None = None) -> pl.DataFrame:
         """The last ``n`` windows of each series, sorted by (series, window_start).
 
@@ -159,6 +181,7 @@ class HistoryStore:
             return pl.DataFrame(schema=WINDOW_SCHEMA)
         return pl.concat(frames).sort("series", "window_start")
 
+    @_io("counting windows")
     def count(self, after_ms: int | None = None) -> int:
         """Number of windows stored; with ``after_ms``, of those that end after it."""
         files = self._files(None, None)
@@ -167,6 +190,7 @@ class HistoryStore:
         flt = None if after_ms is None else ds.field("window_end") > after_ms
         return ds.dataset(files, filesystem=self.fs, format="parquet").count_rows(filter=flt)
 
+    @_io("reading the series' last windows")
     def max_window_end(self) -> dict[str, int]:
         """End of the last stored window of every series."""
         stats = self._series_stats()
@@ -212,6 +236,7 @@ class HistoryStore:
 
     # -- writing (the ingest checkpoint) ----------------------------------------------------
 
+    @_io("writing a checkpoint")
     def write_checkpoint(self, topic: str, partition: int, windows: pl.DataFrame, progress: Progress) -> None:
         """Make ``windows`` and ``progress`` of one source partition durable, exactly once."""
         name = f"{topic}-{partition}"
@@ -236,6 +261,7 @@ class HistoryStore:
         if moves:
             self._remove_dir(stage)
 
+    @_io("recovering a checkpoint")
     def recover(self, topic: str, partition: int) -> Progress | None:
         """Finish or discard what a crash interrupted; return the partition's last progress."""
         name = f"{topic}-{partition}"

@@ -6,6 +6,8 @@ import contextlib
 import os
 import random
 import signal
+import time
+from pathlib import Path
 
 import pytest
 
@@ -77,3 +79,33 @@ def test_two_processes_one_stopped_mid_stream_lose_nothing(settings, test_env, t
     assert a.proc.returncode == 0, a.tail(30)
     assert wait_exit(b, 90) == 0, b.tail(30)
     assert_frames_equal(HistoryStore(s).read(), reference(sent))
+
+
+def test_a_store_that_fails_for_a_while_loses_nothing(settings, test_env, tmp_path):
+    """The history store refuses writes for a while (a file where its staging directory goes: the same
+    OSError from pyarrow as an S3 outage or a full disk). Ingest says so and keeps running, retrying from
+    what is durable; once the store is back every window is stored exactly once."""
+    s = load_settings(env={**test_env, **INGEST_ENV})
+    store = HistoryStore(s)
+    first = make_observations(4_000, series=8, seed=7)
+    sent = produce(s, first)
+    child = ingest_child(test_env, tmp_path, "ingest")
+    try:
+        wait_for(lambda: checkpoints(store) != (), 60, "a checkpoint")
+        pending = Path(store.root) / "_pending"
+        os.rename(pending, tmp_path / "pending-away")  # a checkpoint writing there now fails as well
+        pending.write_bytes(b"")
+        sent += produce(s, make_observations(4_000, series=8, seed=8, t0=max(o["ts"] for o in first) + 10_000))
+        wait_for(lambda: "history store error in the ingest loop" in child.tail(400), 60,
+                 f"ingest to report the store's error; log:\n{child.tail(30)}")
+        stored = store.read().height
+        time.sleep(3.0)  # the job stays up while the store fails (it used to exit with the store's error)
+        assert child.alive(), child.tail(30)
+        assert store.read().height == stored, "windows were written while the store failed"
+        pending.unlink()
+        want = reference(sent)
+        wait_for(lambda: store.read().height >= want.height, 90, f"every window in the store; log:\n{child.tail(30)}")
+        assert child.stop(timeout_s=30) == 0, child.tail(30)
+    finally:
+        child.stop()
+    assert_frames_equal(store.read(), want)

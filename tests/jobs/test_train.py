@@ -18,7 +18,7 @@ import models
 from jobs import registry, stack
 from jobs.train import Candidate, Schedule, decide, run_cycle
 from pipeline.config import load_settings
-from pipeline.errors import MlflowUnavailable, PromotionRefused
+from pipeline.errors import MlflowUnavailable, PromotionRefused, StoreUnavailable
 from pipeline.store import HistoryStore
 from tests.jobs.helpers import rollcast, start_rollcast, wait_for
 from tests.jobs.train_helpers import WEAK, drifting_daily_windows, train_env, train_settings, write_windows
@@ -230,6 +230,27 @@ def test_schedule_goes_on_from_an_earlier_cycle() -> None:
     schedule.resume(ago_s=3601.0, new_windows=None)  # windows since then unknown: counted from now
     assert schedule.due() == "60 minutes passed"
     assert schedule.next() == "in 0.0 minutes or after 24 more windows"
+
+
+def test_schedule_waits_out_a_store_that_does_not_answer() -> None:
+    stored: list[int | None] = [None]
+
+    def count() -> int:
+        if stored[0] is None:
+            raise StoreUnavailable("history store s3://b/h: counting windows failed: connection refused")
+        return stored[0]
+
+    schedule = Schedule(None, 24, count)  # the store is down at start
+    assert schedule.due() is None and schedule.next() == "after 24 new windows"
+    stored[0] = 500  # back: counting starts from its first answer
+    assert schedule.due() is None and schedule.next() == "after 24 more windows"
+    stored[0] = 524
+    assert schedule.due() == "24 new windows"
+    schedule.mark()
+    stored[0] = None  # down again: nothing is due for windows
+    assert schedule.due() is None
+    stored[0] = 530
+    assert schedule.next() == "after 18 more windows"
 
 
 @pytest.mark.slow
