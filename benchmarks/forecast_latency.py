@@ -7,7 +7,10 @@ latency does not depend on the weights) as a subprocess, then repeatedly
 produces the next window of every series as Arrow IPC messages (as ingest
 does) and times until a consumer has read one forecast per series for that
 window. It prints p50/p99 of that end-to-end latency and the share of it spent
-in the job's batched inference (from the job's Prometheus histogram).
+in the job's batched inference (from the job's Prometheus histogram), the job's
+time by stage, and every round over 100 ms with the job's stages that took over
+100 ms in that run (from the stage histograms' buckets; none means the time went
+outside the job's stages).
 
 The windows of a round are produced as ingest's checkpoint produces them
 (``WindowRouter.batch``: one message per partition, with the ``rollcast-batch``
@@ -82,16 +85,21 @@ STAGES = ("arrival", "decode", "context", "inference", "messages", "send", "comm
 
 
 def scrape(port: int) -> dict[str, float]:
-    """Sums of the job's inference and per-stage histograms."""
+    """Sums of the job's inference and per-stage histograms, and per stage the observations over 100 ms
+    (``slow:<stage>``: the histogram's count minus its 0.1 s bucket)."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    out = {}
-    for name in ("rollcast_forecast_inference_seconds_sum", "rollcast_forecast_inference_seconds_count",
-                 "rollcast_forecast_end_to_end_seconds_sum"):
-        m = re.search(rf"^{name} (\S+)$", text, re.M)
-        out[name] = float(m.group(1)) if m else 0.0
+
+    def value(series: str) -> float:
+        m = re.search(rf"^{re.escape(series)} (\S+)$", text, re.M)
+        return float(m.group(1)) if m else 0.0
+
+    out = {name: value(name) for name in ("rollcast_forecast_inference_seconds_sum",
+                                          "rollcast_forecast_inference_seconds_count",
+                                          "rollcast_forecast_end_to_end_seconds_sum")}
     for stage in STAGES:
-        m = re.search(rf'^rollcast_forecast_stage_seconds_sum{{stage="{stage}"}} (\S+)$', text, re.M)
-        out[stage] = float(m.group(1)) if m else 0.0
+        out[stage] = value(f'rollcast_forecast_stage_seconds_sum{{stage="{stage}"}}')
+        out[f"slow:{stage}"] = (value(f'rollcast_forecast_stage_seconds_count{{stage="{stage}"}}')
+                                - value(f'rollcast_forecast_stage_seconds_bucket{{le="0.1",stage="{stage}"}}'))
     return out
 
 
@@ -146,6 +154,11 @@ def run_case(bootstrap: str, model_name: str, n_series: int, rounds: int, contex
                    - before["rollcast_forecast_end_to_end_seconds_sum"]) / rounds * 1000,
         "batches": (after["rollcast_forecast_inference_seconds_count"]
                     - before["rollcast_forecast_inference_seconds_count"]) / rounds,
+        # rounds over 100 ms, and which of the job's stages took over 100 ms in them (none: the time went
+        # outside the job's stages, e.g. in the broker, the reader or between polls)
+        "slow_rounds_ms": [round(x * 1000, 1) for x in latencies if x > 0.1],
+        "slow_stages": {k: int(after[f"slow:{k}"] - before[f"slow:{k}"]) for k in STAGES
+                        if after[f"slow:{k}"] > before[f"slow:{k}"]},
     }
 
 
@@ -259,6 +272,13 @@ def main() -> None:
         ms, batches = r["stages_ms"], r["batches"]
         print(f"| {run} | {r['model']} | {r['series']} | " + " | ".join(f"{ms[k]:.1f}" for k in STAGES)
               + f" | {batches:.2f} | {r['job_ms'] / batches:.1f} |")
+    slow = [(run, r) for run, r in results if r["slow_rounds_ms"]]
+    if slow:
+        print("\nRounds over 100 ms, and the job's stages that took over 100 ms in the same run:\n")
+        for run, r in slow:
+            stages = ", ".join(f"{k} {n}" for k, n in r["slow_stages"].items()) or "none"
+            print(f"- run {run}, {r['model']}, {r['series']} series: {len(r['slow_rounds_ms'])} round(s) ("
+                  + ", ".join(f"{v:.1f}" for v in r["slow_rounds_ms"]) + f" ms); stages: {stages}")
     if args.repeat > 1:
         print(f"\np99 <= {args.goal_ms:g} ms:\n")
         for n in args.series:
