@@ -865,7 +865,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         serve_http(settings.observability.metrics_port, health)
     store = HistoryStore(settings)
     t = settings.train
-    schedule = Schedule(t.every_minutes * 60 if t.every_minutes else None, t.after_windows, store.count)
+    schedule = Schedule(t.every_minutes * 60 if t.every_minutes else None, t.after_windows, store.counter())
     reason = resume(settings, schedule, store)
     while not stop.is_set():
         if reason is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import polars as pl
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import load_settings
@@ -32,6 +33,20 @@ def pending_files(store: HistoryStore) -> list[str]:
 # Two checkpoints of one partition; the second spans midnight, so it writes two day files.
 FIRST = windows(["a", "b"], [T0 + h * HOUR for h in range(0, 20)])
 SECOND = windows(["a", "b"], [T0 + h * HOUR for h in range(20, 30)])
+
+
+def test_counter_reads_each_file_once(store_location: str, monkeypatch) -> None:
+    store = HistoryStore(store_location)
+    count = store.counter()
+    assert count() == 0
+    reads: list[str] = []
+    read_metadata = pq.read_metadata
+    monkeypatch.setattr(pq, "read_metadata", lambda path, **kw: reads.append(path) or read_metadata(path, **kw))
+    store.write_checkpoint(TOPIC, 0, FIRST, Progress(10, T0))
+    assert count() == store.count() == 40 and len(reads) == 1
+    store.write_checkpoint(TOPIC, 0, SECOND, Progress(20, T0 + 30 * HOUR))  # two day files
+    assert count() == store.count() == 60 and len(reads) == 3 and len(set(reads)) == 3
+    assert count() == 60 and len(reads) == 3  # nothing new: no file read
 
 
 def test_empty_store_reads_nothing(store_location: str) -> None:
