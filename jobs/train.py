@@ -899,11 +899,12 @@ def resume(settings: Settings, schedule: Schedule, store: Any) -> str | None:
         return "start-up (no version yet)"
     ago_s = max(0.0, time.time() - last.creation_timestamp / 1000)  # a server clock ahead: as if just now
     data_end = str((last.tags or {}).get("data_end_ms", ""))
-    try:
-        new_windows = store.count(after_ms=int(data_end)) if data_end.isdigit() else None
-    except StoreUnavailable as e:
-        log.warning("cannot count the windows since the last cycle (%s); counting from now", e)
-        new_windows = None
+    new_windows = None  # counted only for an after_windows schedule: a filtered read of every file
+    if schedule.after_windows is not None and data_end.isdigit():
+        try:
+            new_windows = store.count(after_ms=int(data_end))
+        except StoreUnavailable as e:
+            log.warning("cannot count the windows since the last cycle (%s); counting from now", e)
     schedule.resume(ago_s, new_windows)
     reason = schedule.due()
     log.info("last cycle: version %s of %s, %.1f minutes ago; %s", last.version, settings.mlflow.registered_model,
