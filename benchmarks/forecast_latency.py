@@ -56,9 +56,9 @@ sys.path.insert(0, str(ROOT))
 
 import models  # noqa: E402
 from jobs import stack  # noqa: E402
-from jobs.forecast import freeze_heap  # noqa: E402
 from pipeline.config import Settings, load_settings  # noqa: E402
 from pipeline.kafka import ensure_topics, make_producer  # noqa: E402
+from pipeline.runtime import freeze_heap  # noqa: E402
 from pipeline.store import HistoryStore, Progress  # noqa: E402
 from pipeline.windows import WINDOW_SCHEMA  # noqa: E402
 from pipeline.windows_io import WindowRouter  # noqa: E402

@@ -6,7 +6,7 @@ Starts its own tansu broker (jobs.stack) unless --bootstrap is given, produces
 N JSON observations and ARROW_N observations in Arrow IPC messages (ARROW_ROWS
 rows each) over S series into fresh topics, then measures in one run:
 (a) a poll loop that only counts messages, with ingest's consumer settings;
-(b) the ingest pipeline (decode, validate, window, store, windows topic, commit);
+(b) the ingest job's own session loop (poll, decode, validate, window, store, windows topic, commit);
 (c) the same pipeline fed Arrow IPC batch messages.
 (a) and (b) alternate REPEAT times (each ingest run from a fresh consumer group,
 fresh history store and fresh windows topic), so each (b)/(a) ratio compares runs
@@ -26,6 +26,7 @@ import logging
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -36,7 +37,8 @@ import polars as pl
 from jobs import stack
 from pipeline.config import Settings, load_settings
 from pipeline.decode import ARROW_CONTENT_TYPE
-from pipeline.ingestor import GIL_SWITCH_INTERVAL_S, Ingestor
+from pipeline.ingest_session import Totals, consume_session
+from pipeline.ingestor import GIL_SWITCH_INTERVAL_S
 from pipeline.kafka import ensure_topics, make_consumer, make_producer
 from pipeline.store import HistoryStore
 from pipeline.windows_io import encode_windows, partition_for
@@ -101,29 +103,22 @@ def crc_impl() -> str:
 
 
 def ingest(s: Settings, n_messages: int, n_rows: int) -> float:
-    """The loop of jobs/ingest.py until all ``n_messages`` are processed, then its final checkpoint."""
-    consumer = make_consumer(s, s.groups.ingest)
-    producer = make_producer(s)
-    ing = Ingestor(s, consumer, producer)
-    consumer.subscribe([s.topics.observations], listener=ing.listener())
-    t0 = None
-    polled = 0
-    while polled < n_messages:
-        batch = consumer.poll(timeout_ms=200)
-        now = time.monotonic()
-        if batch and t0 is None:
-            t0 = time.perf_counter()
-        polled += sum(len(recs) for recs in batch.values())
-        ing.submit(batch, now)
-        ing.maybe_checkpoint(now)
-    ing.close_idle()
-    ing.checkpoint()
-    dt = time.perf_counter() - t0
-    ing.close()
-    consumer.close(autocommit=False)
-    producer.close()
-    if ing.rows != n_rows or HistoryStore(s).count() == 0:
-        raise RuntimeError(f"ingest saw {ing.rows} of {n_rows} observations, stored {HistoryStore(s).count()} windows")
+    """The session ``rollcast ingest`` runs (:func:`pipeline.ingest_session.consume_session`) until all
+    ``n_messages`` are polled, then its final checkpoint; observations per second from the first poll
+    that returned records."""
+    polled, t0 = [0], [None]
+
+    def on_poll(batch: dict, _ingestor: object) -> None:
+        if batch and t0[0] is None:
+            t0[0] = time.perf_counter()
+        polled[0] += sum(len(recs) for recs in batch.values())
+
+    totals = Totals()
+    consume_session(s, threading.Event(), totals, on_poll=on_poll, until=lambda _ing: polled[0] >= n_messages)
+    dt = time.perf_counter() - t0[0]
+    stored = HistoryStore(s).count()
+    if totals.rows != n_rows or stored == 0:
+        raise RuntimeError(f"ingest saw {totals.rows} of {n_rows} observations, stored {stored} windows")
     return n_rows / dt
 
 

@@ -21,10 +21,10 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from jobs.forecast import keep_freed_heap  # noqa: E402
 from models import available_models, create_model, predict  # noqa: E402
 from models.data import Samples  # noqa: E402
 from models.training import fit  # noqa: E402
+from pipeline.runtime import keep_freed_heap  # noqa: E402
 
 L, H, SERIES = 96, 24, 1000
 

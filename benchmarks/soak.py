@@ -4,7 +4,7 @@
 
 Starts its own tansu broker (unless --bootstrap), a producer thread sending
 JSON observations at --rate obs/s with advancing event time, and the ingest
-pipeline in this process; prints RSS and open windows every --sample-s.
+session of `rollcast ingest` (:func:`pipeline.ingest_session.consume_session`) in this process; prints RSS and open windows every --sample-s.
 Open state should stay flat (series x open windows), not grow with messages.
 """
 
@@ -22,8 +22,8 @@ from pathlib import Path
 
 from jobs import stack
 from pipeline.config import load_settings
-from pipeline.ingestor import Ingestor
-from pipeline.kafka import ensure_topics, make_consumer, make_producer
+from pipeline.ingest_session import Totals, consume_session
+from pipeline.kafka import ensure_topics, make_producer
 
 
 def rss_mb() -> float:
@@ -73,34 +73,28 @@ def main() -> None:
         producer.close()
 
     threading.Thread(target=produce, daemon=True).start()
-    consumer = make_consumer(s, s.groups.ingest)
-    producer = make_producer(s)
-    ing = Ingestor(s, consumer, producer)
-    consumer.subscribe([s.topics.observations], listener=ing.listener())
+    # the session `rollcast ingest` runs, sampled after each poll
     end = time.monotonic() + args.minutes * 60
-    next_sample = time.monotonic()
-    samples = []
+    next_sample = [time.monotonic()]
+    samples: list[float] = []
+
+    def on_poll(_batch: dict, ing: object) -> None:
+        now = time.monotonic()
+        if now >= next_sample[0]:
+            open_w = sum(r.state.n_open for r in ing.runs.values())
+            samples.append(rss_mb())
+            print(f"t={args.minutes * 60 - (end - now):6.0f}s sent={sent[0]:>9} processed={ing.messages:>9} "
+                  f"open_windows={open_w:>5} rss={samples[-1]:.0f} MiB", flush=True)
+            next_sample[0] = now + args.sample_s
+
+    totals = Totals()
     try:
-        while time.monotonic() < end:
-            now = time.monotonic()
-            for tp, recs in consumer.poll(timeout_ms=200).items():
-                ing.process(tp.partition, recs, now)
-            ing.close_idle(now)
-            ing.maybe_checkpoint(now)
-            if now >= next_sample:
-                open_w = sum(r.state.n_open for r in ing.runs.values())
-                samples.append(rss_mb())
-                print(f"t={args.minutes * 60 - (end - now):6.0f}s sent={sent[0]:>9} processed={ing.messages:>9} "
-                      f"open_windows={open_w:>5} rss={samples[-1]:.0f} MiB", flush=True)
-                next_sample = now + args.sample_s
+        consume_session(s, stop, totals, on_poll=on_poll, until=lambda _ing: time.monotonic() >= end)
     finally:
         stop.set()
-        ing.checkpoint()
-        consumer.close(autocommit=False)
-        producer.close()
         if broker is not None:
             broker.stop()
-    print(f"soak: {args.minutes:g} min at {args.rate} obs/s, {ing.messages} processed, "
+    print(f"soak: {args.minutes:g} min at {args.rate} obs/s, {totals.messages} processed, "
           f"RSS first {samples[0]:.0f} MiB, max {max(samples):.0f} MiB, last {samples[-1]:.0f} MiB")
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,6 @@ from pipeline.config import Settings
 from pipeline.errors import DatasetError
 
 HELP = "rolling-origin backtest of models and baselines on a dataset or the history store"
-BASELINES = ("naive", "seasonal_naive")
-UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "min": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,49 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def parse_step(text: str) -> int:
-    """``30min``, ``1h``, ``1d`` or a number of milliseconds -> milliseconds."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", text.lower())
-    if not m or (m.group(2) or "ms") not in UNITS_MS:
-        raise DatasetError(f"--step {text!r}: expected a number and a unit of {sorted(UNITS_MS)}, e.g. 1h")
-    return int(float(m.group(1)) * UNITS_MS[m.group(2) or "ms"])
-
-
-def observations_to_windows(obs: pl.DataFrame, step: str) -> pl.DataFrame:
-    """Resample ``series, ts, value`` observations into a window table on a regular grid."""
-    if obs.height == 0:
-        raise DatasetError("the dataset has no rows")
-    if step == "index":
-        obs = obs.sort("series", "ts").with_columns(pl.int_range(pl.len()).over("series").cast(pl.Int64).alias("ts"))
-        step_ms = 1
-    elif step == "auto":
-        diffs = obs.sort("series", "ts").select(pl.col("ts").diff().over("series").alias("d")).filter(pl.col("d") > 0)
-        if diffs.height == 0:
-            raise DatasetError("cannot infer --step: every series has a single timestamp")
-        step_ms = int(diffs["d"].median())
-    else:
-        step_ms = parse_step(step)
-    windows = (
-        obs.drop_nulls("value")
-        .with_columns((pl.col("ts") // step_ms * step_ms).alias("window_start"))
-        .group_by("series", "window_start")
-        .agg(
-            pl.len().cast(pl.Int64).alias("count"),
-            pl.col("value").first().alias("first"),
-            pl.col("value").last().alias("last"),
-            pl.col("value").min().alias("min"),
-            pl.col("value").max().alias("max"),
-            pl.col("value").mean().alias("mean"),
-            pl.col("value").sum().alias("sum"),
-        )
-        .with_columns((pl.col("window_start") + step_ms).alias("window_end"))
-    )
-    return windows  # gaps are filled with NaN by windows_to_matrix
-
-
 def read_windows(args: argparse.Namespace, settings: Settings) -> tuple[pl.DataFrame, str]:
     """The window table to backtest on and a short name of its source."""
-    from jobs.replay import ColumnMap, load_observations, resolve_dataset
+    from pipeline.datasets import ColumnMap, load_observations, observations_to_windows, resolve_dataset
 
     if not args.source:
         from pipeline.store import HistoryStore
@@ -125,8 +82,10 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from models import available_models
-    from models.backtest import rolling_origin
+    from models.backtest import BASELINES, rolling_origin
     from models.data import windows_to_matrix
+    from models.plots import plot_backtest
+    from models.registry import config_from_settings
     from pipeline.errors import ModelConfigError
 
     ms = settings.model
@@ -156,10 +115,8 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         task = bar.add_task("backtest", total=len(names) * args.test_windows)
         for name in names:
             bar.update(task, description=f"{name}")
-            config: dict[str, Any] = {"context": context, "horizon": horizon, "quantiles": ms.quantiles,
-                                      "learning_rate": ms.learning_rate, "seed": ms.seed,
-                                      "season": 0 if name == "naive" else season}
-            config.update(ms.params.get(name, {}))
+            config = config_from_settings(ms, name, context=context, horizon=horizon,
+                                          season=0 if name == "naive" else season)
             results.append(rolling_origin(
                 name, data, n_origins=args.test_windows, season=season, config=config,
                 refit_every=args.refit_every, max_epochs=args.max_epochs or ms.max_epochs,
@@ -169,7 +126,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     _print_table(console, results)
     _write_csv(out / "metrics.csv", results)
     for r in results:
-        _plot(out / f"forecast_{r.model}.png", r, data)
+        plot_backtest(out / f"forecast_{r.model}.png", r, data)
     console.print(f"wrote {out / 'metrics.csv'} and {len(results)} plot(s) to {out}")
     return 0
 
@@ -196,34 +153,3 @@ def _fmt(v: float) -> str:
 def _write_csv(path: Path, results: list[Any]) -> None:
     rows = [{"model": r.model, **{c: r.metrics[c] for c in METRIC_COLUMNS}} for r in results]
     pl.DataFrame(rows).write_csv(path)
-
-
-def _plot(path: Path, result: Any, data: Any) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    n_series = min(4, len(result.series))
-    fig, axes = plt.subplots(n_series, 1, figsize=(10, 2.6 * n_series), squeeze=False)
-    s_, o_, h_, q_ = result.forecasts.shape
-    fc = result.forecasts.reshape(s_, o_ * h_, q_)  # origins are H apart: forecasts tile the test span
-    act = result.actuals.reshape(s_, o_ * h_)
-    t = np.arange(result.origins[0], result.origins[0] + o_ * h_)
-    mid = result.quantiles.index(0.5)
-    for i, ax in enumerate(axes[:, 0]):
-        start = max(0, result.origins[0] - h_)
-        ax.plot(np.arange(start, result.origins[0]), data.values[i, start : result.origins[0]], color="0.5", lw=1)
-        ax.plot(t, act[i], color="black", lw=1, label="actual")
-        ax.plot(t, fc[i, :, mid], color="tab:blue", lw=1, label="median forecast")
-        if q_ > 1:
-            ax.fill_between(t, fc[i, :, 0], fc[i, :, -1], color="tab:blue", alpha=0.2,
-                            label=f"{result.quantiles[0]:g}-{result.quantiles[-1]:g}")
-        for o in result.origins:
-            ax.axvline(o, color="0.85", lw=0.5)
-        ax.set_title(f"{result.model}: {result.series[i]}", fontsize=9)
-    axes[0, 0].legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)

@@ -65,8 +65,7 @@ def collector_off_during_start_up(at_most_s: float = START_UP_WITHOUT_GC_S) -> N
 
     Start-up imports (torch, Lightning, polars, pyarrow, MLflow, the Kafka clients) create about a million
     objects that live as long as the process, and the collector walked them again and again while they
-    were being created: importing what the forecast job needs took 6.2-6.6 s with it on, 3.9-4.1 s
-    with it off (including one collection and freeze at the end).
+    were being created, which made the forecast job's imports markedly slower (figures in BENCHMARKS.md).
     Reference counting still frees everything that is not in a cycle. The forecast job turns it back on
     when it freezes its start-up heap, ingest before its first poll; a timer does for every other command.
     """

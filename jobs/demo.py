@@ -23,16 +23,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import subprocess
 import time
 
 import polars as pl
 
 from jobs import replay as replay_job
-from jobs.up import Stack, Stop, available_jobs, print_endpoints, serve, sigterm_stops, start_services
+from jobs.up import Stack, available_jobs, print_endpoints, serve, start_services
 from pipeline.config import Settings
+from pipeline.datasets import ColumnMap, load_observations, resolve_dataset
 from pipeline.errors import RollcastError
+from pipeline.runtime import Shutdown, Stopped
 
 HELP = "run the whole pipeline on a real dataset: replay, ingest, train, forecast, query"
 RESOLVE_ENDPOINTS = False
@@ -58,26 +59,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
-    with sigterm_stops():
-        st = None
-        try:
-            st = start_services(settings, args.config)
-            # the scheduled train job starts after the demo's first training, so the two never race
-            for name in available_jobs(settings):
-                if name != "train":
-                    st.start_job(name)
-            print_endpoints(st)
-            run_pipeline(st, args)
-            if args.exit_after_replay:
-                return 0
-            print(f"\nThe stack stays up; open {st.tracking_uri} for MLflow. Press Ctrl-C to stop.", flush=True)
-            serve(st)
-        except (Stop, KeyboardInterrupt):
-            print("stopping ...", flush=True)
-        finally:
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            if st is not None:
-                st.stop()
+    shutdown = Shutdown("demo", raise_in_main=True)  # interrupts the waits for the children to start
+    st = None
+    try:
+        st = start_services(settings, args.config)
+        # the scheduled train job starts after the demo's first training, so the two never race
+        for name in available_jobs(settings):
+            if name != "train":
+                st.start_job(name)
+        print_endpoints(st)
+        run_pipeline(st, args)
+        if args.exit_after_replay:
+            return 0
+        print(f"\nThe stack stays up; open {st.tracking_uri} for MLflow. Press Ctrl-C to stop.", flush=True)
+        serve(st)
+    except (Stopped, KeyboardInterrupt):
+        print("stopping ...", flush=True)
+    finally:
+        shutdown.ignore_further_signals()
+        if st is not None:
+            st.stop()
     return 0
 
 
@@ -85,7 +86,7 @@ def run_pipeline(st: Stack, args: argparse.Namespace) -> None:
     settings = st.settings.replace(
         **{"kafka.bootstrap_servers": st.bootstrap_servers, "mlflow.tracking_uri": st.tracking_uri}
     )
-    df = replay_job.load_observations(replay_job.resolve_dataset(args.dataset), replay_job.ColumnMap())
+    df = load_observations(resolve_dataset(args.dataset), ColumnMap())
     if args.limit is not None:
         df = df.head(args.limit)
     series = df["series"].unique(maintain_order=True).to_list()

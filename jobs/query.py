@@ -114,35 +114,13 @@ def print_table(latest: dict[str, dict], series: list[str]) -> None:
 
 
 def plot(settings: Settings, msg: dict, path: Path, history: int) -> None:
-    """PNG of the last ``history`` actual windows, the forecast and its outer interval."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """PNG of the last ``history`` actual windows from the history store, the forecast and its interval."""
+    from models.plots import plot_forecast_message
     from pipeline.store import HistoryStore
 
-    step = msg["step_ms"]
-    start = msg["last_window_end"] - history * step
+    start = msg["last_window_end"] - history * msg["step_ms"]
     actual = HistoryStore(settings).read(series=[msg["series"]], start_ms=start)
-    target = settings.window.target
-    fig, ax = plt.subplots(figsize=(10, 4))
-    if actual.height:
-        ax.plot([dt.datetime.fromtimestamp(t / 1000, tz=dt.UTC) for t in actual["window_start"]],
-                actual[target].to_list(), label=f"actual ({target})", color="black")
-    times = [dt.datetime.fromtimestamp(p["ts"] / 1000, tz=dt.UTC) for p in msg["points"]]
-    qs = list(msg["points"][0]["quantiles"])
-    ax.plot(times, [p["mean"] for p in msg["points"]], label="forecast (median)", color="tab:blue")
-    if len(qs) >= 2:
-        ax.fill_between(times, [p["quantiles"][qs[0]] for p in msg["points"]],
-                        [p["quantiles"][qs[-1]] for p in msg["points"]],
-                        alpha=0.3, color="tab:blue", label=f"q{qs[0]}–q{qs[-1]}")
-    ax.set_title(f"{msg['series']}: {msg['model']['name']} v{msg['model']['version']}")
-    ax.legend()
-    fig.autofmt_xdate()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    plot_forecast_message(msg, actual, settings.window.target, path)
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:

@@ -16,19 +16,17 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 
 from pipeline.config import Settings
+from pipeline.datasets import ColumnMap, load_observations, resolve_dataset
 from pipeline.errors import DatasetError
 
 HELP = "produce a CSV or Parquet dataset into the observations topic"
 ARROW_CONTENT_TYPE = "application/vnd.apache.arrow.stream"
-DATASETS_DIR = Path(__file__).resolve().parent.parent / "pipeline" / "datasets"
 
 log = logging.getLogger("rollcast.replay")
 
@@ -47,72 +45,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, help="send only the first N rows (in event-time order)")
     parser.add_argument("--topic", help="target topic (default: topics.observations)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def resolve_dataset(name: str) -> Path:
-    """A path as given, or the bundled dataset of that file name."""
-    path = Path(name)
-    if path.exists():
-        return path
-    bundled = DATASETS_DIR / name
-    if bundled.exists():
-        return bundled
-    known = ", ".join(sorted(p.name for p in DATASETS_DIR.glob("*.csv")))
-    raise DatasetError(f"dataset {name} not found (neither a file nor a bundled dataset: {known})")
-
-
-@dataclass(frozen=True)
-class ColumnMap:
-    series: str = "series"
-    ts: str = "ts"
-    value: str = "value"
-    constant_series: str | None = None
-
-
-def load_observations(path: Path, cols: ColumnMap) -> pl.DataFrame:
-    """Read a dataset as ``series (str), ts (int64 epoch ms), value (float64)`` sorted by event time."""
-    try:
-        if path.suffix in (".parquet", ".pq"):
-            df = pl.read_parquet(path)
-        else:
-            df = pl.read_csv(path, infer_schema_length=10_000, try_parse_dates=False)
-    except (OSError, pl.exceptions.PolarsError) as e:
-        raise DatasetError(f"cannot read {path}: {e}") from e
-    missing = [c for c in (cols.ts, cols.value) if c not in df.columns]
-    if cols.constant_series is None and cols.series not in df.columns:
-        missing.append(cols.series)
-    if missing:
-        raise DatasetError(
-            f"{path}: missing column(s) {missing}; it has {df.columns}. "
-            "Map them with --series-col/--ts-col/--value-col, or give --series NAME for one series."
-        )
-    series = pl.lit(cols.constant_series) if cols.constant_series is not None else pl.col(cols.series)
-    out = df.select(
-        series.cast(pl.Utf8).alias("series"),
-        _epoch_ms(df, cols.ts).alias("ts"),
-        pl.col(cols.value).cast(pl.Float64, strict=False).alias("value"),
-    )
-    return out.sort("ts", maintain_order=True)
-
-
-def _epoch_ms(df: pl.DataFrame, col: str) -> pl.Expr:
-    dtype = df.schema[col]
-    if dtype.is_integer():
-        return pl.col(col).cast(pl.Int64)
-    if dtype.is_float():
-        return pl.col(col).cast(pl.Int64)
-    if dtype == pl.Date:
-        return pl.col(col).cast(pl.Datetime("ms")).dt.epoch("ms")
-    if isinstance(dtype, pl.Datetime):
-        return pl.col(col).dt.epoch("ms")
-    text = pl.col(col).cast(pl.Utf8)
-    parsed = pl.coalesce(
-        text.str.to_datetime(time_unit="ms", time_zone="UTC", strict=False),
-        text.str.to_datetime("%Y-%m-%d", time_unit="ms", strict=False).dt.replace_time_zone("UTC"),
-        text.str.to_datetime("%Y/%m/%d %H:%M:%S", time_unit="ms", strict=False).dt.replace_time_zone("UTC"),
-        text.str.to_datetime("%Y/%m/%d %H:%M", time_unit="ms", strict=False).dt.replace_time_zone("UTC"),
-    )
-    return parsed.dt.epoch("ms")
 
 
 def parse_speed(text: str) -> float | None:

@@ -16,16 +16,16 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from jobs import stack
 from pipeline.config import Settings, stack_file
 from pipeline.errors import MlflowUnavailable, RollcastError
+from pipeline.runtime import Shutdown, Stopped
 
 HELP = "run the embedded stack: broker, MLflow server and the pipeline jobs"
 RESOLVE_ENDPOINTS = False  # `up` decides itself whether to start a broker and MLflow
@@ -37,24 +37,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-jobs", action="store_true", help="start only the broker and MLflow, not the pipeline jobs"
     )
-
-
-class Stop(Exception):
-    """Raised in the main thread by the SIGTERM handler."""
-
-
-@contextlib.contextmanager
-def sigterm_stops() -> Iterator[None]:
-    """Turn SIGTERM into a :class:`Stop` exception for the duration of the block."""
-
-    def handler(signum: int, frame: object) -> None:
-        raise Stop()
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass
@@ -199,21 +181,21 @@ def serve(st: Stack, until: Callable[[], bool] | None = None, poll_s: float = 1.
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
-    with sigterm_stops():
-        st = None
-        try:
-            st = start_services(settings, args.config)
-            if not args.no_jobs:
-                for name in available_jobs(settings):
-                    st.start_job(name)
-            print_endpoints(st)
-            serve(st)
-        except (Stop, KeyboardInterrupt):
-            print("stopping ...", flush=True)
-        except RollcastError:
-            raise
-        finally:
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
-            if st is not None:
-                st.stop()
+    shutdown = Shutdown("up", raise_in_main=True)  # interrupts the waits for the children to start
+    st = None
+    try:
+        st = start_services(settings, args.config)
+        if not args.no_jobs:
+            for name in available_jobs(settings):
+                st.start_job(name)
+        print_endpoints(st)
+        serve(st)
+    except (Stopped, KeyboardInterrupt):
+        print("stopping ...", flush=True)
+    except RollcastError:
+        raise
+    finally:
+        shutdown.ignore_further_signals()
+        if st is not None:
+            st.stop()
     return 0

@@ -24,6 +24,8 @@ from models.registry import create_model
 from models.training import FitResult, fit
 from pipeline.errors import NotEnoughData
 
+BASELINES = ("naive", "seasonal_naive")
+
 
 @dataclass
 class BacktestResult:
@@ -94,16 +96,43 @@ def rolling_origin(
         if on_origin is not None:
             on_origin(i)
     forecasts = np.concatenate(per_origin, axis=1)
+    return evaluate(probe, data, origins, season, forecasts=forecasts, name=name, fits=fits)
+
+
+def evaluate(
+    model: ForecastModel,
+    data: SeriesMatrix,
+    origins: np.ndarray,
+    season: int,
+    *,
+    forecasts: np.ndarray | None = None,
+    name: str | None = None,
+    fits: list[FitResult] | None = None,
+) -> BacktestResult:
+    """Score ``model`` at ``origins`` against the actuals, with MAE relative to naive and seasonal
+    naive (season ``season``) forecast at the same origins: the evaluation of `rollcast backtest` and of
+    every training cycle's holdout.
+
+    ``forecasts`` ``(S, n_origins, H, Q)``: the model's forecasts when the caller made them (a backtest
+    that refits between origins); by default they are made here from the true history before each origin.
+    """
+    cfg = model.config
+    H, qs = cfg.horizon, tuple(cfg.quantiles)
+    if forecasts is None:
+        forecasts = forecast_at(model, data, origins)
     actuals = np.stack([data.values[:, o : o + H] for o in origins], axis=1)
-    qs = probe.config.quantiles
-    baselines = {
-        "naive": forecast_at(create_model("naive", context=L, horizon=H, quantiles=qs), data, origins),
-        "seasonal_naive": forecast_at(
-            create_model("seasonal_naive", context=L, horizon=H, quantiles=qs, season=season), data, origins
-        ),
-    }
-    scores = score(forecasts, actuals, data.values[:, : origins[0]], season, probe.config.median_index, baselines)
-    return BacktestResult(name, scores, forecasts, actuals, origins, qs, data.series, fits)
+    baselines = {base: forecast_at(baseline(base, cfg.context, H, qs, season), data, origins) for base in BASELINES}
+    insample = data.values[:, : int(origins[0])]
+    scores = score(forecasts, actuals, insample, season, cfg.median_index, baselines)
+    return BacktestResult(name if name is not None else getattr(model, "name", ""), scores, forecasts, actuals,
+                          origins, qs, data.series, list(fits or []))
+
+
+def baseline(name: str, context: int, horizon: int, quantiles: tuple[float, ...] | list[float],
+             season: int) -> ForecastModel:
+    """The baseline ``name`` (one of :data:`BASELINES`) for models of this context, horizon and quantiles."""
+    extra = {"season": season} if name == "seasonal_naive" else {}
+    return create_model(name, context=context, horizon=horizon, quantiles=list(quantiles), **extra)
 
 
 def _fit_before(

@@ -19,6 +19,7 @@ from pipeline.errors import ModelConfigError
 
 if TYPE_CHECKING:
     from models.base import ForecastModel, ModelConfig
+    from pipeline.config import ModelSettings
 
 _REGISTRY: dict[str, tuple[type[ForecastModel], type[ModelConfig]]] = {}
 
@@ -62,6 +63,27 @@ def make_config(name: str, **config: Any) -> ModelConfig:
         return cfg_cls(**config)
     except (TypeError, ValueError) as e:
         raise ModelConfigError(f"model {name!r}: invalid config: {e}") from e
+
+
+def config_from_settings(settings: ModelSettings, name: str, **overrides: Any) -> dict[str, Any]:
+    """The config of model ``name`` from the ``model.*`` settings, then ``overrides`` (a command's own
+    options), then ``model.params[name]``: the one way training and backtests configure a model.
+
+    Only the fields the model's config has are taken, so the same settings configure every model.
+    """
+    fields = {f.name for f in dataclasses.fields(config_class(name))}
+    base: dict[str, Any] = {
+        "context": settings.context,
+        "horizon": settings.horizon,
+        "quantiles": list(settings.quantiles),
+        "learning_rate": settings.learning_rate,
+        "seed": settings.seed,
+        "season": settings.season,
+        **overrides,
+    }
+    config = {k: v for k, v in base.items() if k in fields}
+    config.update(settings.params.get(name, {}))
+    return config
 
 
 def create_model(name: str, **config: Any) -> ForecastModel:

@@ -368,7 +368,7 @@ def test_train_kill9_mid_cycle_and_mlflow_outage(private_mlflow, settings, test_
     try:
         wait_for(lambda: cycles(tp, "promoted", "not_promoted") >= 1, 180,
                  "a successful cycle after the kills")
-        from jobs import registry
+        from models import tracking as registry
 
         champ = registry.champion(s)
         assert champ is not None, "no champion after a successful cycle"

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 from types import SimpleNamespace
 
-from jobs.train import Candidate, Span, run_params
+from models.cycle import Span
+from models.selection import Candidate
+from models.tracking import run_params
 from pipeline.config import load_settings
 from pipeline.kafka import _admin_keys, _consumer_keys, _producer_keys, client_kwargs, rdkafka_config
 

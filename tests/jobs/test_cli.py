@@ -61,7 +61,7 @@ def test_the_collector_is_off_during_start_up_and_back_on_after() -> None:
     script = (
         "import gc, time\n"
         "from jobs.cli import collector_off_during_start_up\n"
-        "from jobs.forecast import freeze_heap\n"
+        "from pipeline.runtime import freeze_heap\n"
         "collector_off_during_start_up(0.3)\n"
         "assert not gc.isenabled()\n"
         "time.sleep(1.0)\n"

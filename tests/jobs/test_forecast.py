@@ -18,8 +18,11 @@ import torch
 from kafka import TopicPartition
 
 import models
-from jobs.forecast import ContextBuffers, LoadedModel, complete_batch, forecast_message_chunks
+from jobs.forecast import complete_batch
+from models.serving import LoadedModel
 from pipeline.config import Settings
+from pipeline.contexts import ContextBuffers
+from pipeline.forecasts_io import forecast_message_chunks
 from pipeline.kafka import make_consumer, make_producer
 from pipeline.store import HistoryStore, Progress
 from pipeline.windows import WINDOW_SCHEMA
@@ -108,7 +111,7 @@ def test_messages_are_valid_json_for_any_series_id_and_keep_float32_values_exact
 
 
 def test_forecasts_come_in_chunks_equal_to_one_offline_inference(tmp_path: Path) -> None:
-    from jobs.forecast import Forecaster
+    from models.serving import Forecaster
     from pipeline.config import load_settings
 
     s = load_settings(env={"ROLLCAST_DATA_DIR": str(tmp_path), "ROLLCAST_WINDOW__LENGTH_MS": str(STEP),
@@ -138,7 +141,7 @@ def test_a_batch_longer_than_the_buffer_is_forecast_before_the_store_holds_it(tm
     """Ingest produces a checkpoint's windows before it writes them to the store: a batch with more
     windows of a series than the buffer holds (gap rows after a long silence, a lagging restart)
     takes the contexts of its older windows from the batch itself when the store has none yet."""
-    from jobs.forecast import Forecaster
+    from models.serving import Forecaster
     from pipeline.config import load_settings
 
     s = load_settings(env={"ROLLCAST_DATA_DIR": str(tmp_path), "ROLLCAST_WINDOW__LENGTH_MS": str(STEP),
@@ -428,7 +431,7 @@ def test_query_prints_the_latest_forecast(settings: Settings, test_env: dict[str
 def test_a_new_champion_is_picked_up_without_restart(
     settings: Settings, test_env: dict[str, str], mlflow_server: str, tmp_path: Path
 ) -> None:
-    from jobs.train import run_cycle
+    from models.cycle import run_cycle
     from tests.jobs.train_helpers import HOUR_MS, WEAK, drifting_daily_windows, train_env, write_windows
 
     env = {**train_env(mlflow_server, Path(test_env["ROLLCAST_DATA_DIR"]), **WEAK), **test_env,
@@ -495,7 +498,7 @@ def test_a_malformed_windows_message_is_skipped_not_fatal(
 def test_freeze_heap_exempts_the_objects_alive_at_start_from_collection() -> None:
     import gc
 
-    from jobs.forecast import freeze_heap
+    from pipeline.runtime import freeze_heap
 
     try:
         frozen = freeze_heap()

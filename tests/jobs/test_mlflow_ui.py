@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.train import run_cycle
+from models.cycle import run_cycle
 from tests.jobs.helpers import REPO
 from tests.jobs.train_helpers import WEAK, drifting_daily_windows, train_settings, write_windows
 

@@ -10,8 +10,9 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
-from jobs.replay import ColumnMap, load_observations, parse_speed, resolve_dataset
+from jobs.replay import parse_speed
 from pipeline.config import Settings
+from pipeline.datasets import ColumnMap, load_observations, resolve_dataset
 from pipeline.errors import DatasetError
 from pipeline.kafka import make_consumer
 from pipeline.windows_io import partition_for

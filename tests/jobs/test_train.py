@@ -15,8 +15,11 @@ import pytest
 from mlflow import MlflowClient
 
 import models
-from jobs import registry, stack
-from jobs.train import Candidate, Schedule, decide, run_cycle
+from jobs import stack
+from jobs.train import Schedule
+from models import tracking as registry
+from models.cycle import run_cycle
+from models.selection import Candidate, decide
 from pipeline.config import load_settings
 from pipeline.errors import MlflowUnavailable, PromotionRefused, StoreUnavailable
 from pipeline.store import HistoryStore

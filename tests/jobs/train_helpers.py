@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from jobs.replay import ColumnMap, load_observations, resolve_dataset
 from pipeline.config import Settings, load_settings
+from pipeline.datasets import ColumnMap, load_observations, resolve_dataset
 from pipeline.store import HistoryStore, Progress
 
 HOUR_MS = 3_600_000

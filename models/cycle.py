@@ -1,0 +1,349 @@
+"""One training cycle: read the span, split it by time, train every configured type, score each on the
+same holdout as the current champion and seasonal naive, log and register every model, and move
+``champion`` when one is better.
+
+A cycle reads the last ``train.span_windows`` windows per series from the history store, splits them by
+time into train, validation and holdout (the last ``train.holdout_windows`` windows, rounded down to
+whole horizons), trains every type in ``model.types`` with Lightning, and scores on the holdout, at the
+same rolling origins, the new model, the current champion and the seasonal-naive baseline
+(:func:`models.backtest.evaluate`, the metrics of `rollcast backtest`). Each model gets one MLflow run and
+one new registered version (:mod:`models.tracking`); :func:`models.selection.decide` says which, if any,
+takes the alias. If MLflow is unreachable the cycle is retried ``train.max_retries`` times with
+exponential backoff (trained models are kept, not retrained), and a failed cycle never touches the
+serving champion.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from models import tracking
+from models.selection import Candidate, decide, validation_failure
+from pipeline.config import Settings
+from pipeline.errors import ConfigError, MlflowUnavailable, NotEnoughData
+
+if TYPE_CHECKING:
+    from models.backtest import BacktestResult
+    from models.data import SeriesMatrix
+
+log = logging.getLogger("rollcast.train")
+
+
+def iso(ms: int) -> str:
+    """Epoch milliseconds as ``YYYY-MM-DDTHH:MM:SSZ``."""
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class Span:
+    """The slice of the history store one cycle trains and evaluates on."""
+
+    start_ms: int  # first window_start read
+    end_ms: int  # last window_end read
+    series: int
+    windows: int  # rows read
+    train_windows: int  # time steps per series, each split
+    val_windows: int
+    holdout_windows: int
+
+    def as_params(self) -> dict[str, Any]:
+        return {
+            "data_start_ms": self.start_ms,
+            "data_end_ms": self.end_ms,
+            "data_start": iso(self.start_ms),
+            "data_end": iso(self.end_ms),
+            "data_series": self.series,
+            "data_windows": self.windows,
+            "data_train_windows": self.train_windows,
+            "data_val_windows": self.val_windows,
+            "data_holdout_windows": self.holdout_windows,
+        }
+
+
+@dataclass
+class CycleData:
+    matrix: SeriesMatrix
+    span: Span
+    train_span: tuple[int, int]
+    val_span: tuple[int, int]
+    origins: np.ndarray  # rolling origins of the holdout, H apart
+
+
+@dataclass
+class CycleResult:
+    cycle_id: str
+    span: Span
+    candidates: list[Candidate]
+    champion_before: str | None
+    promoted: str | None  # the version that now carries the alias, if it moved
+    attempts: int = 1
+
+
+@dataclass
+class _Attempts:
+    """What survives between attempts of one cycle: trained models, runs, registered versions."""
+
+    data: CycleData | None = None
+    candidates: list[Candidate] | None = None
+    champion_version: str | None = None
+    champion_eval: BacktestResult | None = None
+    champion_note: str = ""
+    incomplete_runs: list[str] = field(default_factory=list)
+
+
+def read_history(settings: Settings) -> tuple[Any, int, int]:
+    """The last ``train.span_windows`` windows per series: (frame, first window_start, last window_end)."""
+    from pipeline.store import HistoryStore
+
+    store = HistoryStore(settings)
+    ends = store.max_window_end()
+    if not ends:
+        raise NotEnoughData(
+            f"the history store {store.location} is empty; run `rollcast ingest` "
+            "(and `rollcast replay` a dataset) first"
+        )
+    end = max(ends.values())
+    start = end - settings.train.span_windows * settings.window.length_ms
+    frame = store.read(start_ms=start, end_ms=end)
+    return frame, int(frame["window_start"].min()), end
+
+
+def prepare_data(settings: Settings) -> CycleData:
+    """Read the span and split it by time; :class:`NotEnoughData` when it is too short."""
+    from models.backtest import origins_for
+    from models.data import time_split, windows_to_matrix
+
+    L, H = settings.model.context, settings.model.horizon
+    frame, start_ms, end_ms = read_history(settings)
+    matrix = windows_to_matrix(frame, settings.window.target)
+    n_steps = matrix.values.shape[1]
+    n_origins = settings.train.holdout_windows // H
+    if n_origins < 1:
+        raise ConfigError(
+            [f"train.holdout_windows ({settings.train.holdout_windows}) must be at least "
+             f"model.horizon ({H}) to evaluate one forecast"]
+        )
+    holdout = n_origins * H
+    need = L + holdout + 2 * H
+    if n_steps < need:
+        raise NotEnoughData(
+            f"the history store has {n_steps} windows per series in the last {settings.train.span_windows}; "
+            f"training needs at least {need} (context {L} + horizon {H} + holdout {holdout} + a horizon of "
+            "training targets); let more windows arrive or lower model.context, model.horizon or "
+            "train.holdout_windows"
+        )
+    split = time_split(n_steps, L, H, settings.train.validation_fraction, holdout)
+    origins = origins_for(n_steps, L, H, n_origins)
+    span = Span(
+        start_ms=start_ms,
+        end_ms=end_ms,
+        series=len(matrix.series),
+        windows=frame.height,
+        train_windows=split.train[1] - split.train[0],
+        val_windows=split.val[1] - split.val[0],
+        holdout_windows=holdout,
+    )
+    return CycleData(matrix, span, split.train, split.val, origins)
+
+
+def evaluate_on_holdout(model: Any, data: CycleData, settings: Settings) -> BacktestResult:
+    """Score ``model`` at the holdout origins of ``data``, as every model of the cycle is scored."""
+    from models.backtest import evaluate
+
+    return evaluate(model, data.matrix, data.origins, settings.model.season)
+
+
+def seasonal_naive_eval(settings: Settings, data: CycleData) -> BacktestResult:
+    from models.backtest import baseline
+
+    m = settings.model
+    return evaluate_on_holdout(baseline("seasonal_naive", m.context, m.horizon, m.quantiles, m.season), data, settings)
+
+
+class _StopOnEvent:
+    """Lightning callback factory: stop training at the end of a batch once ``event`` is set."""
+
+    @staticmethod
+    def make(event: threading.Event) -> Any:
+        from pytorch_lightning.callbacks import Callback
+
+        class StopOnEvent(Callback):
+            def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+                if event.is_set():
+                    trainer.should_stop = True
+
+        return StopOnEvent()
+
+
+def train_candidates(
+    settings: Settings, data: CycleData, progress: bool, stop: threading.Event
+) -> list[Candidate]:
+    """Train every type in model.types and score it on the holdout."""
+    from models.data import make_samples
+    from models.registry import config_from_settings, create_model
+    from models.training import fit
+
+    out = []
+    for model_type in settings.model.types:
+        config = config_from_settings(settings.model, model_type)
+        model = create_model(model_type, **config)
+        cfg = model.config
+        train = make_samples(data.matrix, cfg.context, cfg.horizon, data.train_span, cfg.calendar)
+        val = make_samples(data.matrix, cfg.context, cfg.horizon, data.val_span, cfg.calendar)
+        if model.trainable and len(train) == 0:
+            raise NotEnoughData(
+                f"no training samples for {model_type}: {data.span.train_windows} training windows per series "
+                f"are fewer than context {cfg.context} + horizon {cfg.horizon}"
+            )
+        log.info("training %s on %d samples (%d validation), up to %d epochs",
+                 model_type, len(train), len(val), settings.model.max_epochs)
+        t0 = time.perf_counter()
+        try:
+            result = fit(
+                model, train, val,
+                max_epochs=settings.model.max_epochs,
+                patience=settings.model.patience,
+                batch_size=settings.model.batch_size,
+                seed=settings.model.seed,
+                progress=progress,
+                callbacks=[_StopOnEvent.make(stop)],
+            )
+        except SystemExit:
+            # Lightning chains our SIGTERM handler and then raises SIGTERMException (a SystemExit).
+            if stop.is_set():
+                return out
+            raise
+        seconds = time.perf_counter() - t0
+        if stop.is_set():
+            return out
+        backtest = evaluate_on_holdout(model, data, settings)
+        metrics = {f"holdout_{k}": v for k, v in backtest.metrics.items()}
+        cand = Candidate(model_type, config, model, result.train_loss, result.val_loss, metrics, backtest, seconds)
+        cand.failure = validation_failure(cand)
+        out.append(cand)
+        log.info("%s: holdout MAE %.5g (relative to seasonal naive %.3g)%s", model_type, cand.mae,
+                 metrics.get("holdout_rel_mae_seasonal_naive", float("nan")),
+                 f"; FAILED validation: {cand.failure}" if cand.failure else "")
+    return out
+
+
+def run_cycle(
+    settings: Settings,
+    *,
+    progress: bool = False,
+    stop: threading.Event | None = None,
+    on_trained: Callable[[list[Candidate]], None] | None = None,
+) -> CycleResult | None:
+    """Run one training cycle, retrying while MLflow is unreachable; None if ``stop`` was set.
+
+    ``on_trained`` is called once the models are trained and scored, before
+    anything is logged (progress reporting; tests use it to stop MLflow).
+    Raises :class:`MlflowUnavailable` when the retries are used up,
+    :class:`NotEnoughData` when the history is too short.
+    """
+    stop = stop or threading.Event()
+    cycle_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    state = _Attempts()
+    retries, backoff = settings.train.max_retries, settings.train.retry_backoff_s
+    for attempt in range(retries + 1):
+        try:
+            result = _attempt(settings, state, cycle_id, progress, stop, on_trained)
+            if result is not None:
+                result.attempts = attempt + 1
+            return result
+        except MlflowUnavailable as e:
+            tracking.mark_incomplete(settings, state.incomplete_runs)
+            if attempt == retries:
+                raise MlflowUnavailable(
+                    f"{e} (gave up after {retries + 1} attempt(s); the champion was not changed)"
+                ) from e
+            delay = backoff * 2**attempt
+            log.warning("cycle %s: %s; retrying in %.1fs (attempt %d of %d)", cycle_id, e, delay,
+                        attempt + 2, retries + 1)
+            if stop.wait(delay):
+                return None
+    return None
+
+
+def _attempt(
+    settings: Settings,
+    state: _Attempts,
+    cycle_id: str,
+    progress: bool,
+    stop: threading.Event,
+    on_trained: Callable[[list[Candidate]], None] | None,
+) -> CycleResult | None:
+    from models import load_model
+
+    client = tracking.configure(settings)
+    if not tracking.reachable(settings):
+        raise MlflowUnavailable(f"no MLflow server answers at {settings.mlflow.tracking_uri}")
+    tracking.mark_incomplete(settings, state.incomplete_runs)
+    if state.data is None:
+        state.data = prepare_data(settings)
+    data = state.data
+    # The champion as it is now: scored on the same origins as the new models.
+    found = tracking.champion_version(settings, client)
+    champ_version = str(found.version) if found is not None else None
+    if champ_version != state.champion_version or (champ_version and state.champion_eval is None):
+        state.champion_version, state.champion_eval, state.champion_note = champ_version, None, ""
+        if champ_version is not None:
+            champ = load_model(tracking.download_version(settings, champ_version))
+            cc = champ.config
+            if cc.horizon != settings.model.horizon or cc.context > int(data.origins[0]):
+                state.champion_note = (f"champion version {champ_version} (horizon {cc.horizon}, context "
+                                       f"{cc.context}) cannot be scored at this cycle's origins")
+                log.warning("%s; comparing new models with seasonal naive only", state.champion_note)
+            else:
+                state.champion_eval = evaluate_on_holdout(champ, data, settings)
+    if state.candidates is None:
+        candidates = train_candidates(settings, data, progress, stop)
+        if stop.is_set():
+            log.info("cycle %s abandoned: asked to stop", cycle_id)
+            return None
+        state.candidates = candidates
+        if on_trained is not None:
+            on_trained(candidates)
+    candidates = state.candidates
+    baseline = seasonal_naive_eval(settings, data)
+    champ_eval = state.champion_eval
+    for c in candidates:
+        c.metrics.update({f"seasonal_naive_holdout_{k}": v for k, v in baseline.metrics.items()
+                          if not k.startswith("rel_")})
+        if champ_eval is not None:
+            c.metrics.update({f"champion_holdout_{k}": v for k, v in champ_eval.metrics.items()
+                              if not k.startswith("rel_")})
+            if champ_eval.metrics["mae"] > 0:
+                c.metrics["holdout_rel_mae_champion"] = c.mae / champ_eval.metrics["mae"]
+    best = decide(candidates, baseline.metrics["mae"],
+                  champ_eval.metrics["mae"] if champ_eval is not None else None, settings.train.min_improvement)
+    others = {"seasonal_naive": baseline}
+    if champ_eval is not None:
+        others[f"champion v{state.champion_version}"] = champ_eval
+    for c in candidates:
+        if c.version is None:  # registered in an earlier attempt: not again
+            tracking.publish(settings, c, data, others, cycle_id, state.incomplete_runs)
+    promoted = None
+    if best is not None:
+        assert best.version is not None
+        current = tracking.champion_version(settings, client)
+        if (str(current.version) if current else None) != state.champion_version:
+            log.warning("champion moved to version %s during this cycle; not overriding it",
+                        current.version if current else None)
+        else:
+            tracking.promote(settings, best.version, client)
+            promoted = best.version
+    for c in candidates:
+        log.info("cycle %s: %s -> version %s, run %s: %s", cycle_id, c.model_type, c.version, c.run_id, c.decision)
+    return CycleResult(cycle_id, data.span, candidates, state.champion_version, promoted)
+
+

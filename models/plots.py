@@ -1,0 +1,133 @@
+"""Every plot rollcast draws, as PNG files: a training run's losses and holdout forecasts (MLflow
+artifacts), a backtest's forecasts against actuals, and `rollcast query --plot`.
+
+matplotlib is imported inside each function, with the non-interactive Agg backend.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from models.backtest import BacktestResult
+    from models.cycle import CycleData
+    from models.selection import Candidate
+
+PLOTTED_SERIES = 3  # series plotted per training run
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_losses(cand: Candidate, path: Path) -> Path:
+    plt = _pyplot()
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    epochs = range(1, len(cand.train_loss) + 1)
+    ax.plot(list(epochs), cand.train_loss, marker="o", label="train")
+    if cand.val_loss:
+        ax.plot(list(range(1, len(cand.val_loss) + 1)), cand.val_loss, marker="o", label="validation")
+    ax.set(xlabel="epoch", ylabel="pinball loss (normalised)", title=f"{cand.model_type}: loss per epoch")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def plot_forecasts(
+    cand: Candidate, data: CycleData, others: dict[str, BacktestResult], directory: Path
+) -> list[Path]:
+    """One PNG per plotted series: actuals over the holdout, the new model's median and outer
+    quantile band at every origin, and the medians of the champion and seasonal naive."""
+    plt = _pyplot()
+
+    m, bt = data.matrix, cand.backtest
+    H = bt.forecasts.shape[2]
+    mid = list(bt.quantiles).index(0.5)
+    first = int(data.origins[0])
+    lo = max(0, first - 2 * H)
+    times = [datetime.fromtimestamp(t / 1000, UTC) for t in m.window_end_ms]
+    paths = []
+    for s, name in enumerate(m.series[:PLOTTED_SERIES]):
+        fig, ax = plt.subplots(figsize=(9, 4))
+        ax.plot(times[lo:], m.values[s, lo:], color="black", lw=1, label="actual")
+        for i, o in enumerate(data.origins):
+            t = times[int(o) : int(o) + H]
+            ax.fill_between(t, bt.forecasts[s, i, :, 0], bt.forecasts[s, i, :, -1], color="C0", alpha=0.2,
+                            label=f"{cand.model_type} q{bt.quantiles[0]:g}-q{bt.quantiles[-1]:g}" if i == 0 else None)
+            ax.plot(t, bt.forecasts[s, i, :, mid], color="C0", label=f"{cand.model_type} median" if i == 0 else None)
+            for j, (label, other) in enumerate(others.items()):
+                omid = list(other.quantiles).index(0.5)
+                ax.plot(t, other.forecasts[s, i, :, omid], color=f"C{j + 1}", ls="--", lw=1,
+                        label=f"{label} median" if i == 0 else None)
+        ax.axvline(times[first], color="grey", ls=":", lw=1)
+        ax.set(title=f"{name}: holdout forecasts vs actuals", ylabel="value")
+        ax.legend(fontsize="small")
+        fig.autofmt_xdate()
+        fig.tight_layout()
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+        path = directory / f"forecast_{s}_{safe}.png"
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def plot_backtest(path: Path, result: BacktestResult, data: Any) -> None:
+    plt = _pyplot()
+    import numpy as np
+
+    n_series = min(4, len(result.series))
+    fig, axes = plt.subplots(n_series, 1, figsize=(10, 2.6 * n_series), squeeze=False)
+    s_, o_, h_, q_ = result.forecasts.shape
+    fc = result.forecasts.reshape(s_, o_ * h_, q_)  # origins are H apart: forecasts tile the test span
+    act = result.actuals.reshape(s_, o_ * h_)
+    t = np.arange(result.origins[0], result.origins[0] + o_ * h_)
+    mid = result.quantiles.index(0.5)
+    for i, ax in enumerate(axes[:, 0]):
+        start = max(0, result.origins[0] - h_)
+        ax.plot(np.arange(start, result.origins[0]), data.values[i, start : result.origins[0]], color="0.5", lw=1)
+        ax.plot(t, act[i], color="black", lw=1, label="actual")
+        ax.plot(t, fc[i, :, mid], color="tab:blue", lw=1, label="median forecast")
+        if q_ > 1:
+            ax.fill_between(t, fc[i, :, 0], fc[i, :, -1], color="tab:blue", alpha=0.2,
+                            label=f"{result.quantiles[0]:g}-{result.quantiles[-1]:g}")
+        for o in result.origins:
+            ax.axvline(o, color="0.85", lw=0.5)
+        ax.set_title(f"{result.model}: {result.series[i]}", fontsize=9)
+    axes[0, 0].legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_forecast_message(msg: dict, actual: Any, target: str, path: Path) -> None:
+    """PNG of the forecast message ``msg``, its outer interval, and the ``actual`` windows before it (a
+    history-store frame; the ``target`` column is plotted)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(10, 4))
+    if actual.height:
+        ax.plot([datetime.fromtimestamp(t / 1000, tz=UTC) for t in actual["window_start"]],
+                actual[target].to_list(), label=f"actual ({target})", color="black")
+    times = [datetime.fromtimestamp(p["ts"] / 1000, tz=UTC) for p in msg["points"]]
+    qs = list(msg["points"][0]["quantiles"])
+    ax.plot(times, [p["mean"] for p in msg["points"]], label="forecast (median)", color="tab:blue")
+    if len(qs) >= 2:
+        ax.fill_between(times, [p["quantiles"][qs[0]] for p in msg["points"]],
+                        [p["quantiles"][qs[-1]] for p in msg["points"]],
+                        alpha=0.3, color="tab:blue", label=f"q{qs[0]}–q{qs[-1]}")
+    ax.set_title(f"{msg['series']}: {msg['model']['name']} v{msg['model']['version']}")
+    ax.legend()
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
