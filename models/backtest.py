@@ -18,7 +18,7 @@ import numpy as np
 
 from models import metrics as M
 from models.base import ForecastModel
-from models.data import SeriesMatrix, make_samples, time_split
+from models.data import SeriesMatrix, known_any, make_samples, time_split
 from models.io import predict
 from models.registry import create_model
 from models.training import FitResult, fit
@@ -39,6 +39,7 @@ class BacktestResult:
     quantiles: tuple[float, ...]
     series: list[str]
     fits: list[FitResult] = field(default_factory=list)
+    forecastable: np.ndarray | None = None  # (S, n_origins): the context had a known value; None: all
 
 
 def origins_for(n_steps: int, context: int, horizon: int, n_origins: int) -> np.ndarray:
@@ -56,8 +57,14 @@ def origins_for(n_steps: int, context: int, horizon: int, n_origins: int) -> np.
 def forecast_at(model: ForecastModel, data: SeriesMatrix, origins: np.ndarray) -> np.ndarray:
     """Forecasts ``(S, n_origins, H, Q)`` from the true history before each origin."""
     L = model.config.context
-    out = [predict(model, data.values[:, o - L : o], data.window_end_ms[o - L : o]) for o in origins]
+    out = [predict(model, data.contexts(o - L, o), data.window_end_ms[o - L : o]) for o in origins]
     return np.stack(out, axis=1)
+
+
+def forecastable(data: SeriesMatrix, origins: np.ndarray, context: int) -> np.ndarray:
+    """``(S, n_origins)``: whether the context before each origin holds a known value (the gap rule,
+    :func:`models.data.fill_gaps`, forecasts only those)."""
+    return np.stack([known_any(data.contexts(o - context, o)) for o in origins], axis=1)
 
 
 def rolling_origin(
@@ -125,7 +132,7 @@ def evaluate(
     insample = data.values[:, : int(origins[0])]
     scores = score(forecasts, actuals, insample, season, cfg.median_index, baselines)
     return BacktestResult(name if name is not None else getattr(model, "name", ""), scores, forecasts, actuals,
-                          origins, qs, data.series, list(fits or []))
+                          origins, qs, data.series, list(fits or []), forecastable(data, origins, cfg.context))
 
 
 def baseline(name: str, context: int, horizon: int, quantiles: tuple[float, ...] | list[float],

@@ -2,8 +2,9 @@
 
 A window table has one row per (series, window_start) on a regular grid:
 ``series, window_start, window_end, count, first, last, min, max, mean, sum``.
-Gap rows (``count = 0``) carry null aggregates; the target is forward-filled
-across them. :func:`windows_to_matrix` turns the table into one ``(S, T)``
+Gap rows (``count = 0``) carry null aggregates. :func:`fill_gaps` is the one gap
+rule every consumer of a context applies (training, the live job, backtests, the
+pyfunc model). :func:`windows_to_matrix` turns the table into one ``(S, T)``
 array on a shared time grid (NaN before a series starts), :func:`make_samples`
 cuts sliding (context, horizon) samples from it, and :func:`time_split`
 splits the time axis into train, validation and holdout target spans.
@@ -28,16 +29,37 @@ WEEK_MS = 7 * DAY_MS
 
 @dataclass(frozen=True)
 class SeriesMatrix:
-    """Series on one regular grid: ``values (S, T)``, ``window_end_ms (T,)``."""
+    """Series on one regular grid: ``values (S, T)``, ``window_end_ms (T,)``.
+
+    ``values`` carry the last known value forward across gaps (NaN before a series' first value): they
+    are the targets and actuals. ``known (S, T)`` says which windows had observations (None: all did);
+    contexts are cut with :meth:`contexts`, which gives the gaps back as NaN for :func:`fill_gaps`.
+    """
 
     series: list[str]
     values: np.ndarray
     window_end_ms: np.ndarray
     step_ms: int
+    known: np.ndarray | None = None
 
     def slice(self, start: int, stop: int) -> SeriesMatrix:
         """The time steps ``[start, stop)``."""
-        return SeriesMatrix(self.series, self.values[:, start:stop], self.window_end_ms[start:stop], self.step_ms)
+        known = None if self.known is None else self.known[:, start:stop]
+        return SeriesMatrix(self.series, self.values[:, start:stop], self.window_end_ms[start:stop], self.step_ms,
+                            known)
+
+    def contexts(self, start: int, stop: int) -> np.ndarray:
+        """The raw context ``(S, stop - start)`` of every series: values, NaN where a window was a gap.
+
+        A context reaching before a series' first window is all NaN: the live job has no such context
+        either (too few windows), so it is not forecast on any path.
+        """
+        values = self.values[:, start:stop]
+        if self.known is None:
+            return values
+        out = np.where(self.known[:, start:stop], values, np.nan)
+        out[np.isnan(values).any(axis=1)] = np.nan
+        return out
 
 
 @dataclass(frozen=True)
@@ -76,6 +98,29 @@ def ffill(values: np.ndarray) -> np.ndarray:
     return out
 
 
+def fill_gaps(context: np.ndarray) -> np.ndarray:
+    """The gap rule, for every consumer of a context: a window with no observations (NaN) takes the last
+    known value before it in the context; gaps before the context's first known value take that value.
+    A context with no known value stays NaN: it is not forecast, and the caller counts it.
+
+    The rule looks only at the context itself, so the same windows give the same forecast on every path.
+
+    >>> fill_gaps(np.array([[np.nan, 1.0, np.nan, 3.0, np.nan], [np.nan] * 5])).tolist()
+    [[1.0, 1.0, 1.0, 3.0, 3.0], [nan, nan, nan, nan, nan]]
+    """
+    out = ffill(context)
+    lead = np.isnan(out)
+    if lead.any():  # before the first known value: that value
+        first = np.take_along_axis(out, np.argmax(~lead, axis=-1)[..., None], axis=-1)
+        out = np.where(lead, first, out)
+    return out
+
+
+def known_any(context: np.ndarray) -> np.ndarray:
+    """Which contexts ``(..., L)`` hold at least one known value (the others are not forecast)."""
+    return ~np.isnan(context).all(axis=-1)
+
+
 def windows_to_matrix(df: pl.DataFrame | pa.Table, target: str = "mean") -> SeriesMatrix:
     """Pivot a window table into a :class:`SeriesMatrix` of ``target``, gaps forward-filled."""
     if isinstance(df, pa.Table):
@@ -107,7 +152,8 @@ def windows_to_matrix(df: pl.DataFrame | pa.Table, target: str = "mean") -> Seri
     values[s_idx, t_idx] = df["y"].to_numpy().astype(np.float64)
     length = int((df["window_end"] - df["window_start"]).median())
     ends = t0 + np.arange(n_t, dtype=np.int64) * step + length
-    return SeriesMatrix(series, ffill(values), ends, step)
+    known = ~np.isnan(values)
+    return SeriesMatrix(series, ffill(values), ends, step, None if known.all() else known)
 
 
 def calendar_features(window_end_ms: np.ndarray) -> np.ndarray:
@@ -145,8 +191,9 @@ def make_samples(
 ) -> Samples:
     """Every (context, horizon) sample whose target steps lie in ``target_span``, over all series.
 
-    Sample ``t`` has context steps ``[t - L, t)`` and targets ``[t, t + H)``;
-    samples touching NaN (before a series starts) are dropped.
+    Sample ``t`` has context steps ``[t - L, t)`` and targets ``[t, t + H)``. Contexts follow
+    :func:`fill_gaps`; samples reaching before a series' first window, or whose context has no known
+    value, are dropped.
     """
     lo, hi = target_span if target_span is not None else (context, data.values.shape[1])
     lo = max(lo, context)
@@ -158,8 +205,12 @@ def make_samples(
     win = sliding_window_view(block, width, axis=1)[:, ::stride]  # (S, N_t, L + H)
     n_s, n_t = win.shape[:2]
     flat = win.reshape(n_s * n_t, width)
-    keep = ~np.isnan(flat).any(axis=1)
-    x = flat[keep, :context].astype(np.float32)[..., None]  # (N, L, 1)
+    ctx = flat[:, :context]
+    if data.known is not None:  # the gaps back as NaN, then the gap rule
+        known = sliding_window_view(data.known[:, lo - context : hi], width, axis=1)[:, ::stride]
+        ctx = fill_gaps(np.where(known.reshape(n_s * n_t, width)[:, :context], ctx, np.nan))
+    keep = ~np.isnan(flat).any(axis=1) & known_any(ctx)  # NaN in values: before the series' first window
+    x = ctx[keep].astype(np.float32)[..., None]  # (N, L, 1)
     y = flat[keep, context:].astype(np.float32)  # (N, H)
     if calendar:
         ends = sliding_window_view(data.window_end_ms[lo - context : hi], width)[::stride, :context]

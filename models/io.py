@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from models.base import ForecastModel
-from models.data import ffill, make_inputs
+from models.data import fill_gaps, known_any, make_inputs
 from models.registry import config_class, create_model
 from pipeline.errors import ModelConfigError
 
@@ -57,18 +57,29 @@ def predict(
     """Forecast ``(B, H, Q)`` in the original scale from the last ``L`` target values ``(B, L)``.
 
     ``window_end_ms`` (``(B, L)`` or ``(L,)``) is needed only by models with
-    calendar features; callers can always pass it. NaNs inside a context are
-    forward-filled; a context with NaN at its start gives NaN forecasts.
+    calendar features; callers can always pass it. Gaps (NaN) follow the one gap
+    rule, :func:`models.data.fill_gaps`; a context with no known value gets NaN
+    forecasts (callers count those contexts and do not publish them).
     """
     context = np.asarray(context, dtype=np.float64)
     if context.ndim == 1:
         context = context[None]
-    L = model.config.context
+    L, H, Q = model.config.context, model.config.horizon, len(model.config.quantiles)
     if context.shape[1] < L:
         raise ModelConfigError(f"model needs a context of {L} steps, got {context.shape[1]}")
-    context = ffill(context[:, -L:])
+    context = context[:, -L:]
     if window_end_ms is not None:
         window_end_ms = np.asarray(window_end_ms)[..., -L:]
+    gaps = np.isnan(context).any()  # the usual case is none: no pass over the contexts to fill them
+    if gaps:
+        context = fill_gaps(context)
+    usable = known_any(context) if gaps else None
+    if usable is not None and not usable.all():  # forecast the others; these stay NaN
+        out = np.full((len(context), H, Q), np.nan, np.float32)
+        if usable.any():
+            ends = window_end_ms[usable] if window_end_ms is not None and window_end_ms.ndim == 2 else window_end_ms
+            out[usable] = predict(model, context[usable], ends, batch_size)
+        return out
     x = make_inputs(context, window_end_ms, model.config)
     was_training = model.training
     model.eval()
@@ -78,5 +89,5 @@ def predict(
             outs.append(model(torch.from_numpy(x[i : i + batch_size])).numpy())
     model.train(was_training)
     if not outs:
-        return np.zeros((0, model.config.horizon, len(model.config.quantiles)), np.float32)
+        return np.zeros((0, H, Q), np.float32)
     return np.concatenate(outs)

@@ -24,6 +24,7 @@ points in the forecasts topic.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,8 @@ import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.pyfunc import PythonModel
+
+from models.data import known_any
 
 INPUT_COLUMNS = ("series", "window_end", "value")
 
@@ -43,7 +46,9 @@ def frame_to_context(frame: pd.DataFrame, context: int) -> tuple[list[str], np.n
     """Series ids, the window ends ``(B, L)`` and target values ``(B, L)`` of each series' last
     ``context`` windows, from an input frame.
 
-    Empty windows (NaN) are filled forward, leading ones with the first known value.
+    Empty windows (NaN) are left as they are: :func:`models.predict` fills them by the one gap rule
+    (:func:`models.data.fill_gaps`), as on every other path. A series whose last ``context`` windows
+    hold no known value is not forecast (it has no row in the output); a warning counts them.
     """
     missing = [c for c in INPUT_COLUMNS if c not in frame.columns]
     if missing:
@@ -55,24 +60,27 @@ def frame_to_context(frame: pd.DataFrame, context: int) -> tuple[list[str], np.n
     df = df.sort_values(["series", "window_end"], kind="stable").drop_duplicates(
         ["series", "window_end"], keep="last"
     )
-    names, ends, rows, short = [], [], [], []
+    names, ends, rows, short, unknown = [], [], [], [], []
     for name, g in df.groupby("series", sort=True):
         tail = g["value"].to_numpy()[-context:]
         tail_ends = g["window_end"].to_numpy()[-context:]
         if len(tail) < context:
             short.append(f"{name} ({len(tail)})")
             continue
-        filled = pd.Series(tail).ffill().bfill().to_numpy()
-        if np.isnan(filled).any():
-            short.append(f"{name} (no known value)")
+        if not known_any(tail):
+            unknown.append(str(name))
             continue
         names.append(str(name))
         ends.append(tail_ends)
-        rows.append(filled)
+        rows.append(tail)  # gaps (NaN) stay: models.predict applies the gap rule
     if short:
         raise ValueError(f"need the last {context} windows of every series; too few for: {', '.join(short)}")
+    if unknown:
+        logging.getLogger("rollcast.pyfunc").warning(
+            "%d series not forecast: no known value in their last %d windows (%s)", len(unknown), context,
+            ", ".join(unknown[:5]))
     if not rows:
-        raise ValueError("input frame has no rows")
+        raise ValueError("input frame has no series to forecast" + (" (none has a known value)" if unknown else ""))
     return names, np.stack(ends).astype(np.int64), np.stack(rows)
 
 

@@ -52,7 +52,9 @@ def validation_failure(cand: Candidate) -> str | None:
     bad = [k for k in ("holdout_mae", "holdout_rmse", "holdout_smape") if not math.isfinite(cand.metrics.get(k, math.nan))]
     if bad:
         return "non-finite holdout metric(s): " + ", ".join(f"{k}={cand.metrics.get(k)}" for k in bad)
-    if not np.isfinite(cand.backtest.forecasts).all():
+    finite = np.isfinite(cand.backtest.forecasts).all(axis=(2, 3))  # (S, n_origins)
+    served = cand.backtest.forecastable if cand.backtest.forecastable is not None else np.ones_like(finite)
+    if not finite[served].all():  # contexts without a known value are not forecast (the gap rule)
         return "non-finite forecasts on the holdout"
     return None
 

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 from prometheus_client import Counter, Gauge, Histogram
 
+from models.data import known_any
 from pipeline.config import Settings
 from pipeline.contexts import (
     ContextBuffers,
@@ -155,12 +156,12 @@ class Forecaster:
             stored = buffer_from_store(store, s, int(ends[items].min()), int(ends[items].max()), length,
                                        self.step_ms, self.target, own.get(s))
             ctx[items], ok[items], _ = stored.contexts(stored.row_of([s] * len(items)), ends[items], length)
-        lead = ok & np.isnan(ctx[:, 0])  # gap rows are forward-filled; a context cannot start with one
+        unknown = ok & ~known_any(ctx)  # only gaps: not forecast (the gap rule, models.data.fill_gaps)
         if (~ok).any():
             SKIPPED.labels("short_context").inc(int((~ok).sum()))
-        if lead.any():
-            SKIPPED.labels("leading_gap").inc(int(lead.sum()))
-        use = np.flatnonzero(ok & ~lead)
+        if unknown.any():
+            SKIPPED.labels("no_known_value").inc(int(unknown.sum()))
+        use = np.flatnonzero(ok & ~unknown)
         if not len(use):
             return
         ok_ends = ends[use]

@@ -442,6 +442,15 @@ def test_a_new_champion_is_picked_up_without_restart(
     s = load_settings(env=env)
     windows = drifting_daily_windows(820)
     t_live = int(windows["window_start"].min()) + 800 * HOUR_MS
+    # gaps in the first live context of sensor-1 (L = 48 windows): its first window, one inside, and the
+    # live window itself
+    gaps = (pl.col("series") == "sensor-1") & pl.col("window_start").is_in(
+        [t_live - 47 * HOUR_MS, t_live - 5 * HOUR_MS, t_live])
+    aggregates = ["first", "last", "min", "max", "mean", "sum"]
+    windows = windows.with_columns(
+        pl.when(gaps).then(0).otherwise(pl.col("count")).alias("count"),
+        *(pl.when(gaps).then(None).otherwise(pl.col(c)).alias(c) for c in aggregates),
+    )
     write_windows(s, windows.filter(pl.col("window_start") < t_live))
     first = run_cycle(s)
     assert first.promoted == "1"
@@ -456,6 +465,25 @@ def test_a_new_champion_is_picked_up_without_restart(
 
         seen = collect_forecasts(s, send(0), 120)
         assert {m["model"]["version"] for msgs in seen.values() for m in msgs} == {"1"}
+        # one gap rule: the champion loaded through MLflow's pyfunc forecasts the same windows, gaps
+        # included, exactly as the live job did
+        import mlflow
+
+        L = s.model.context
+        recent = windows.filter(pl.col("window_start") <= t_live).sort("series", "window_start") \
+            .group_by("series", maintain_order=True).tail(L)
+        frame = recent.select("series", "window_end", pl.when(pl.col("count") > 0).then(pl.col("mean"))
+                              .otherwise(float("nan")).alias("value")).to_pandas()
+        assert frame["value"].isna().sum() == 3  # the three gaps are in the context
+        mlflow.set_tracking_uri(mlflow_server)
+        offline = mlflow.pyfunc.load_model(f"models:/{s.mlflow.registered_model}@champion").predict(frame)
+        for name, rows in offline.groupby("series"):
+            (live,) = seen[(name, t_live + HOUR_MS)]
+            np.testing.assert_allclose([p["mean"] for p in live["points"]], rows["mean"], rtol=1e-5, atol=1e-6)
+            for q in ("0.1", "0.9"):
+                np.testing.assert_allclose([p["quantiles"][q] for p in live["points"]], rows[f"q{q}"],
+                                           rtol=1e-5, atol=1e-6)
+        assert set(offline["series"]) == {"sensor-0", "sensor-1", "sensor-2"}
 
         second = run_cycle(s.replace(**{"model.types": ["tcn"], "model.max_epochs": 3}))
         assert second.promoted == "2", second.candidates[0].decision

@@ -81,3 +81,25 @@ def test_ffill_fills_gaps_forward_and_returns_a_new_array():
     out = ffill(full)  # nothing to fill: equal values, and not the caller's array
     out[0, 0] = 99.0
     assert full[0, 0] == 0.0 and out[1].tolist() == [3.0, 4.0, 5.0]
+
+
+def test_one_gap_rule_for_samples_backtest_contexts_and_predict() -> None:
+    """Series a has a gap at t=3 (value 2 carried in the matrix). A context that starts at the gap has
+    no earlier value inside it: the gap rule takes the context's first known value (4), not the 2 the
+    matrix carries from before the context, on every path."""
+    from models.backtest import forecast_at
+    from models.data import fill_gaps, known_any
+
+    m = windows_to_matrix(_table(), "mean")
+    np.testing.assert_array_equal(m.contexts(3, 5)[0], [np.nan, 4])  # the gap comes back as NaN
+    assert np.isnan(m.contexts(1, 3)[1]).all()  # b has no window before t=2: no context there
+    s = make_samples(m, context=2, horizon=1, target_span=(5, 6))
+    np.testing.assert_array_equal(s.x[:, :, 0], [[4, 4], [13, 14]])  # a: [gap, 4] -> [4, 4]; b has no gap
+    np.testing.assert_array_equal(fill_gaps(np.array([[np.nan, 4.0]])), [[4.0, 4.0]])
+    assert known_any(np.array([[np.nan, np.nan], [np.nan, 1.0]])).tolist() == [False, True]
+
+    model = create_model("lstm", context=2, horizon=1, hidden=4, layers=1)
+    by_hand = predict(model, np.array([[4.0, 4.0]]))
+    np.testing.assert_array_equal(predict(model, np.array([[np.nan, 4.0]])), by_hand)
+    np.testing.assert_array_equal(forecast_at(model, m, np.array([5]))[0, 0], by_hand[0])
+    assert np.isnan(predict(model, np.array([[np.nan, np.nan], [1.0, 2.0]]))[0]).all()  # not forecast
