@@ -164,7 +164,7 @@ def test_tcn_last_step_equals_full_dilated_tcn(context: int, kernel: int, levels
     for i, block in enumerate(model.blocks):
         d = 2**i
         out = h
-        for conv in (block.net[0].conv, block.net[3].conv):
+        for conv in (block.conv1, block.conv2):
             out = F.relu(F.conv1d(F.pad(out, ((kernel - 1) * d, 0)), conv.weight, conv.bias, dilation=d))
         h = F.relu(out + block.down(h))
     with torch.no_grad():
@@ -184,3 +184,19 @@ def test_models_saved_before_a_field_existed_load_with_its_old_value(tmp_path: P
     assert loaded.config.patch == 1
     x = np.random.default_rng(0).normal(size=(2, L))
     np.testing.assert_array_equal(predict(loaded, x), predict(old, x))
+
+
+@pytest.mark.parametrize("saved", ["tcn_6ba650c", "tcn_6ba650c_wn"])
+def test_tcns_saved_by_earlier_versions_load_and_forecast_the_same(saved: str) -> None:
+    """Saved at 6ba650c: the layers were ``blocks.i.net.0.conv`` / ``net.3.conv`` (tests/models/fixtures)."""
+    directory = Path(__file__).parent / "fixtures" / saved
+    keys = torch.load(directory / "weights.pt", weights_only=True).keys()
+    assert any(".net.0.conv." in k for k in keys) and not any(".conv1." in k for k in keys)  # the old layout
+    model = load_model(directory)
+    assert not any(".net." in k for k in model.state_dict())
+    saved_forecast = np.load(directory / "forecast.npz")
+    np.testing.assert_array_equal(predict(model, saved_forecast["context"]), saved_forecast["forecast"])
+    # its weights under today's names load into a new model the same way
+    rebuilt = create_model("tcn", **model.config.to_dict())
+    rebuilt.load_state_dict(model.state_dict())
+    np.testing.assert_array_equal(predict(rebuilt, saved_forecast["context"]), saved_forecast["forecast"])
