@@ -158,7 +158,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
             bar.update(task, description=f"{name}")
             config: dict[str, Any] = {"context": context, "horizon": horizon, "quantiles": ms.quantiles,
                                       "learning_rate": ms.learning_rate, "seed": ms.seed,
-                                      "season": 0 if name == "naive" else season}
+                                      "season": season, "base_lag": season}
             config.update(ms.params.get(name, {}))
             results.append(rolling_origin(
                 name, data, n_origins=args.test_windows, season=season, config=config,
