@@ -18,7 +18,8 @@ import polars as pl
 
 
 class Aggregator:
-    """Contract of one window aggregate; subclasses set ``name`` (``dtype`` if not Float64) and the three methods.
+    """Contract of one window aggregate; subclasses set ``name``, ``dtype`` (if not Float64) and the three
+    methods.
 
     Events inside a group are in event-time order, equal times in offset order; a group of state
     rows holds at most two, the older first (the open window's, then a new batch's). First and
