@@ -90,7 +90,7 @@ class ResidualBlock(nn.Module):
 
         The causal padding is the convolutions' own (zeros on both sides, the outputs that read the
         right side dropped), not a padded copy of each input, and the ReLUs work in place (both faster
-        on one CPU thread, same outputs; see BENCHMARKS.md)."""
+        on one CPU thread, same outputs; BENCHMARKS.md, "TCN forward")."""
         n, k = x.shape[-1], self.conv2.kernel_size[0]
         # (B, C, N) -> (B, c, N + k - 1): output j is step j (steps N.. read the right padding; unused)
         h = F.relu_(F.conv1d(x, self.conv1.weight, self.conv1.bias, padding=k - 1))

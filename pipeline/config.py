@@ -179,9 +179,9 @@ class ForecastSettings(_Section):
         "One thread is faster for small batched models on a busy host (no OpenMP contention)",
     )
     compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
-        "lz4", description="codec of the forecasts the job produces. JSON forecasts are ~2.5 KB each; lz4 "
-        "made the latency benchmark's forecasts 2.9x smaller for the broker to store and serve and readers "
-        "to fetch, at ~4 ms of the producer's background thread per 1,000. Kafka clients decompress by "
+        "lz4", description="codec of the forecasts the job produces. JSON forecasts compress well: lz4 "
+        "makes them much smaller for the broker to store and serve and readers to fetch, for little of the "
+        "producer's background thread (figures in BENCHMARKS.md). Kafka clients decompress by "
         "themselves (Python ones with the lz4 package for kafka-python, cramjam for aiokafka); 'none' for "
         "readers without the codec",
     )
