@@ -75,7 +75,7 @@ def main() -> None:
         print("|---|---|---|---|---|---|---|---|---|---|")
         for name in args.models.split(","):
             t0 = time.perf_counter()
-            config = {"context": d.context, "horizon": d.horizon, "season": 0 if name == "naive" else d.season}
+            config = {"context": d.context, "horizon": d.horizon, "season": d.season, "base_lag": d.season}
             if name not in ("naive", "seasonal_naive"):
                 config |= TRAINING | d.config
             r = rolling_origin(name, data, n_origins=d.origins, season=d.season, config=config,

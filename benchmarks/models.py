@@ -50,7 +50,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     ctx = synthetic(SERIES, seed=1)[:, :L]
     for name in args.models or available_models():
-        model = create_model(name, context=L, horizon=H, season=24 if name != "naive" else 0)
+        model = create_model(name, context=L, horizon=H, season=24, base_lag=24)
         n_params = sum(p.numel() for p in model.parameters())
         if model.trainable:
             s = synthetic(args.train_samples)

@@ -115,8 +115,8 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         task = bar.add_task("backtest", total=len(names) * args.test_windows)
         for name in names:
             bar.update(task, description=f"{name}")
-            config = config_from_settings(ms, name, context=context, horizon=horizon,
-                                          season=0 if name == "naive" else season)
+            config = config_from_settings(ms, name, context=context, horizon=horizon, season=season,
+                                          base_lag=season)
             results.append(rolling_origin(
                 name, data, n_origins=args.test_windows, season=season, config=config,
                 refit_every=args.refit_every, max_epochs=args.max_epochs or ms.max_epochs,

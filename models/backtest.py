@@ -138,8 +138,7 @@ def evaluate(
 def baseline(name: str, context: int, horizon: int, quantiles: tuple[float, ...] | list[float],
              season: int) -> ForecastModel:
     """The baseline ``name`` (one of :data:`BASELINES`) for models of this context, horizon and quantiles."""
-    extra = {"season": season} if name == "seasonal_naive" else {}
-    return create_model(name, context=context, horizon=horizon, quantiles=list(quantiles), **extra)
+    return create_model(name, context=context, horizon=horizon, quantiles=list(quantiles), season=season)
 
 
 def _fit_before(

@@ -39,7 +39,11 @@ class ModelConfig:
     normalise: str = "last"
     eps: float = 1e-5
     highway: bool = True
+    # m, the season of the series: the lag of the seasonal-naive baseline (only that baseline reads it; every
+    # config has it so that callers pass every model the same settings)
     season: int = 0
+    # the lag of the baseline the network forecasts the residual over (0: none, 1: naive, m: seasonal naive)
+    base_lag: int = 0
     dropout: float = 0.1
     optimizer: str = "adam"
     learning_rate: float = 1e-3
@@ -53,6 +57,8 @@ class ModelConfig:
     # values of fields added after models were first saved: a saved config.json without the field
     # was trained with this value (``load_model`` fills them in), not with today's default
     legacy: ClassVar[dict[str, Any]] = {}
+    # False for the baselines: they are a base themselves, and accept ``base_lag`` only to ignore it
+    forecasts_residual: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         self.quantiles = tuple(float(q) for q in self.quantiles)
@@ -70,8 +76,10 @@ class ModelConfig:
             problems.append(f"optimizer must be one of {OPTIMIZERS} (got {self.optimizer!r})")
         if self.lr_schedule not in SCHEDULES:
             problems.append(f"lr_schedule must be one of {SCHEDULES} (got {self.lr_schedule!r})")
-        if not 0 <= self.season < self.context:
-            problems.append(f"season must be in [0, context) (got {self.season})")
+        if self.season < 0:
+            problems.append(f"season must be >= 0 (got {self.season})")
+        if self.base_lag < 0 or (self.forecasts_residual and self.base_lag >= self.context):
+            problems.append(f"base_lag must be in [0, context) (got {self.base_lag})")
         if not 0 <= self.dropout < 1:
             problems.append(f"dropout must be in [0, 1) (got {self.dropout})")
         if self.learning_rate <= 0 or self.eps <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
@@ -83,6 +91,15 @@ class ModelConfig:
     def check(self) -> list[str]:
         """Architecture-specific problems; subclasses extend it."""
         return []
+
+    @classmethod
+    def upgrade(cls, saved: dict[str, Any]) -> dict[str, Any]:
+        """The fields of a config saved by any version (``config.json``), as this version names them."""
+        fields = {**cls.legacy, **saved}  # fields saved before they existed keep their old value
+        if "base_lag" not in saved and cls.forecasts_residual:
+            # saved before the residual base had a name of its own: ``season`` was its lag
+            fields["base_lag"] = saved.get("season", 0)
+        return fields
 
     @property
     def channels(self) -> int:
@@ -125,17 +142,17 @@ class ForecastModel(lightning.LightningModule):
         # autoregressive component), so the network learns the non-linear rest.
         self.skip = nn.Linear(cfg.context, n_out) if cfg.highway else None
         # zero-initialised outputs: an untrained model forecasts exactly its base (naive, or seasonal
-        # naive when ``season`` > 0) and training moves away from it only as far as the data supports.
+        # naive when ``base_lag`` > 0) and training moves away from it only as far as the data supports.
         nn.init.zeros_(self.head[-1].weight)
         nn.init.zeros_(self.head[-1].bias)
         if self.skip is not None:
             nn.init.zeros_(self.skip.weight)
             nn.init.zeros_(self.skip.bias)
-        # season m > 0: the network forecasts the residual over the seasonal-naive forecast
+        # base_lag m > 0: the network forecasts the residual over the seasonal-naive forecast of lag m
         # y[t + h - m * ceil(h / m)] (m = 1: naive), so an untrained model starts at that baseline.
-        if cfg.season > 0:
+        if cfg.base_lag > 0:
             h = torch.arange(1, cfg.horizon + 1)
-            src = cfg.context - cfg.season * torch.ceil(h / cfg.season).long() + (h - 1)
+            src = cfg.context - cfg.base_lag * torch.ceil(h / cfg.base_lag).long() + (h - 1)
             self.register_buffer("_base_src", src, persistent=False)
         else:
             self._base_src = None

@@ -19,13 +19,21 @@ from models.registry import register_model
 
 
 @dataclass
-class NaiveConfig(ModelConfig):
+class BaselineConfig(ModelConfig):
+    """A baseline is a base itself: it accepts ``base_lag`` (callers pass every model the same settings)
+    and ignores it."""
+
+    forecasts_residual: ClassVar[bool] = False
+
+
+@dataclass
+class NaiveConfig(BaselineConfig):
     pass
 
 
 @dataclass
-class SeasonalNaiveConfig(ModelConfig):
-    season: int = 24
+class SeasonalNaiveConfig(BaselineConfig):
+    season: int = 24  # its lag m
 
     def check(self) -> list[str]:
         if not 1 <= self.season < self.context:

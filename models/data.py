@@ -1,7 +1,8 @@
 """From history-store window tables to training samples, with array striding (no per-sample loops).
 
-A window table has one row per (series, window_start) on a regular grid:
-``series, window_start, window_end, count, first, last, min, max, mean, sum``.
+A window table has one row per (series, window_start) on a regular grid, with the
+columns of :data:`pipeline.windows.WINDOW_SCHEMA` (``series, window_start,
+window_end, count``, then the other aggregates).
 Gap rows (``count = 0``) carry null aggregates. :func:`fill_gaps` is the one gap
 rule every consumer of a context applies (training, the live job, backtests, the
 pyfunc model). :func:`windows_to_matrix` turns the table into one ``(S, T)``
@@ -22,7 +23,6 @@ from numpy.lib.stride_tricks import sliding_window_view
 from models.base import CALENDAR_CHANNELS, ModelConfig
 from pipeline.errors import DatasetError, NotEnoughData
 
-WINDOW_COLUMNS = ("series", "window_start", "window_end", "count", "first", "last", "min", "max", "mean", "sum")
 DAY_MS = 86_400_000
 WEEK_MS = 7 * DAY_MS
 

@@ -41,7 +41,7 @@ def load_model(directory: str | Path) -> ForecastModel:
         name, config = spec["name"], spec["config"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ModelConfigError(f"{directory} is not a saved rollcast model ({CONFIG_FILE}: {e})") from e
-    config = {**config_class(name).legacy, **config}  # fields saved before they existed keep their old value
+    config = config_class(name).upgrade(config)  # saved by an earlier version: today's names
     model = create_model(name, **config)
     state = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
     model.load_state_dict(state)

@@ -79,6 +79,7 @@ def config_from_settings(settings: ModelSettings, name: str, **overrides: Any) -
         "learning_rate": settings.learning_rate,
         "seed": settings.seed,
         "season": settings.season,
+        "base_lag": settings.season,
         **overrides,
     }
     config = {k: v for k, v in base.items() if k in fields}

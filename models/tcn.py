@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -60,48 +61,56 @@ def receptive_field(kernel_size: int, levels: int) -> int:
     return 1 + 2 * (kernel_size - 1) * (2**levels - 1)
 
 
-class CausalConv(nn.Module):
-    """The weights of a causal convolution (``conv``, weight-normed if asked). :class:`ResidualBlock` applies
-    them with the causal padding and the dilation's subsampling (see the module doc); this module only
-    keeps the parameter names of the saved form (``net.0.conv.weight``)."""
-
-    def __init__(self, c_in: int, c_out: int, kernel: int, wn: bool):
-        super().__init__()
-        conv = nn.Conv1d(c_in, c_out, kernel)
-        self.conv = weight_norm(conv) if wn else conv
+def causal_conv(c_in: int, c_out: int, kernel: int, wn: bool) -> nn.Module:
+    """The weights of one causal convolution, weight-normed if asked. :class:`ResidualBlock` applies them with
+    the causal padding and the dilation's subsampling (see the module doc), not through ``forward``."""
+    conv = nn.Conv1d(c_in, c_out, kernel)
+    return weight_norm(conv) if wn else conv
 
 
 class ResidualBlock(nn.Module):
+    """Block ``i`` of the TCN: ``relu(x' + dropout(relu(conv2(dropout(relu(conv1(x)))))))``, both convolutions
+    causal with dilation ``2**i`` (here: on the subsampled steps), ``x'`` the input through ``down`` (a 1x1
+    convolution where the channels change)."""
+
+    # the saved form's names before the layers were named for their role: weights saved by earlier versions
+    # (registered in MLflow) still load, renamed once in ``_load_from_state_dict``
+    OLD_NAMES = {"net.0.conv.": "conv1.", "net.3.conv.": "conv2."}
+
     def __init__(self, c_in: int, c_out: int, kernel: int, dropout: float, wn: bool):
         super().__init__()
-        self.net = nn.Sequential(
-            CausalConv(c_in, c_out, kernel, wn), nn.ReLU(), nn.Dropout(dropout),
-            CausalConv(c_out, c_out, kernel, wn), nn.ReLU(), nn.Dropout(dropout),
-        )
-        self.down = nn.Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        self.conv1 = causal_conv(c_in, c_out, kernel, wn)
+        self.conv2 = causal_conv(c_out, c_out, kernel, wn)
+        self.dropout = nn.Dropout(dropout)  # after each convolution's ReLU
+        self.down = nn.Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()  # the residual's channels
 
     def forward(self, x: Tensor, last_only: bool = False) -> Tensor:
         """``x (B, C, N)`` -> the block's outputs at every other step ending at the last,
         ``(B, c, ceil(N / 2))``, or at the last step only, ``(B, c, 1)``.
 
         The causal padding is the convolutions' own (zeros on both sides, the outputs that read the
-        right side dropped), not a padded copy of each input, and the ReLUs work in place: a forward
-        of 1,000 contexts of 96 went from 9.0-10.3 to 6.9-7.5 ms on one CPU thread, same outputs."""
-        conv1, _, drop1, conv2, _, drop2 = self.net
-        n, k = x.shape[-1], conv2.conv.kernel_size[0]
-        # output j of the first convolution is step j (steps n.. read the right padding; unused)
-        h = F.relu_(F.conv1d(x, conv1.conv.weight, conv1.conv.bias, padding=k - 1))
-        if self.training:  # dropout masks drawn as before: for the n steps only
-            h = drop1(h[:, :, :n])
-        w, b = conv2.conv.weight, conv2.conv.bias
-        if last_only:  # step n - 1 only
+        right side dropped), not a padded copy of each input, and the ReLUs work in place (both faster
+        on one CPU thread, same outputs; BENCHMARKS.md, "TCN forward")."""
+        n, k = x.shape[-1], self.conv2.kernel_size[0]
+        # (B, C, N) -> (B, c, N + k - 1): output j is step j (steps N.. read the right padding; unused)
+        h = F.relu_(F.conv1d(x, self.conv1.weight, self.conv1.bias, padding=k - 1))
+        if self.training:  # dropout masks drawn for the N steps only
+            h = self.dropout(h[:, :, :n])
+        w, b = self.conv2.weight, self.conv2.bias
+        if last_only:  # step N - 1 only: (B, c, 1)
             start, stride = n - 1, 1
             h = F.conv1d(h[:, :, max(0, n - k):n], w, b, padding=max(0, k - n))[:, :, :1]
-        else:  # steps start, start + 2, ..., n - 1: left padding k - 1 - start puts the first at output 0
+        else:  # steps start, start + 2, ..., N - 1: left padding k - 1 - start puts the first at output 0
             start, stride = (n - 1) % 2, 2
             h = F.conv1d(h, w, b, stride=2, padding=k - 1 - start)[:, :, :(n + 1) // 2]
-        h, skip = drop2(F.relu(h)), self.down(x[:, :, start::stride])
+        h, skip = self.dropout(F.relu(h)), self.down(x[:, :, start::stride])
         return F.relu_(h + skip if torch.is_grad_enabled() else h.add_(skip))  # ReLU's backward needs h
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        for old, new in self.OLD_NAMES.items():
+            for key in [key for key in state_dict if key.startswith(prefix + old)]:
+                state_dict[prefix + new + key[len(prefix + old) :]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
 
 @register_model("tcn", TCNConfig)

@@ -7,10 +7,11 @@ The names most users need::
     df = store.read(start_ms=..., end_ms=...)
 """
 
+from pipeline.aggregators import Aggregator
 from pipeline.config import Settings, load_settings
 from pipeline.decode import ARROW_CONTENT_TYPE, Decoder
 from pipeline.store import HistoryStore
-from pipeline.windows import WINDOW_SCHEMA, Aggregator, TumblingWindow, WindowState
+from pipeline.windows import WINDOW_SCHEMA, TumblingWindow, WindowState
 from pipeline.windows_io import decode_windows, encode_windows, partition_for
 
 __all__ = [

@@ -33,6 +33,7 @@ from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.aggregators import AGGREGATE_NAMES
 from pipeline.errors import ConfigError
 
 ENV_PREFIX = "ROLLCAST_"
@@ -117,7 +118,7 @@ class WindowSettings(_Section):
     length_ms: int = Field(3_600_000, ge=1, description="window length")
     lateness_ms: int = Field(0, ge=0, description="allowed lateness behind the watermark")
     idle_timeout_s: float = Field(30.0, gt=0, description="close a silent series' window after this")
-    target: Literal["count", "first", "last", "min", "max", "mean", "sum"] = "mean"
+    target: Literal[AGGREGATE_NAMES] = "mean"  # the window aggregate models forecast
     min_ts_ms: int = Field(0, description="earliest accepted event time (epoch ms)")
     max_ts_ms: int = Field(4_102_444_800_000, description="latest accepted event time (2100-01-01)")
     max_gap_windows: int = Field(100_000, ge=0, description="longest gap filled with count=0 rows")
@@ -178,9 +179,9 @@ class ForecastSettings(_Section):
         "One thread is faster for small batched models on a busy host (no OpenMP contention)",
     )
     compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
-        "lz4", description="codec of the forecasts the job produces. JSON forecasts are ~2.5 KB each; lz4 "
-        "made the latency benchmark's forecasts 2.9x smaller for the broker to store and serve and readers "
-        "to fetch, at ~4 ms of the producer's background thread per 1,000. Kafka clients decompress by "
+        "lz4", description="codec of the forecasts the job produces. JSON forecasts compress well: lz4 "
+        "makes them much smaller for the broker to store and serve and readers to fetch, for little of the "
+        "producer's background thread (figures in BENCHMARKS.md). Kafka clients decompress by "
         "themselves (Python ones with the lz4 package for kafka-python, cramjam for aiokafka); 'none' for "
         "readers without the codec",
     )

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import polars as pl
 
+from pipeline.aggregators import DEFAULT_AGGREGATORS
 from pipeline.errors import DatasetError
 
 DATASETS_DIR = Path(__file__).resolve().parent / "datasets"
@@ -111,15 +112,8 @@ def observations_to_windows(obs: pl.DataFrame, step: str) -> pl.DataFrame:
         obs.drop_nulls("value")
         .with_columns((pl.col("ts") // step_ms * step_ms).alias("window_start"))
         .group_by("series", "window_start")
-        .agg(
-            pl.len().cast(pl.Int64).alias("count"),
-            pl.col("value").first().alias("first"),
-            pl.col("value").last().alias("last"),
-            pl.col("value").min().alias("min"),
-            pl.col("value").max().alias("max"),
-            pl.col("value").mean().alias("mean"),
-            pl.col("value").sum().alias("sum"),
-        )
+        .agg(*[e for a in DEFAULT_AGGREGATORS for e in a.initialize()])  # the ingest job's aggregates
+        .select("series", "window_start", *[a.result().alias(a.name) for a in DEFAULT_AGGREGATORS])
         .with_columns((pl.col("window_start") + step_ms).alias("window_end"))
     )
     return windows  # gaps are filled with NaN by windows_to_matrix

@@ -67,9 +67,10 @@ def poll_promptly(consumer: KafkaConsumer, timeout_ms: int, slice_ms: int = POLL
     When kafka-python's fetcher has, at that instant, no fetch in flight and no partition it may fetch
     (it happens now and then between two fetches), ``poll`` sleeps for min(timeout, ``retry_backoff_ms``,
     100 ms by default) without sending the next fetch, and records that arrive meanwhile wait for the
-    sleep to end. In the forecast latency benchmark such sleeps (49 and 100 ms, logged from inside
-    kafka-python) made rounds of ~40 ms take 95–147 ms. Polling in slices bounds the sleep; while a fetch
-    is in flight each slice just waits on it, so a quiet topic costs a few cheap polls a second more.
+    sleep to end. In the forecast latency benchmark such sleeps (logged from inside kafka-python) made
+    the slowest rounds (BENCHMARKS.md, "kafka-python's idle sleep"). Polling in slices bounds the sleep;
+    while a fetch is in flight each slice just waits on it, so a quiet topic costs a few cheap polls a
+    second more.
     """
     deadline = time.monotonic() + timeout_ms / 1000
     while True:
@@ -229,11 +230,11 @@ class BulkProducer:
     """Many keyed messages to one topic at a time, confirmed by the broker: librdkafka underneath.
 
     The forecast job sends one message per series per window; kafka-python's pure-Python producer
-    spends ~20 us per message on the caller's thread and its I/O thread, librdkafka ~2 us (C, own
-    threads). :meth:`send` queues messages that librdkafka starts sending at once, so a caller can
-    build the next ones meanwhile; :meth:`confirm` returns only when every message is acknowledged
-    and raises :class:`~pipeline.errors.BrokerUnavailable` otherwise (undelivered messages are
-    purged, so a retry with a new producer may repeat some but never reorders a partition behind them).
+    spends far longer per message on the caller's thread and its I/O thread than librdkafka (C, own
+    threads; figures in BENCHMARKS.md). :meth:`send` queues messages that librdkafka starts sending at
+    once, so a caller can build the next ones meanwhile; :meth:`confirm` returns only when every message
+    is acknowledged and raises :class:`~pipeline.errors.BrokerUnavailable` otherwise (undelivered messages
+    are purged, so a retry with a new producer may repeat some but never reorders a partition behind them).
     """
 
     def __init__(self, settings: Settings, **overrides: Any):

@@ -1,8 +1,9 @@
 """Event-time tumbling windows over Arrow/polars tables, one batch at a time.
 
 A window is declared (:class:`TumblingWindow`: ``duration_ms``, ``grace_ms``)
-and computes a tuple of :class:`Aggregator` objects that share one small
-contract, so a new aggregate is one class:
+and computes a tuple of :class:`~pipeline.aggregators.Aggregator` objects that
+share one small contract, so a new aggregate is one class (in
+:mod:`pipeline.aggregators`, which also owns the window columns):
 
 - ``initialize()``: state columns for the events of one (series, window) group;
 - ``add()``: combine the state rows of one group (older rows first);
@@ -43,135 +44,15 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
+from pipeline.aggregators import DEFAULT_AGGREGATORS, Aggregator
 from pipeline.config import WindowSettings
 
-WINDOW_SCHEMA: dict[str, pl.DataType] = {
-    "series": pl.String,
-    "window_start": pl.Int64,
-    "window_end": pl.Int64,
-    "count": pl.Int64,
-    "first": pl.Float64,
-    "last": pl.Float64,
-    "min": pl.Float64,
-    "max": pl.Float64,
-    "mean": pl.Float64,
-    "sum": pl.Float64,
-}
+# the columns before the aggregates': which window of which series
+KEY_SCHEMA: dict[str, pl.DataType] = {"series": pl.String, "window_start": pl.Int64, "window_end": pl.Int64}
 _MIN_TS = -(2**62)
 # Queries here are small (one poll); polars' default engine for lazy queries (streaming) is slower
 # on them than the in-memory one that eager DataFrame methods use.
 ENGINE = "in-memory"
-
-
-class Aggregator:
-    """Contract of one window aggregate; subclasses set ``name`` and the three methods.
-
-    Events inside a group are in event-time order, equal times in offset order; a group of state
-    rows holds at most two, the older first (the open window's, then a new batch's). First and
-    last are therefore positional (``first()``, ``last()``): nothing relies on ``arg_min`` or
-    ``arg_max``, which polars 2.1 answers wrongly inside a group when the column carries a
-    sorted flag.
-    """
-
-    name: str = ""
-
-    def initialize(self) -> list[pl.Expr]:
-        """State columns from raw events (columns ``ts``, ``value``) of one group."""
-        raise NotImplementedError
-
-    def add(self) -> list[pl.Expr]:
-        """State columns combining the state rows of one group (one or two, older first)."""
-        raise NotImplementedError
-
-    def result(self) -> pl.Expr:
-        """The final value (a Float64 or Int64 expression) from the state columns."""
-        raise NotImplementedError
-
-
-class Count(Aggregator):
-    name = "count"
-
-    def initialize(self) -> list[pl.Expr]:
-        return [pl.len().cast(pl.Int64).alias("count")]
-
-    def add(self) -> list[pl.Expr]:
-        return [pl.col("count").sum()]
-
-    def result(self) -> pl.Expr:
-        return pl.col("count").cast(pl.Int64)
-
-
-class _Reduce(Aggregator):
-    """sum/min/max: the state is the aggregate itself, combined with the same reduction."""
-
-    def initialize(self) -> list[pl.Expr]:
-        return [getattr(pl.col("value"), self.name)().alias(self.name)]
-
-    def add(self) -> list[pl.Expr]:
-        return [getattr(pl.col(self.name), self.name)()]
-
-    def result(self) -> pl.Expr:
-        return pl.col(self.name).cast(pl.Float64)
-
-
-class Sum(_Reduce):
-    name = "sum"
-
-
-class Min(_Reduce):
-    name = "min"
-
-
-class Max(_Reduce):
-    name = "max"
-
-
-class Mean(Aggregator):
-    name = "mean"
-
-    def initialize(self) -> list[pl.Expr]:
-        return [pl.col("value").sum().alias("_mean_sum"), pl.len().cast(pl.Int64).alias("_mean_n")]
-
-    def add(self) -> list[pl.Expr]:
-        return [pl.col("_mean_sum").sum(), pl.col("_mean_n").sum()]
-
-    def result(self) -> pl.Expr:
-        return (pl.col("_mean_sum") / pl.col("_mean_n")).cast(pl.Float64)
-
-
-class First(Aggregator):
-    """Value of the earliest event (smallest offset among equal times)."""
-
-    name = "first"
-
-    def initialize(self) -> list[pl.Expr]:
-        return [pl.col("value").first().alias("first"), pl.col("ts").first().alias("_first_ts")]
-
-    def add(self) -> list[pl.Expr]:
-        ts, v = pl.col("_first_ts"), pl.col("first")  # the newer row wins only with an earlier time
-        return [pl.when(ts.last() < ts.first()).then(v.last()).otherwise(v.first()), ts.min()]
-
-    def result(self) -> pl.Expr:
-        return pl.col("first")
-
-
-class Last(Aggregator):
-    """Value of the latest event (largest offset among equal times)."""
-
-    name = "last"
-
-    def initialize(self) -> list[pl.Expr]:
-        return [pl.col("value").last().alias("last"), pl.col("ts").last().alias("_last_ts")]
-
-    def add(self) -> list[pl.Expr]:
-        ts, v = pl.col("_last_ts"), pl.col("last")  # the newer row wins at an equal or later time
-        return [pl.when(ts.last() >= ts.first()).then(v.last()).otherwise(v.first()), ts.max()]
-
-    def result(self) -> pl.Expr:
-        return pl.col("last")
-
-
-DEFAULT_AGGREGATORS: tuple[Aggregator, ...] = (Count(), First(), Last(), Min(), Max(), Mean(), Sum())
 
 
 @dataclass(frozen=True)
@@ -195,13 +76,18 @@ class TumblingWindow:
 
     @property
     def schema(self) -> dict[str, pl.DataType]:
-        out: dict[str, pl.DataType] = {"series": pl.String, "window_start": pl.Int64, "window_end": pl.Int64}
-        for a in self.aggregators:
-            out[a.name] = pl.Int64 if a.name == "count" else pl.Float64
-        return out
+        return window_schema(self.aggregators)
 
     def start_of(self, ts: pl.Expr) -> pl.Expr:
         return (ts // self.duration_ms) * self.duration_ms
+
+
+def window_schema(aggregators: Iterable[Aggregator]) -> dict[str, pl.DataType]:
+    """Columns and dtypes of the windows that ``aggregators`` compute."""
+    return {**KEY_SCHEMA, **{a.name: a.dtype for a in aggregators}}
+
+
+WINDOW_SCHEMA: dict[str, pl.DataType] = window_schema(DEFAULT_AGGREGATORS)
 
 
 @dataclass

@@ -90,3 +90,15 @@ def test_history_location_defaults_to_the_data_dir_and_takes_a_uri(tmp_path: Pat
     assert remote.history_location == "s3://bucket/prefix?region=eu-west-1"
     with pytest.raises(ConfigError, match="not a local directory"):
         _ = remote.history_dir
+
+
+def test_window_targets_are_the_aggregates() -> None:
+    from pipeline.aggregators import AGGREGATE_NAMES
+
+    for target in AGGREGATE_NAMES:
+        assert load_settings(env={"ROLLCAST_WINDOW__TARGET": target}).window.target == target
+    with pytest.raises(ConfigError) as e:
+        load_settings(env={"ROLLCAST_WINDOW__TARGET": "median"})
+    assert e.value.problems == [
+        "window.target: Input should be 'count', 'first', 'last', 'min', 'max', 'mean' or 'sum' (got \"median\")"
+    ]

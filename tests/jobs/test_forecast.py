@@ -157,7 +157,8 @@ def test_a_batch_longer_than_the_buffer_is_forecast_before_the_store_holds_it(tm
            for c in forecaster.forecast(keys, issued_at=1, batch=[table]) for m in c}
     ends = windows.filter(pl.col("series") == "b")["window_end"].to_list()
     assert {("b", e) for e in ends[L - 1:]} <= got  # every window with a full context, none skipped
-    assert len(got) == len(keys) - 2 * (L - 1) - 1  # and in "a" the one context starting at its gap row
+    # in "a" too, the context starting at its gap row included (the gap rule: it takes the first known value)
+    assert len(got) == len(keys) - 2 * (L - 1)
     assert not list(forecaster.forecast(keys[:1], issued_at=1))  # without them, the empty store has no context
 
 

@@ -50,7 +50,7 @@ def test_naive_backtest_matches_a_hand_computation() -> None:
 
 def test_trained_model_beats_naive_and_refits() -> None:
     r = rolling_origin("tcn", _seasonal(), n_origins=4, season=8, refit_every=2, max_epochs=2,
-                       config={"context": 16, "horizon": 4, "channels_hidden": 8, "season": 8})
+                       config={"context": 16, "horizon": 4, "channels_hidden": 8, "season": 8, "base_lag": 8})
     assert len(r.fits) == 2 and all(f.epochs >= 1 for f in r.fits)
     assert r.metrics["rel_mae_naive"] < 1
     assert np.isfinite(list(r.metrics.values())).all()

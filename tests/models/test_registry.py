@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from models import available_models, create_model, load_model, predict, save_model
+from models import available_models, config_class, create_model, load_model, predict, save_model
 from models.data import Samples
 from models.hrnn import pooling_schedule
 from models.tcn import receptive_field
@@ -164,7 +164,7 @@ def test_tcn_last_step_equals_full_dilated_tcn(context: int, kernel: int, levels
     for i, block in enumerate(model.blocks):
         d = 2**i
         out = h
-        for conv in (block.net[0].conv, block.net[3].conv):
+        for conv in (block.conv1, block.conv2):
             out = F.relu(F.conv1d(F.pad(out, ((kernel - 1) * d, 0)), conv.weight, conv.bias, dilation=d))
         h = F.relu(out + block.down(h))
     with torch.no_grad():
@@ -184,3 +184,59 @@ def test_models_saved_before_a_field_existed_load_with_its_old_value(tmp_path: P
     assert loaded.config.patch == 1
     x = np.random.default_rng(0).normal(size=(2, L))
     np.testing.assert_array_equal(predict(loaded, x), predict(old, x))
+
+
+@pytest.mark.parametrize("saved", ["tcn_6ba650c", "tcn_6ba650c_wn"])
+def test_tcns_saved_by_earlier_versions_load_and_forecast_the_same(saved: str) -> None:
+    """Saved at 6ba650c: the layers were ``blocks.i.net.0.conv`` / ``net.3.conv`` (tests/models/fixtures)."""
+    directory = Path(__file__).parent / "fixtures" / saved
+    keys = torch.load(directory / "weights.pt", weights_only=True).keys()
+    assert any(".net.0.conv." in k for k in keys) and not any(".conv1." in k for k in keys)  # the old layout
+    model = load_model(directory)
+    assert not any(".net." in k for k in model.state_dict())
+    assert model.config.base_lag == 4  # saved as "season": 4, the residual base's old name
+    saved_forecast = np.load(directory / "forecast.npz")
+    np.testing.assert_array_equal(predict(model, saved_forecast["context"]), saved_forecast["forecast"])
+    # its weights under today's names load into a new model the same way
+    rebuilt = create_model("tcn", **model.config.to_dict())
+    rebuilt.load_state_dict(model.state_dict())
+    np.testing.assert_array_equal(predict(rebuilt, saved_forecast["context"]), saved_forecast["forecast"])
+
+
+def test_every_model_takes_the_same_settings() -> None:
+    """``season`` is the series' season m for every model, ``base_lag`` the base a trained model forecasts the
+    residual over: one set of settings builds any model, and no caller branches on the name."""
+    x = torch.randn(4, L, 1) + 10
+    settings = {"context": L, "horizon": H, "season": 8, "base_lag": 8}
+    seasonal = create_model("seasonal_naive", **settings)
+    assert seasonal.lag == 8
+    for name in available_models():
+        model = create_model(name, **{**settings, **TINY.get(name, {})}).eval()
+        assert (model.config.season, model.config.base_lag) == (8, 8)
+        if model.trainable:  # untrained, a model forecasts its base: here seasonal naive of lag 8
+            torch.testing.assert_close(model(x)[..., 1], seasonal(x)[..., 1])
+    with pytest.raises(ModelConfigError, match="base_lag must be in"):
+        create_model("tcn", context=L, base_lag=L)
+    # the baselines are their own base: a base_lag they cannot use does not stop them
+    assert create_model("naive", context=L, season=L + 8, base_lag=L + 8).config.base_lag == L + 8
+
+
+def test_configs_saved_when_season_was_the_residual_base_load_with_base_lag(tmp_path: Path) -> None:
+    import json
+
+    old = create_model("lstm", context=L, horizon=H, hidden=8, layers=1, season=8, base_lag=8)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in old.parameters():
+            p.normal_(0, 0.3)
+    save_model(old, tmp_path / "old")
+    spec = json.loads((tmp_path / "old" / "config.json").read_text())
+    del spec["config"]["base_lag"]  # as written when "season" named the residual base
+    (tmp_path / "old" / "config.json").write_text(json.dumps(spec))
+    loaded = load_model(tmp_path / "old")
+    assert (loaded.config.season, loaded.config.base_lag) == (8, 8)
+    x = np.random.default_rng(0).normal(size=(2, L))
+    np.testing.assert_array_equal(predict(loaded, x), predict(old, x))
+    # a baseline's season was always its lag, and saved today, both fields come back as they were
+    assert "base_lag" not in config_class("seasonal_naive").upgrade({"season": 24})
+    assert config_class("tcn").upgrade({"season": 24, "base_lag": 0})["base_lag"] == 0

@@ -8,7 +8,8 @@ import polars as pl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.windows import TumblingWindow, WindowState
+from pipeline.aggregators import AGGREGATE_NAMES, DEFAULT_AGGREGATORS, Aggregator
+from pipeline.windows import WINDOW_SCHEMA, TumblingWindow, WindowState
 from tests.pipeline.reference import reference_windows
 
 
@@ -120,3 +121,35 @@ def test_last_breaks_ties_by_offset_when_ts_is_flagged_sorted():
     for events in (ev, ev.with_columns(pl.col("ts").set_sorted())):
         closed = WindowState(TumblingWindow(duration_ms=10)).add(events, now=0.0).closed
         assert closed.select("first", "last").rows() == [(1.0, 2.0)]
+
+
+class _Range(Aggregator):
+    """max - min, as a user would add it: one class."""
+
+    name = "range"
+
+    def initialize(self) -> list[pl.Expr]:
+        return [pl.col("value").max().alias("_range_max"), pl.col("value").min().alias("_range_min")]
+
+    def add(self) -> list[pl.Expr]:
+        return [pl.col("_range_max").max(), pl.col("_range_min").min()]
+
+    def result(self) -> pl.Expr:
+        return pl.col("_range_max") - pl.col("_range_min")
+
+
+def test_the_aggregators_own_the_window_columns() -> None:
+    # the Window contract of DESIGN.md, derived from the aggregator classes
+    assert list(WINDOW_SCHEMA) == ["series", "window_start", "window_end", *AGGREGATE_NAMES]
+    assert AGGREGATE_NAMES == ("count", "first", "last", "min", "max", "mean", "sum")
+    dtypes = {"series": pl.String, "window_start": pl.Int64, "window_end": pl.Int64, "count": pl.Int64}
+    assert dict(WINDOW_SCHEMA) == {**dtypes, **{k: pl.Float64 for k in AGGREGATE_NAMES[1:]}}
+    # a new aggregate is one class: the window computes it and its schema names it
+    spec = TumblingWindow(duration_ms=10, aggregators=(*DEFAULT_AGGREGATORS, _Range()))
+    assert spec.schema == {**WINDOW_SCHEMA, "range": pl.Float64}
+    times, values = [1, 3, 5, 12, 31, 45], [4.0, 1.0, 6.0, 2.0, 0.0, 1.0]
+    items = [("e", "a", ts, v, seq) for seq, (ts, v) in enumerate(zip(times, values, strict=True))]
+    got, late = run_batches(items, spec, cuts=[1])  # the first window's state is merged across two batches
+    assert late == []
+    rows = [(r["window_start"], r["count"], r["range"]) for r in got]
+    assert rows == [(0, 3, 5.0), (10, 1, 0.0), (20, 0, None), (30, 1, 0.0)]  # 20: a gap row
