@@ -42,7 +42,7 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/ingest.py
-	$(PY) -m benchmarks.models
+	$(PY) benchmarks/model_speed.py
 	$(PY) benchmarks/accuracy.py
 	$(PY) benchmarks/forecast_latency.py
 

@@ -13,18 +13,13 @@ Usage: python benchmarks/accuracy.py [--epochs N] [--datasets a,b] [--models a,b
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 from typing import Any, NamedTuple
 
-# run as a script, this file's folder comes first on sys.path and benchmarks/models.py would shadow the models package
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-from models import available_models  # noqa: E402
-from models.backtest import rolling_origin  # noqa: E402
-from models.data import windows_to_matrix  # noqa: E402
-from pipeline.datasets import ColumnMap, load_observations, observations_to_windows, resolve_dataset  # noqa: E402
+from models import available_models
+from models.backtest import rolling_origin
+from models.data import windows_to_matrix
+from pipeline.datasets import ColumnMap, load_observations, observations_to_windows, resolve_dataset
 
 
 class Dataset(NamedTuple):

@@ -51,17 +51,16 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import models
+from jobs import stack
+from pipeline.config import Settings, load_settings
+from pipeline.kafka import ensure_topics, make_producer
+from pipeline.runtime import freeze_heap
+from pipeline.store import HistoryStore, Progress
+from pipeline.windows import WINDOW_SCHEMA
+from pipeline.windows_io import WindowRouter
 
-import models  # noqa: E402
-from jobs import stack  # noqa: E402
-from pipeline.config import Settings, load_settings  # noqa: E402
-from pipeline.kafka import ensure_topics, make_producer  # noqa: E402
-from pipeline.runtime import freeze_heap  # noqa: E402
-from pipeline.store import HistoryStore, Progress  # noqa: E402
-from pipeline.windows import WINDOW_SCHEMA  # noqa: E402
-from pipeline.windows_io import WindowRouter  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 STEP = 60_000
 FETCH_WAIT_MS: int | None = None  # set from --fetch-max-wait-ms

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,7 +27,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from pipeline.config import Settings
 from pipeline.errors import BrokerUnavailable, StoreUnavailable
 from pipeline.runtime import Shutdown
-from pipeline.windows_io import announced_missing, decode_windows
+from pipeline.windows_io import complete_batch, decode_windows
 
 if TYPE_CHECKING:
     from models.serving import Forecaster, LoadedModel
@@ -142,7 +141,7 @@ def _serve(settings: Settings, args: argparse.Namespace, forecaster: Forecaster,
         while not shutdown.requested:
             batch = poll_promptly(consumer, 200)
             if batch:
-                complete_batch(consumer, batch, settings.forecast.batch_wait_ms / 1000)
+                complete_batch(consumer, batch, settings.forecast.batch_wait_ms / 1000, BATCH_WAITS)
             health.polled()
             lag.update(consumer, batch)
             if batch or not consumer.assignment():  # the idle clock runs only while assigned
@@ -166,35 +165,6 @@ def _serve(settings: Settings, args: argparse.Namespace, forecaster: Forecaster,
         clean = True
     finally:
         producer.close(settings.observability.shutdown_timeout_s if clean else 1.0)
-
-
-def complete_batch(consumer: Any, batch: dict, wait_s: float) -> None:
-    """Add to ``batch`` (a poll's records) what the consumer has fetched since, then the rest of every windows
-    batch whose ``rollcast-batch`` headers announce partitions this consumer owns but ``batch`` lacks, for up
-    to ``wait_s``. A checkpoint's partitions often land in different fetches; forecasting each fetch on its
-    own runs the inference and the messages twice and delays the second half by the first."""
-
-    from pipeline.kafka import poll_promptly
-
-    def extend(more: dict) -> None:
-        for tp, records in more.items():
-            batch.setdefault(tp, []).extend(records)
-
-    extend(consumer.poll(timeout_ms=0))
-    if wait_s <= 0:
-        return
-    owned = {tp.partition for tp in consumer.assignment()}
-    deadline, waited = time.monotonic() + wait_s, False
-    while announced_missing(((tp.partition, r) for tp, records in batch.items() for r in records), owned):
-        left = deadline - time.monotonic()
-        if left <= 0:
-            BATCH_WAITS.labels("timeout").inc()
-            log.debug("windows batch still incomplete after %.0f ms; forecasting what arrived", wait_s * 1000)
-            return
-        waited = True
-        extend(poll_promptly(consumer, max(1, math.ceil(left * 1000))))
-    if waited:
-        BATCH_WAITS.labels("complete").inc()
 
 
 def _assignment_log() -> Any:

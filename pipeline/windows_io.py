@@ -17,7 +17,10 @@ wait for the rest (:func:`announced_missing`) and forecast the batch at once.
 
 from __future__ import annotations
 
+import logging
+import math
 import os
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -28,6 +31,8 @@ import pyarrow.compute as pc
 from kafka.partitioner.default import murmur2
 
 from pipeline.decode import ARROW_CONTENT_TYPE
+
+log = logging.getLogger("rollcast.forecast")
 
 HEADERS = [("content-type", ARROW_CONTENT_TYPE.encode())]
 BATCH_HEADER = "rollcast-batch"
@@ -122,3 +127,33 @@ class WindowRouter:
         parts = ",".join(str(p) for p in sorted({p for p, _ in messages}))
         headers = [*HEADERS, (BATCH_HEADER, f"{os.urandom(8).hex()}/{parts}".encode())]
         return [(p, value, headers) for p, value in messages]
+
+
+def complete_batch(consumer: Any, batch: dict, wait_s: float, waits: Any = None) -> None:
+    """Add to ``batch`` (a poll's records) what the consumer has fetched since, then the rest of every windows
+    batch whose ``rollcast-batch`` headers announce partitions this consumer owns but ``batch`` lacks, for up
+    to ``wait_s``. A checkpoint's partitions often land in different fetches; forecasting each fetch on its
+    own runs the inference and the messages twice and delays the second half by the first."""
+
+    from pipeline.kafka import poll_promptly
+
+    def extend(more: dict) -> None:
+        for tp, records in more.items():
+            batch.setdefault(tp, []).extend(records)
+
+    extend(consumer.poll(timeout_ms=0))
+    if wait_s <= 0:
+        return
+    owned = {tp.partition for tp in consumer.assignment()}
+    deadline, waited = time.monotonic() + wait_s, False
+    while announced_missing(((tp.partition, r) for tp, records in batch.items() for r in records), owned):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            if waits is not None:
+                waits.labels("timeout").inc()
+            log.debug("windows batch still incomplete after %.0f ms; forecasting what arrived", wait_s * 1000)
+            return
+        waited = True
+        extend(poll_promptly(consumer, max(1, math.ceil(left * 1000))))
+    if waited and waits is not None:
+        waits.labels("complete").inc()

@@ -18,7 +18,6 @@ import torch
 from kafka import TopicPartition
 
 import models
-from jobs.forecast import complete_batch
 from models.serving import LoadedModel
 from pipeline.config import Settings
 from pipeline.contexts import ContextBuffers
@@ -26,7 +25,7 @@ from pipeline.forecasts_io import forecast_message_chunks
 from pipeline.kafka import make_consumer, make_producer
 from pipeline.store import HistoryStore, Progress
 from pipeline.windows import WINDOW_SCHEMA
-from pipeline.windows_io import HEADERS, WindowRouter
+from pipeline.windows_io import HEADERS, WindowRouter, complete_batch
 from tests.jobs.helpers import rollcast, start_rollcast, wait_for
 
 STEP = 1000

@@ -16,9 +16,9 @@ from mlflow import MlflowClient
 
 import models
 from jobs import stack
-from jobs.train import Schedule
 from models import tracking as registry
 from models.cycle import run_cycle
+from models.schedule import Schedule
 from models.selection import Candidate, decide
 from pipeline.config import load_settings
 from pipeline.errors import MlflowUnavailable, PromotionRefused, StoreUnavailable

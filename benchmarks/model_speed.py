@@ -3,7 +3,7 @@
 For each registered model: training samples/s (Lightning fit, 1 epoch over
 synthetic sine samples) and the latency of one plain-PyTorch ``predict`` call
 for 1,000 series at L=96, H=24 (p50/p99 over --runs calls after a warm-up).
-Usage: python -m benchmarks.models [--runs N] [--train-samples N] [--threads N] [--models NAME ...]
+Usage: python benchmarks/model_speed.py [--runs N] [--train-samples N] [--threads N] [--models NAME ...]
 (``--threads 1`` is what the forecast job uses by default; the process sets
 glibc's malloc thresholds as the job does, see ``keep_freed_heap``).
 """
@@ -11,20 +11,15 @@ glibc's malloc thresholds as the job does, see ``keep_freed_heap``).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-# run as a script, this file's folder comes first on sys.path and this file would shadow the models package
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from models import available_models, create_model, predict  # noqa: E402
-from models.data import Samples  # noqa: E402
-from models.training import fit  # noqa: E402
-from pipeline.runtime import keep_freed_heap  # noqa: E402
+from models import available_models, create_model, predict
+from models.data import Samples
+from models.training import fit
+from pipeline.runtime import keep_freed_heap
 
 L, H, SERIES = 96, 24, 1000
 
