@@ -395,22 +395,18 @@ def _pid_alive(pid: object) -> bool:
 
 
 def require_bootstrap(settings: Settings) -> str:
-    if not settings.kafka.bootstrap_servers:
-        raise ConfigError(
-            [
-                "kafka.bootstrap_servers: not set and no `rollcast up` is running in "
-                f"{settings.data_dir}; start `rollcast up` or set ROLLCAST_KAFKA__BOOTSTRAP_SERVERS"
-            ]
-        )
-    return settings.kafka.bootstrap_servers
+    """``kafka.bootstrap_servers``, or a :class:`ConfigError` saying how to get one."""
+    return _required(settings, "kafka.bootstrap_servers", settings.kafka.bootstrap_servers)
 
 
 def require_tracking_uri(settings: Settings) -> str:
-    if not settings.mlflow.tracking_uri:
-        raise ConfigError(
-            [
-                "mlflow.tracking_uri: not set and no `rollcast up` is running in "
-                f"{settings.data_dir}; start `rollcast up` or set ROLLCAST_MLFLOW__TRACKING_URI"
-            ]
-        )
-    return settings.mlflow.tracking_uri
+    """``mlflow.tracking_uri``, or a :class:`ConfigError` saying how to get one."""
+    return _required(settings, "mlflow.tracking_uri", settings.mlflow.tracking_uri)
+
+
+def _required(settings: Settings, name: str, value: str | None) -> str:
+    if not value:
+        env = "ROLLCAST_" + name.upper().replace(".", "__")
+        raise ConfigError([f"{name}: not set and no `rollcast up` is running in {settings.data_dir}; "
+                           f"start `rollcast up` or set {env}"])
+    return value
