@@ -107,9 +107,20 @@ def test_env(broker: str, tmp_path: Path) -> dict[str, str]:
 @pytest.fixture
 def settings(test_env: dict[str, str]) -> Iterator[Settings]:
     """Settings for one test, with its own topics created on the session broker."""
+    yield from _with_topics(test_env)
+
+
+@pytest.fixture
+def settings3(test_env: dict[str, str]) -> Iterator[Settings]:
+    """As ``settings``, with three partitions per topic (``test_env`` gets the same partition count)."""
+    test_env["ROLLCAST_KAFKA__PARTITIONS"] = "3"
+    yield from _with_topics(test_env)
+
+
+def _with_topics(env: dict[str, str]) -> Iterator[Settings]:
     from pipeline.kafka import ensure_topics, make_admin
 
-    s = load_settings(env=test_env)
+    s = load_settings(env=env)
     ensure_topics(s)
     yield s
     admin = make_admin(s)
