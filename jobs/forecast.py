@@ -269,6 +269,8 @@ class Forecaster:
         self.buffers = ContextBuffers(self.capacity, self.step_ms)
         self.watcher: ChampionWatcher | None = None
         self._partitions: KeyPartitions | None = None
+        # windows partition -> series refreshed from the store since the partition was last assigned
+        self._refreshed: dict[int, set[str]] = {}
 
     def partitions_of(self, topic: str, producer: BulkProducer) -> KeyPartitions:
         """Partition of each series in ``topic`` (the key's default-partitioner choice), memoised
@@ -295,6 +297,30 @@ class Forecaster:
         self.add(frame.to_arrow())
         SERIES.set(len(self.buffers))
         log.info("rebuilt context of %d series from the history store", len(self.buffers))
+
+    def assigned(self, partitions: Iterable[int]) -> None:
+        """Windows partitions newly assigned: moved here, or kept through an eager rebalance. Another
+        consumer may have read windows of their series meanwhile (which this one's buffers then lack),
+        so :meth:`refresh` reloads each series from the history store when it first comes again."""
+        for p in partitions:
+            self._refreshed[p] = set()
+
+    def refresh(self, tables: Iterable[tuple[int, pa.Table]]) -> None:
+        """Merge the store's last windows of the series of ``(partition, windows table)`` pairs not yet
+        refreshed since their partition was assigned (one store read). Ingest stores a checkpoint's
+        windows before it produces the next one's, so the store holds every window older than these."""
+        todo: dict[str, int] = {}
+        for p, table in tables:
+            done = self._refreshed.get(p)
+            if done is not None:
+                todo.update((x, p) for x in table.column("series").to_pylist() if x not in done)
+        if not todo:
+            return
+        from pipeline.store import HistoryStore
+
+        self.add(HistoryStore(self.settings).last_windows(self.capacity, series=list(todo)).to_arrow())
+        for x, p in todo.items():
+            self._refreshed[p].add(x)
 
     def add(self, table: pa.Table) -> list[tuple[str, int]]:
         """Put windows into the buffers; return their (series, window_end) in arrival order."""
@@ -606,7 +632,7 @@ def _serve_with_retries(settings: Settings, args: argparse.Namespace, forecaster
     from pipeline.kafka import Backoff, ensure_topics, make_consumer
 
     consumer = make_consumer(settings, settings.groups.forecast)
-    consumer.subscribe([settings.topics.windows], listener=_assignment_log())
+    consumer.subscribe([settings.topics.windows], listener=_assignment_log(forecaster))
     backoff, failing = Backoff(), False
     try:
         while not shutdown.requested:
@@ -707,8 +733,9 @@ def complete_batch(consumer: Any, batch: dict, wait_s: float) -> None:
         BATCH_WAITS.labels("complete").inc()
 
 
-def _assignment_log() -> Any:
-    """A rebalance listener that logs the partitions the job gains and loses."""
+def _assignment_log(forecaster: Forecaster) -> Any:
+    """A rebalance listener that logs the partitions the job gains and loses, and tells ``forecaster``
+    which it gained (:meth:`Forecaster.assigned`)."""
     from kafka import ConsumerRebalanceListener
 
     class _AssignmentLog(ConsumerRebalanceListener):
@@ -719,6 +746,7 @@ def _assignment_log() -> Any:
         def on_partitions_assigned(self, assigned: Any) -> None:
             if assigned:
                 log.info("assigned partitions %s", sorted(tp.partition for tp in assigned))
+            forecaster.assigned(tp.partition for tp in assigned)
 
     return _AssignmentLog()
 
@@ -741,6 +769,7 @@ def process_batch(batch: dict, forecaster: Forecaster, producer: BulkProducer, c
     tables: list[pa.Table] = []
     oldest_ts = None
     commits = {}
+    fresh: list[tuple[int, pa.Table]] = []
     for tp, records in batch.items():
         for rec in records:
             try:
@@ -754,8 +783,10 @@ def process_batch(batch: dict, forecaster: Forecaster, producer: BulkProducer, c
             WINDOWS_IN.inc(table.num_rows)
             keys.extend(forecaster.add(table))
             tables.append(table)
+            fresh.append((tp.partition, table))
             oldest_ts = rec.timestamp if oldest_ts is None else min(oldest_ts, rec.timestamp)
         commits[tp] = OffsetAndMetadata(records[-1].offset + 1, "", -1)
+    forecaster.refresh(fresh)  # series of partitions assigned since: what another consumer read meanwhile
     SERIES.set(len(forecaster.buffers))
     STAGE_S.labels("decode").observe(time.perf_counter() - t_start)
     if oldest_ts is not None:  # clocks of producer and job may differ: a figure for one machine
