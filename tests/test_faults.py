@@ -31,16 +31,21 @@ from jobs.stack import Child
 from pipeline.config import Settings, load_settings
 from pipeline.kafka import ensure_topics, make_consumer, make_producer
 from pipeline.store import HistoryStore
+from pipeline.windows import WINDOW_SCHEMA
+from pipeline.windows_io import decode_windows
 from tests.conftest import S3_KEYS, create_bucket
 from tests.jobs.helpers import wait_for
 from tests.jobs.ingest_support import (
     INGEST_ENV,
     assert_frames_equal,
+    checkpoints,
     consume_all,
     ingest_child,
     make_observations,
     produce,
+    progress_positions,
     reference,
+    window_faults,
 )
 from tests.jobs.test_forecast import produce_windows
 from tests.jobs.train_helpers import WEAK, drifting_daily_windows, train_env, write_windows
@@ -168,10 +173,15 @@ def counts(got: pl.DataFrame, want: pl.DataFrame) -> tuple[int, int]:
     return lost, duplicated
 
 
+# figures a FAULTS line reports that are sizes, not faults
+SIZES = frozenset({"dlq", "windows", "forecasts"})
+
+
 def report(name: str, **figures: int) -> None:
+    """Print one FAULTS line of measured figures and assert every fault count in it is 0."""
     line = f"FAULTS {name}: " + " ".join(f"{k}={v}" for k, v in figures.items())
     print(line, flush=True)
-    bad = {k: v for k, v in figures.items() if k != "dlq" and v}
+    bad = {k: v for k, v in figures.items() if k not in SIZES and v}
     assert not bad, line
 
 
@@ -217,6 +227,85 @@ def test_kill9_ingest_and_forecast_repeatedly(settings, test_env, tmp_path, mode
         healthy(forecast, fp)
     finally:
         for child in (ingest, forecast):
+            if child is not None:
+                child.stop(30)
+
+
+# ----------------------------------------------------------------------------- scale out and in
+
+
+def topic_windows(s: Settings, want: pl.DataFrame, timeout: float) -> pl.DataFrame:
+    """Every row of every message on the windows topic, repeats kept, read until it covers ``want``."""
+    wanted, seen, frames = set(want.select(KEYS).iter_rows()), set(), []
+
+    def covered(records: list) -> bool:
+        for rec in records[len(frames):]:
+            frames.append(pl.from_arrow(decode_windows(rec.value)))
+            seen.update(frames[-1].select(KEYS).iter_rows())
+        return wanted <= seen
+
+    consume_all(s, s.topics.windows, covered, timeout_s=timeout)
+    return pl.concat(frames) if frames else pl.DataFrame(schema=WINDOW_SCHEMA)
+
+
+def test_scale_out_and_in_under_live_traffic(settings3, test_env, tmp_path, model_dir) -> None:
+    """A replay at a steady rate; meanwhile ingest goes 1 -> 3 -> 1 processes and forecast 1 -> 2 -> 1
+    (joins, then SIGTERM: clean leaves). The store and the windows topic are compared, window by window,
+    with the per-event reference computed from the observations read back from their topic."""
+    s = load_settings(env={**test_env, **INGEST_ENV})
+    obs = pl.DataFrame(make_observations(6_000, series=6, seed=41))
+    data = tmp_path / "observations.csv"
+    obs.write_csv(data)
+    span_s = (obs["ts"].max() - obs["ts"].min()) / 1000
+    replay_s = 65.0  # long enough for a forecast process to start and join on a busy 2-core machine
+    ip, fp = [stack.free_port() for _ in range(3)], [stack.free_port() for _ in range(2)]
+    ingest = [start_ingest(test_env, tmp_path, "ingest-0", ip[0])]
+    forecast = [start_forecast(test_env, tmp_path, "forecast-0", fp[0], model_dir)]
+    replay = None
+    try:
+        healthy(ingest[0], ip[0])
+        healthy(forecast[0], fp[0], 120)
+        replay = start_job("replay", {**os.environ, **test_env}, tmp_path / "replay.log", "replay", str(data),
+                           "--speed", f"{span_s / replay_s:.3f}", "--no-progress")
+        store = HistoryStore(s)
+        expect_windows = len(obs["series"].unique()) * span_s  # about: one window a second per series
+        wait_for(lambda: store.count() >= 0.1 * expect_windows, 60, "the replay under way")
+        ingest += [start_ingest(test_env, tmp_path, f"ingest-{i}", ip[i]) for i in (1, 2)]
+        forecast.append(start_forecast(test_env, tmp_path, "forecast-1", fp[1], model_dir))
+        for child in (*ingest[1:], forecast[1]):  # each new process owns partitions and works on them
+            wait_for(lambda c=child: "assigned partition" in c.log_path.read_text() or not c.alive(), 90,
+                     f"{child.name} to be assigned partitions")
+            assert child.alive(), child.tail(30)
+        grown = store.count() + 0.1 * expect_windows
+        wait_for(lambda: store.count() >= grown, 60, "windows stored while scaled out")
+        assert replay.alive(), "the replay ended before the scale-in; slow it down"
+        for child in (*ingest[1:], forecast[1]):
+            assert child.stop(30) == 0, child.tail(30)
+        wait_for(lambda: not replay.alive(), 120, "the replay to finish")
+        assert replay.proc.returncode == 0, replay.tail(20)
+
+        raw = consume_all(s, s.topics.observations, lambda g: len(g) >= obs.height, timeout_s=60)
+        sent = [(r.partition, r.offset, json.loads(r.value)) for r in raw]
+        assert len(sent) == obs.height
+        want = reference(sent)
+        ends = {p: max(off for q, off, _ in sent if q == p) + 1 for p in {q for q, _, _ in sent}}
+        wait_for(lambda: progress_positions(store, s.topics.observations, 3) == ends, 90,
+                 f"ingest-0 to read every observation; log:\n{ingest[0].tail(30)}")
+        done = checkpoints(store)  # the next checkpoint starts after that one's files were moved
+        wait_for(lambda: checkpoints(store) != done, 30, "one more checkpoint")
+        stored = window_faults(store.read(), want)
+        on_topic = window_faults(topic_windows(s, want, 60), want)
+        expected = forecastable(want)
+        seen = forecast_keys(s, expected, 90)
+        report("scale-out-in", windows=want.height, windows_lost=stored["lost"],
+               windows_duplicated=stored["duplicated"], windows_wrong=stored["wrong"] + stored["unexpected"],
+               topic_windows_lost=on_topic["lost"], topic_windows_duplicated=on_topic["duplicated"],
+               topic_windows_wrong=on_topic["wrong"] + on_topic["unexpected"], forecasts=len(expected),
+               forecasts_missing=len(expected - seen.keys()))
+        healthy(ingest[0], ip[0])
+        healthy(forecast[0], fp[0])
+    finally:
+        for child in (replay, *ingest, *forecast):
             if child is not None:
                 child.stop(30)
 
