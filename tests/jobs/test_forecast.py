@@ -201,8 +201,10 @@ def test_a_partition_assigned_again_takes_what_another_consumer_read_meanwhile_f
 
 
 class ScriptedConsumer:
-    """Stands in for the consumer in :func:`complete_batch`: each poll hands out the next scripted fetch,
-    or, with none left, waits out its timeout and returns nothing."""
+    """A scripted consumer, not Kafka (see tests/conftest.py): stands in for the consumer in
+    :func:`complete_batch`, which only polls and asks for the assignment. Each poll hands out the next
+    scripted fetch, or, with none left, waits out its timeout and returns nothing, so a batch split
+    across fetches happens at will."""
 
     def __init__(self, owned: set[int], fetches: list[dict]):
         self.owned, self.fetches, self.timeouts = owned, fetches, []
