@@ -2,15 +2,15 @@
 
 Tests run against real processes: the broker, MLflow and S3 servers are never
 mocked (the S3 server is moto's, a separate process speaking the S3 HTTP API).
-The one exception is poll logic: two tests drive a function that only calls
+The exception is poll logic: four tests drive a function that only calls
 ``poll()`` (and ``assignment()``) with a scripted consumer, an object that
 hands out prepared fetches instead of talking to a broker, so that a timing
 case can be made to happen at will: ``SleepingConsumer`` in
 tests/pipeline/test_kafka_poll.py and ``ScriptedConsumer`` in
 tests/jobs/test_forecast.py. Tests of header parsing likewise build record
-objects (``SimpleNamespace(headers=…)``) instead of consuming them. Each test that needs topics gets its own
-uniquely named ones (``settings`` fixture), deleted when it ends, so tests do
-not see each other's messages.
+objects (``SimpleNamespace(headers=…)``) instead of consuming them. Each test
+that needs topics gets its own uniquely named ones (``settings`` fixture),
+deleted when it ends, so tests do not see each other's messages.
 """
 
 from __future__ import annotations
