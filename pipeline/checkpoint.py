@@ -20,7 +20,8 @@
    asynchronously inside a rebalance callback (kafka-python cannot block on
    its IO thread there). Either is safe because step 3's progress record, not
    the Kafka commit, decides what a restart treats as already processed: a
-   commit that is lost only means re-reading a little more.
+   commit that is lost only means re-reading a little more. So a commit the
+   group refuses while it rebalances is skipped, not an error.
 
 Steps 1-4 are :meth:`Checkpoint.make_durable`, which the ingestor runs in its
 worker thread (after the polls submitted before it, before those submitted
@@ -45,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import polars as pl
+from kafka.errors import RebalanceInProgressError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from pipeline import metrics
@@ -130,7 +132,13 @@ class Checkpoint:
     def commit_offsets(self, offsets: dict[TopicPartition, OffsetAndMetadata], blocking: bool = True) -> None:
         """Step 5: commit offsets returned by :meth:`make_durable` (in the consumer's thread)."""
         if offsets and blocking:
-            self.consumer.commit(offsets)
+            try:
+                self.consumer.commit(offsets)
+            except RebalanceInProgressError:
+                # The group is rebalancing (always so while a cooperative rebalance runs: the consumer
+                # keeps fetching). The progress record already holds what these offsets cover; a later
+                # checkpoint, or the revoke's, commits again, and a commit skipped means re-reading more.
+                log.info("commit deferred: the consumer group is rebalancing")
         elif offsets:
             self.consumer.commit_async(offsets)
         metrics.CHECKPOINTS.inc()
