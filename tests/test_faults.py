@@ -49,6 +49,7 @@ from tests.jobs.ingest_support import (
     produce,
     progress_positions,
     reference,
+    reference_and_late,
     window_faults,
 )
 from tests.jobs.test_forecast import produce_windows
@@ -427,16 +428,17 @@ def test_burst_of_malformed_messages_all_reach_the_dlq(settings, test_env, tmp_p
         producer.flush()
         producer.close()
         good = produce(s, make_observations(1500, series=3, seed=31))
-        want = reference(good)
-        dlq = consume_all(s, s.topics.dlq, lambda g: len(g) >= n_bad + 1, timeout_s=120)
+        want, late = reference_and_late(good)
+        dlq = consume_all(s, s.topics.dlq, lambda g: len(g) >= n_bad + late, timeout_s=120)
         reasons = [dict(r.headers).get("rollcast-reason") for r in dlq]
         malformed = sum(r == b"malformed_json" for r in reasons)
+        late_rejected = sum(r == b"late" for r in reasons)
         wait_for(lambda: store_complete(s, want), 60, "the good input's windows")
         got = HistoryStore(s).read()
         stored = window_faults(got, want)
         report("malformed-burst", windows_lost=stored["lost"], windows_duplicated=stored["duplicated"],
                windows_wrong=stored["wrong"] + stored["unexpected"],
-               dlq_missing=n_bad - malformed, dlq=len(dlq))
+               dlq_missing=(n_bad - malformed) + (late - late_rejected), dlq=len(dlq))
         assert all(r is not None for r in reasons)
         assert all(dict(r.headers).get("rollcast-source-offset") for r in dlq)
         assert metric(ip, "rollcast_ingest_rejected_total", reason="malformed_json") >= n_bad
