@@ -104,7 +104,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     # idempotent one is refused by a broker that lost its producer id). The in-memory context is kept:
     # re-reading a window replaces it with the same values.
     consumer = make_consumer(settings, settings.groups.forecast)
-    consumer.subscribe([settings.topics.windows], listener=_assignment_log())
+    consumer.subscribe([settings.topics.windows], listener=_assignment_log(forecaster))
     try:
         ok = retry_sessions(
             lambda: _serve(settings, args, forecaster, watcher, consumer, shutdown, health),
@@ -167,8 +167,9 @@ def _serve(settings: Settings, args: argparse.Namespace, forecaster: Forecaster,
         producer.close(settings.observability.shutdown_timeout_s if clean else 1.0)
 
 
-def _assignment_log() -> Any:
-    """A rebalance listener that logs the partitions the job gains and loses."""
+def _assignment_log(forecaster: Forecaster) -> Any:
+    """A rebalance listener that logs the partitions the job gains and loses, and tells ``forecaster``
+    which it gained (:meth:`~models.serving.Forecaster.assigned`)."""
     from kafka import ConsumerRebalanceListener
 
     class _AssignmentLog(ConsumerRebalanceListener):
@@ -179,6 +180,7 @@ def _assignment_log() -> Any:
         def on_partitions_assigned(self, assigned: Any) -> None:
             if assigned:
                 log.info("assigned partitions %s", sorted(tp.partition for tp in assigned))
+            forecaster.assigned(tp.partition for tp in assigned)
 
     return _AssignmentLog()
 
@@ -203,6 +205,7 @@ def process_batch(batch: dict, forecaster: Forecaster, producer: BulkProducer, c
     tables: list[pa.Table] = []
     oldest_ts = None
     commits = {}
+    fresh: list[tuple[int, pa.Table]] = []
     for tp, records in batch.items():
         for rec in records:
             try:
@@ -216,8 +219,10 @@ def process_batch(batch: dict, forecaster: Forecaster, producer: BulkProducer, c
             WINDOWS_IN.inc(table.num_rows)
             keys.extend(forecaster.add(table))
             tables.append(table)
+            fresh.append((tp.partition, table))
             oldest_ts = rec.timestamp if oldest_ts is None else min(oldest_ts, rec.timestamp)
         commits[tp] = OffsetAndMetadata(records[-1].offset + 1, "", -1)
+    forecaster.refresh(fresh)  # series of partitions assigned since: what another consumer read meanwhile
     SERIES.set(len(forecaster.buffers))
     STAGE_S.labels("decode").observe(time.perf_counter() - t_start)
     if oldest_ts is not None:  # clocks of producer and job may differ: a figure for one machine

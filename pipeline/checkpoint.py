@@ -8,7 +8,8 @@
    and dead letters); if one failed, raise: nothing below runs, nothing is
    committed, and a restarted job redoes the work from the last commit.
 3. For each source partition: write its closed windows to the history store
-   together with its progress record (``position``, ``max_ts``) —
+   together with its progress record (``position``, ``max_ts``, and the safe
+   offset of step 4, ``safe``) —
    :meth:`~pipeline.store.HistoryStore.write_checkpoint` stages the files,
    atomically replaces the progress record (the commit point), then moves
    the files into the dataset.
@@ -19,7 +20,8 @@
    asynchronously inside a rebalance callback (kafka-python cannot block on
    its IO thread there). Either is safe because step 3's progress record, not
    the Kafka commit, decides what a restart treats as already processed: a
-   commit that is lost only means re-reading a little more.
+   commit that is lost only means re-reading a little more. So a commit the
+   group refuses while it rebalances is skipped, not an error.
 
 Steps 1-4 are :meth:`Checkpoint.make_durable`, which the ingestor runs in its
 worker thread (after the polls submitted before it, before those submitted
@@ -30,7 +32,10 @@ in the caller's thread.
 A restart after a crash at any step: the store's progress record says which
 offsets were already processed (their windows are in the store, their
 rejects in the DLQ); re-read events below that position only rebuild the
-windows that were open, so no window is written twice. Windows produced in
+windows that were open, so no window is written twice. A rebalance takes the
+same path (:meth:`pipeline.ingestor.Ingestor.assign`): every partition the
+ingestor is newly assigned, whether it moved or stayed, is rebuilt from its
+progress record and read again from the record's ``safe`` offset. Windows produced in
 step 1 of an unfinished checkpoint may be produced again with the same values.
 """
 
@@ -41,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import polars as pl
+from kafka.errors import RebalanceInProgressError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from pipeline import metrics
@@ -111,21 +117,28 @@ class Checkpoint:
         for p, run in runs.items():
             if run.position is None:
                 continue
-            # 3. store write + progress record (the commit point)
+            # 3. store write + progress record (the commit point), which keeps step 4's safe offset
+            safe = run.state.commit_offset(run.position)
             windows = closed[p] if closed[p] is not None else pl.DataFrame(schema=run.state.spec.schema)
-            self.store.write_checkpoint(self.topic, p, windows, Progress(run.position, run.state.max_ts))
+            self.store.write_checkpoint(self.topic, p, windows, Progress(run.position, run.state.max_ts, safe))
             run.closed.clear()
             for cause, n in _causes(windows):
                 metrics.WINDOWS_CLOSED.labels(cause=cause).inc(n)
             # 4. safe offset
-            offsets[TopicPartition(self.topic, p)] = OffsetAndMetadata(run.state.commit_offset(run.position), "", -1)
+            offsets[TopicPartition(self.topic, p)] = OffsetAndMetadata(safe, "", -1)
         metrics.OPEN_WINDOWS.set(sum(r.state.n_open for r in runs.values()))
         return offsets
 
     def commit_offsets(self, offsets: dict[TopicPartition, OffsetAndMetadata], blocking: bool = True) -> None:
         """Step 5: commit offsets returned by :meth:`make_durable` (in the consumer's thread)."""
         if offsets and blocking:
-            self.consumer.commit(offsets)
+            try:
+                self.consumer.commit(offsets)
+            except RebalanceInProgressError:
+                # The group is rebalancing (always so while a cooperative rebalance runs: the consumer
+                # keeps fetching). The progress record already holds what these offsets cover; a later
+                # checkpoint, or the revoke's, commits again, and a commit skipped means re-reading more.
+                log.info("commit deferred: the consumer group is rebalancing")
         elif offsets:
             self.consumer.commit_async(offsets)
         metrics.CHECKPOINTS.inc()

@@ -3,9 +3,19 @@
 Used by ``rollcast ingest`` (:mod:`jobs.ingest`) and the benchmarks. One
 :class:`Ingestor` serves all partitions a consumer is assigned; its
 :meth:`Ingestor.listener` keeps state consistent across rebalances: on revoke
-it checkpoints and drops the revoked partitions' state, on assign it rebuilds
-it from the history store (progress record and last window per series) and
-re-reads from the committed offset.
+it checkpoints and drops the revoked partitions' state; on assign it rebuilds
+the state of every partition it does not hold from the history store
+(progress record and last window per series), as a restart does, and seeks
+the partition to the safe offset its progress record keeps (the offset that
+checkpoint committed), so the events of its open windows are read again. The
+seek is what makes this independent of the client library: kafka-python, like
+the Java client, keeps the fetch position of a partition that stays assigned
+through an eager rebalance, and without the seek the consumer would carry on
+after the last record it read and never rebuild those windows. Under a
+cooperative protocol a partition that stays is neither revoked nor assigned,
+and keeps its state. A partition lost without a clean revoke (the group
+evicted this consumer) is dropped without a checkpoint: another consumer may
+own it already.
 
 :meth:`Ingestor.submit` hands one poll to a single worker thread and returns
 at once, so the caller goes straight back to ``consumer.poll()``: kafka-python
@@ -39,13 +49,14 @@ from typing import Any
 
 import polars as pl
 from kafka import ConsumerRebalanceListener
+from kafka.structs import TopicPartition
 
 from pipeline import metrics
 from pipeline.checkpoint import Checkpoint, PartitionRun
 from pipeline.config import Settings
 from pipeline.decode import LATE, ROW_BITS, Decoder, Rejected, _ipc_bytes, is_arrow
 from pipeline.dlq import DeadLetters
-from pipeline.store import HistoryStore
+from pipeline.store import HistoryStore, Progress
 from pipeline.windows import TumblingWindow, WindowState
 from pipeline.windows_io import WindowRouter
 
@@ -100,16 +111,27 @@ class Ingestor:
     # -- partitions -------------------------------------------------------------------------
 
     def assign(self, partitions: Iterable[int]) -> None:
-        """Rebuild state for newly assigned partitions from the history store."""
-        self.drain(blocking=False)
-        self._assign(partitions)
+        """Rebuild state for newly assigned partitions from the history store, and seek each one to
+        the safe offset of its last checkpoint (in a rebalance callback, in the consumer's thread).
 
-    def _assign(self, partitions: Iterable[int]) -> None:
+        A partition without a progress record has no checkpoint: no record of it was ever processed
+        (a revoke checkpoints every partition that was read), so the library's starting position
+        (the committed offset, else ``auto_offset_reset``) is right; so it is for a record written
+        before ``safe`` was kept, read only by a new consumer, which starts at the committed offset.
+        """
+        self.drain(blocking=False)
+        for p, progress in self._assign(partitions).items():
+            if progress is not None and progress.safe is not None:
+                self.consumer.seek(TopicPartition(self.topic, p), progress.safe)
+                log.info("partition %d: reading again from safe offset %d", p, progress.safe)
+
+    def _assign(self, partitions: Iterable[int]) -> dict[int, Progress | None]:
+        """Build the state of the partitions not held yet; return their progress records."""
         self.rebalancing = False
         self.last_assigned = time.monotonic()
         new = [p for p in partitions if p not in self.runs]
         if not new:
-            return
+            return {}
         # Recover first: it may move a committed checkpoint's windows into the store, and replay must
         # see them as closed, or it would close (and store) them a second time.
         recovered = {p: self.store.recover(self.topic, p) for p in new}
@@ -123,6 +145,7 @@ class Ingestor:
                 run.replay_until = progress.position
             self.runs[p] = run
             log.info("assigned partition %d (resume after offset %d)", p, run.replay_until)
+        return recovered
 
     def revoke(self, partitions: Iterable[int]) -> None:
         """Checkpoint the revoked partitions, then forget them."""
@@ -140,6 +163,17 @@ class Ingestor:
             del self.runs[p]
             log.info("revoked partition %d", p)
 
+    def lose(self, partitions: Iterable[int]) -> None:
+        """Forget partitions taken away without a clean revoke (kafka-python's ``on_partitions_lost``:
+        the group evicted this consumer). Another consumer may own them and have moved on, so
+        checkpointing their state could store a window twice; their next owner rebuilds them."""
+        self.rebalancing = True
+        if self._worker_error is None:
+            self.drain(blocking=False)
+        for p in partitions:
+            if self.runs.pop(p, None) is not None:
+                log.warning("lost partition %d without a revoke; its state is dropped, not checkpointed", p)
+
     def listener(self) -> ConsumerRebalanceListener:
         """The rebalance listener to pass to ``consumer.subscribe``."""
         ingestor = self
@@ -150,6 +184,9 @@ class Ingestor:
 
             def on_partitions_assigned(self, assigned: Any) -> None:
                 ingestor._rebalance_step(ingestor.assign, assigned)
+
+            def on_partitions_lost(self, lost: Any) -> None:
+                ingestor._rebalance_step(ingestor.lose, lost)
 
         return _Listener()
 

@@ -102,11 +102,15 @@ class Progress:
     """What a partition's last checkpoint made durable.
 
     ``position``: next source offset after the last processed record;
-    ``max_ts``: max event time seen (the watermark plus the allowed lateness).
+    ``max_ts``: max event time seen (the watermark plus the allowed lateness);
+    ``safe``: the offset committed with this checkpoint (``position``, or the earliest event of a
+    window still open), where a new assignment of the partition resumes reading; None in records
+    written before it was kept.
     """
 
     position: int
     max_ts: int | None
+    safe: int | None = None
 
 
 class HistoryStore:
@@ -268,6 +272,7 @@ class HistoryStore:
         record = {
             "position": progress.position,
             "max_ts": progress.max_ts,
+            "safe": progress.safe,
             "checkpoint": ckpt,
             "moves": moves,
         }
@@ -290,7 +295,9 @@ class HistoryStore:
         self._remove_dir(f"_pending/{name}")
         if record is None:
             return None
-        return Progress(position=int(record["position"]), max_ts=record["max_ts"])
+        safe = record.get("safe")
+        return Progress(position=int(record["position"]), max_ts=record["max_ts"],
+                        safe=None if safe is None else int(safe))
 
     def _path(self, rel: str) -> str:
         return f"{self.root}/{rel}"

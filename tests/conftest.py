@@ -1,9 +1,16 @@
 """Shared fixtures: one real tansu broker, one real MLflow server and one real S3 server per session.
 
-Tests never mock Kafka, MLflow or S3 (the S3 server is moto's, a separate
-process speaking the S3 HTTP API). Each test that needs topics gets its own
-uniquely named ones (``settings`` fixture), deleted when it ends, so tests do
-not see each other's messages.
+Tests run against real processes: the broker, MLflow and S3 servers are never
+mocked (the S3 server is moto's, a separate process speaking the S3 HTTP API).
+The exception is poll logic: four tests drive a function that only calls
+``poll()`` (and ``assignment()``) with a scripted consumer, an object that
+hands out prepared fetches instead of talking to a broker, so that a timing
+case can be made to happen at will: ``SleepingConsumer`` in
+tests/pipeline/test_kafka_poll.py and ``ScriptedConsumer`` in
+tests/jobs/test_forecast.py. Tests of header parsing likewise build record
+objects (``SimpleNamespace(headers=…)``) instead of consuming them. Each test
+that needs topics gets its own uniquely named ones (``settings`` fixture),
+deleted when it ends, so tests do not see each other's messages.
 """
 
 from __future__ import annotations
@@ -107,9 +114,20 @@ def test_env(broker: str, tmp_path: Path) -> dict[str, str]:
 @pytest.fixture
 def settings(test_env: dict[str, str]) -> Iterator[Settings]:
     """Settings for one test, with its own topics created on the session broker."""
+    yield from _with_topics(test_env)
+
+
+@pytest.fixture
+def settings3(test_env: dict[str, str]) -> Iterator[Settings]:
+    """As ``settings``, with three partitions per topic (``test_env`` gets the same partition count)."""
+    test_env["ROLLCAST_KAFKA__PARTITIONS"] = "3"
+    yield from _with_topics(test_env)
+
+
+def _with_topics(env: dict[str, str]) -> Iterator[Settings]:
     from pipeline.kafka import ensure_topics, make_admin
 
-    s = load_settings(env=test_env)
+    s = load_settings(env=env)
     ensure_topics(s)
     yield s
     admin = make_admin(s)

@@ -91,6 +91,42 @@ def checkpoints(store: HistoryStore) -> tuple[bytes, ...]:
     return tuple(out)
 
 
+def progress_positions(store: HistoryStore, topic: str, partitions: int) -> dict[int, int]:
+    """The position each partition's progress record (the commit point in the store) holds."""
+    out = {}
+    for p in range(partitions):
+        try:
+            with store.fs.open_input_stream(f"{store.root}/_progress/{topic}-{p}.json") as f:
+                out[p] = json.loads(f.read())["position"]
+        except (FileNotFoundError, json.JSONDecodeError):  # none yet, or read while being replaced
+            pass
+    return out
+
+
+WINDOW_KEYS = ["series", "window_start"]
+WINDOW_VALUES = ("window_end", "count", "first", "last", "min", "max", "mean", "sum")
+
+
+def window_faults(got: pl.DataFrame, want: pl.DataFrame, tolerance: float = 1e-6) -> dict[str, int]:
+    """Count what is wrong with the windows ``got`` (a store read or a topic's rows, repeats kept)
+    against the reference ``want``: ``lost`` (windows of ``want`` missing), ``duplicated`` (rows
+    beyond the first of a window), ``wrong`` (rows whose values differ from the reference's, by
+    more than ``tolerance`` or in which are null) and ``unexpected`` (rows of windows ``want``
+    lacks)."""
+    keys = WINDOW_KEYS
+    joined = got.join(want, on=keys, how="inner", suffix="_want")
+    differs = pl.lit(False)
+    for c in WINDOW_VALUES:
+        a, b = pl.col(c).cast(pl.Float64), pl.col(f"{c}_want").cast(pl.Float64)
+        differs = differs | (a.is_null() != b.is_null()) | ((a - b).abs() > tolerance).fill_null(False)
+    return {
+        "lost": want.select(keys).join(got.select(keys), on=keys, how="anti").height,
+        "duplicated": got.height - got.select(keys).unique().height,
+        "wrong": joined.filter(differs).height,
+        "unexpected": got.select(keys).join(want.select(keys), on=keys, how="anti").height,
+    }
+
+
 def assert_frames_equal(got: pl.DataFrame, want: pl.DataFrame) -> None:
     keys = ["series", "window_start"]
     assert got.select(keys).is_duplicated().sum() == 0, "a window was stored twice"

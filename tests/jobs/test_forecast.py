@@ -161,9 +161,53 @@ def test_a_batch_longer_than_the_buffer_is_forecast_before_the_store_holds_it(tm
     assert not list(forecaster.forecast(keys[:1], issued_at=1))  # without them, the empty store has no context
 
 
+def test_a_partition_assigned_again_takes_what_another_consumer_read_meanwhile_from_the_store(
+        tmp_path: Path) -> None:
+    """A forecast process built its buffers from the store, then another consumer of the group read
+    windows 10..19 of the series (they reached the store, not this process). When the partition is
+    assigned here (moved, or kept through an eager rebalance) and window 20 arrives, its context comes
+    from the store: the forecast equals offline inference over all windows. A process not told of the
+    assignment has no context for it (what the job did before)."""
+    from jobs.forecast import Forecaster
+    from pipeline.config import load_settings
+
+    s = load_settings(env={"ROLLCAST_DATA_DIR": str(tmp_path), "ROLLCAST_WINDOW__LENGTH_MS": str(STEP),
+                           "ROLLCAST_MODEL__CONTEXT": str(L), "ROLLCAST_WINDOW__TARGET": "last"})
+    module = models.create_model("lstm", context=L, horizon=H, hidden=4)
+    for p in module.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    model = LoadedModel("lstm", "1", module, L, H, list(module.config.quantiles))
+    windows = make_windows(["a", "b"], 21).sort("series", "window_start")
+    step = pl.col("window_start").rank("ordinal").over("series") - 1
+    early, meanwhile, latest = (windows.filter(c) for c in (step < 10, (step >= 10) & (step < 20), step == 20))
+    store = HistoryStore(s)
+    store.write_checkpoint("obs", 0, early, Progress(1, None))
+    here, unaware = Forecaster(s, model), Forecaster(s, model)
+    for f in (here, unaware):
+        f.rebuild()
+    store.write_checkpoint("obs", 0, meanwhile, Progress(2, None))  # read and forecast by the other consumer
+    here.assigned([0])
+    got = {}
+    for f in (here, unaware):
+        table = latest.to_arrow()
+        keys = f.add(table)
+        f.refresh([(0, table)])
+        got[f] = {m[0]: json.loads(m[1]) for c in f.forecast(keys, issued_at=1, batch=[table]) for m in c}
+    assert got[unaware] == {}  # short contexts: the windows read elsewhere are missing
+    assert sorted(got[here]) == ["a", "b"]
+    last = int(latest["window_end"].max())
+    contexts = np.stack([windows.filter(pl.col("series") == x)["last"].to_numpy()[-L:] for x in ("a", "b")])
+    grid = last - STEP * np.arange(L - 1, -1, -1)
+    offline = models.predict(module, contexts, window_end_ms=np.broadcast_to(grid, contexts.shape))
+    want = {m[0]: json.loads(m[1]) for m in forecast_messages(["a", "b"], [last] * 2, offline, model, STEP, issued_at=1)}
+    assert got[here] == want
+
+
 class ScriptedConsumer:
-    """Stands in for the consumer in :func:`complete_batch`: each poll hands out the next scripted fetch,
-    or, with none left, waits out its timeout and returns nothing."""
+    """A scripted consumer, not Kafka (see tests/conftest.py): stands in for the consumer in
+    :func:`complete_batch`, which only polls and asks for the assignment. Each poll hands out the next
+    scripted fetch, or, with none left, waits out its timeout and returns nothing, so a batch split
+    across fetches happens at will."""
 
     def __init__(self, owned: set[int], fetches: list[dict]):
         self.owned, self.fetches, self.timeouts = owned, fetches, []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import signal
 import time
 from pathlib import Path
@@ -20,9 +21,11 @@ from tests.jobs.ingest_support import (
     ingest_child,
     make_observations,
     produce,
+    progress_positions,
     reference,
     wait_exit,
     wait_for,
+    window_faults,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault]
@@ -109,3 +112,66 @@ def test_a_store_that_fails_for_a_while_loses_nothing(settings, test_env, tmp_pa
     finally:
         child.stop()
     assert_frames_equal(store.read(), want)
+
+
+def _assigned_rounds(log: str) -> list[set[int]]:
+    """The partitions of each assignment an ingest process logged, in order (a revoke ends a round)."""
+    rounds: list[set[int]] = []
+    current: set[int] | None = None
+    for line in log.splitlines():
+        if "revoked partition" in line:
+            current = None
+        elif m := re.search(r"assigned partition (\d+) ", line):
+            if current is None:
+                current = set()
+                rounds.append(current)
+            current.add(int(m.group(1)))
+    return rounds
+
+
+def test_partitions_kept_through_a_join_and_a_leave_keep_their_open_windows(settings3, test_env, tmp_path):
+    """Issue 18: ingest A reads everything, leaving the last window of every series open; B joins the
+    group, then leaves. A keeps some partitions through both rebalances (kafka-python keeps their fetch
+    position), B rebuilds the partition it is given from the committed safe offset. Then one later
+    observation per series closes every open window: each one must be in the store, exact, once."""
+    s = load_settings(env={**test_env, **INGEST_ENV})
+    store = HistoryStore(s)
+    first = make_observations(3_000, series=6, seed=18)
+    sent = produce(s, first)
+    assert {p for p, _, _ in sent} == {0, 1, 2}
+    ends = {p: max(off for q, off, _ in sent if q == p) + 1 for p in range(3)}
+    a = ingest_child(test_env, tmp_path, "ingest-a")
+    b = None
+    try:
+        wait_for(lambda: progress_positions(store, s.topics.observations, 3) == ends, 60, "A to read everything")
+        open_before = reference(sent)  # what is closed now; the last window of every series is still open
+        wait_for(lambda: store.read().height >= open_before.height, 30, "A's windows in the store")
+        b = ingest_child(test_env, tmp_path, "ingest-b")
+        wait_for(lambda: len(_assigned_rounds(a.log_path.read_text())) >= 2 and "assigned partition" in b.tail(200),
+                 60, "B to join and A to be assigned again")
+        kept = _assigned_rounds(a.log_path.read_text())[1]
+        assert kept and kept != {0, 1, 2}, _assigned_rounds(a.log_path.read_text())
+        assert b.stop(timeout_s=30) == 0, b.tail(30)  # B leaves: A is given every partition again
+        wait_for(lambda: _assigned_rounds(a.log_path.read_text())[-1:] == [{0, 1, 2}]
+                 and len(_assigned_rounds(a.log_path.read_text())) >= 3, 60, "A to own every partition again")
+        # the stream goes on: one later observation per series closes every window left open
+        t_end = max(o["ts"] for o in first) + 5_000
+        series = sorted({o["series"] for o in first})
+        sent += produce(s, [{"series": x, "ts": t_end + i, "value": 1.0} for i, x in enumerate(series)])
+        want = reference(sent)
+        assert want.height > open_before.height
+        ends = {p: max(off for q, off, _ in sent if q == p) + 1 for p in range(3)}
+        wait_for(lambda: progress_positions(store, s.topics.observations, 3) == ends or not a.alive(), 60,
+                 f"A to read the later observations; log:\n{a.tail(30)}")
+        done = checkpoints(store)  # the next checkpoint starts after that one's files were moved
+        wait_for(lambda: checkpoints(store) != done or not a.alive(), 30, "one more checkpoint")
+        assert a.alive(), a.tail(30)
+        got = store.read()
+        faults = window_faults(got, want)
+        print(f"REBALANCE kept={sorted(kept)} windows={want.height} {faults}", flush=True)
+        assert faults == {"lost": 0, "duplicated": 0, "wrong": 0, "unexpected": 0}, faults
+        assert_frames_equal(got, want)
+    finally:
+        if b is not None:
+            b.stop()
+        a.stop()

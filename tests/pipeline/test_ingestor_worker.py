@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 
@@ -12,21 +11,16 @@ from pipeline.config import load_settings
 from pipeline.ingestor import Ingestor
 from pipeline.kafka import make_consumer, make_producer
 from pipeline.store import HistoryStore
-from tests.jobs.ingest_support import INGEST_ENV, assert_frames_equal, make_observations, produce, reference
+from tests.jobs.ingest_support import (
+    INGEST_ENV,
+    assert_frames_equal,
+    make_observations,
+    produce,
+    progress_positions,
+    reference,
+)
 
 pytestmark = pytest.mark.slow
-
-
-def _positions(store: HistoryStore, topic: str, partitions: int) -> dict[int, int]:
-    """The position each partition's progress record (the commit point in the store) holds."""
-    out = {}
-    for p in range(partitions):
-        try:
-            with store.fs.open_input_stream(f"{store.root}/_progress/{topic}-{p}.json") as f:
-                out[p] = json.loads(f.read())["position"]
-        except FileNotFoundError:
-            pass
-    return out
 
 
 def _loop(ingestor: Ingestor, consumer, until: callable, timeout_s: float = 60) -> None:
@@ -48,7 +42,7 @@ def test_offsets_are_committed_by_the_polling_thread_only_after_the_store_holds_
     commit_offsets = ingestor.checkpointer.commit_offsets
 
     def recording(offsets, blocking=True):
-        durable = _positions(store, s.topics.observations, s.kafka.partitions)
+        durable = progress_positions(store, s.topics.observations, s.kafka.partitions)
         committed = {tp.partition: om.offset for tp, om in offsets.items()}
         commits.append((threading.current_thread().name, blocking, committed, durable))
         commit_offsets(offsets, blocking)

@@ -1,4 +1,7 @@
-"""``poll_promptly``: records that arrive while kafka-python's poll sleeps are still returned promptly."""
+"""``poll_promptly``: records that arrive while kafka-python's poll sleeps are still returned promptly.
+
+Poll logic only, with a scripted consumer (see tests/conftest.py); ``poll_promptly`` also runs in every
+job test against the real broker."""
 
 from __future__ import annotations
 
@@ -8,8 +11,9 @@ from pipeline.kafka import POLL_SLICE_MS, poll_promptly
 
 
 class SleepingConsumer:
-    """kafka-python's poll when its fetcher is idle: it sleeps out the whole timeout without fetching,
-    so records that became available meanwhile come back only from the next poll."""
+    """A scripted consumer, not Kafka: it plays kafka-python's poll when its fetcher is idle, which
+    sleeps out the whole timeout without fetching, so records that became available meanwhile come back
+    only from the next poll (a case a real broker produces only now and then)."""
 
     def __init__(self, ready_after_s: float | None):
         self.ready_at = None if ready_after_s is None else time.monotonic() + ready_after_s
