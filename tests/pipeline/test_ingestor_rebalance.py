@@ -59,8 +59,9 @@ def _until(members: list[Member], done, what: str, timeout_s: float = 60) -> Non
             m.poll()
 
 
-@pytest.mark.parametrize("assignor", [RangePartitionAssignor, CooperativeStickyAssignor],
-                         ids=["eager", "cooperative"])
+@pytest.mark.parametrize(
+    "assignor", [RangePartitionAssignor, CooperativeStickyAssignor], ids=["eager", "cooperative"]
+)
 def test_open_windows_of_a_kept_partition_survive_a_join_and_a_leave(settings3, test_env, assignor):
     s = load_settings(env={**test_env, **INGEST_ENV})
     store = HistoryStore(s)
@@ -70,10 +71,14 @@ def test_open_windows_of_a_kept_partition_survive_a_join_and_a_leave(settings3, 
     a = Member(s, assignor)
     b = None
     try:
-        _until([a], lambda: progress_positions(store, s.topics.observations, 3) == ends, "A to read everything")
+        _until(
+            [a], lambda: progress_positions(store, s.topics.observations, 3) == ends, "A to read everything"
+        )
         assert sum(r.state.n_open for r in a.ingestor.runs.values()) > 0  # windows are open
         b = Member(s, assignor)
-        _until([a, b], lambda: b.owned() and a.owned() and not a.owned() & b.owned(), "B to share the partitions")
+        _until(
+            [a, b], lambda: b.owned() and a.owned() and not a.owned() & b.owned(), "B to share the partitions"
+        )
         kept = a.owned()
         b.leave()
         b = None
