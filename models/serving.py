@@ -95,6 +95,8 @@ class Forecaster:
         self.capacity = max(settings.model.context, model.context) + BUFFER_SLACK
         self.buffers = ContextBuffers(self.capacity, self.step_ms)
         self._partitions: KeyPartitions | None = None
+        # windows partition -> series refreshed from the store since the partition was last assigned
+        self._refreshed: dict[int, set[str]] = {}
 
     def partitions_of(self, topic: str, producer: BulkProducer) -> KeyPartitions:
         """Partition of each series in ``topic`` (the key's default-partitioner choice), memoised
@@ -117,6 +119,28 @@ class Forecaster:
         self.buffers = contexts_from_store(HistoryStore(self.settings), self.capacity, self.step_ms, self.target)
         SERIES.set(len(self.buffers))
         log.info("rebuilt context of %d series from the history store", len(self.buffers))
+
+    def assigned(self, partitions: Iterable[int]) -> None:
+        """Windows partitions newly assigned: moved here, or kept through an eager rebalance. Another
+        consumer may have read windows of their series meanwhile (which this one's buffers then lack),
+        so :meth:`refresh` reloads each series from the history store when it first comes again."""
+        for p in partitions:
+            self._refreshed[p] = set()
+
+    def refresh(self, tables: Iterable[tuple[int, pa.Table]]) -> None:
+        """Merge the store's last windows of the series of ``(partition, windows table)`` pairs not yet
+        refreshed since their partition was assigned (one store read). Ingest stores a checkpoint's
+        windows before it produces the next one's, so the store holds every window older than these."""
+        todo: dict[str, int] = {}
+        for p, table in tables:
+            done = self._refreshed.get(p)
+            if done is not None:
+                todo.update((x, p) for x in table.column("series").to_pylist() if x not in done)
+        if not todo:
+            return
+        self.add(HistoryStore(self.settings).last_windows(self.capacity, series=list(todo)).to_arrow())
+        for x, p in todo.items():
+            self._refreshed[p].add(x)
 
     def add(self, table: pa.Table) -> list[tuple[str, int]]:
         """Put windows into the buffers; return their (series, window_end) in arrival order."""

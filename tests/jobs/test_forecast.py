@@ -168,7 +168,7 @@ def test_a_partition_assigned_again_takes_what_another_consumer_read_meanwhile_f
     assigned here (moved, or kept through an eager rebalance) and window 20 arrives, its context comes
     from the store: the forecast equals offline inference over all windows. A process not told of the
     assignment has no context for it (what the job did before)."""
-    from jobs.forecast import Forecaster
+    from models.serving import Forecaster
     from pipeline.config import load_settings
 
     s = load_settings(env={"ROLLCAST_DATA_DIR": str(tmp_path), "ROLLCAST_WINDOW__LENGTH_MS": str(STEP),

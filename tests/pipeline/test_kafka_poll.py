@@ -42,8 +42,10 @@ def test_nothing_arriving_returns_empty_after_the_whole_timeout() -> None:
     consumer = SleepingConsumer(ready_after_s=None)
     t0 = time.monotonic()
     assert poll_promptly(consumer, timeout_ms=60) == {}
+    # the whole timeout, in several slices of at most POLL_SLICE_MS (how many depends on how far each
+    # sleep overshoots on a loaded machine, so they are not counted)
     assert time.monotonic() - t0 >= 0.06
-    assert sum(consumer.timeouts) >= 60 - POLL_SLICE_MS and max(consumer.timeouts) <= POLL_SLICE_MS
+    assert len(consumer.timeouts) > 1 and max(consumer.timeouts) <= POLL_SLICE_MS
     # a zero timeout is one non-blocking poll, as consumer.poll(timeout_ms=0)
     consumer = SleepingConsumer(ready_after_s=None)
     assert poll_promptly(consumer, timeout_ms=0) == {}
