@@ -167,8 +167,8 @@ class ForecastModel(lightning.LightningModule):
         y = x[..., 0]
         loc = y[:, -1:] if self.config.normalise == "last" else y.mean(dim=1, keepdim=True)
         # population std, at least eps, in two passes (mean, then mean squared deviation): the value of
-        # ``y.std(dim=1, unbiased=False).clamp_min(eps)`` to float rounding, ~15x faster on (1,000, 96)
-        # rows on a CPU. The variance is clamped before the root, so a flat context has a zero gradient
+        # ``y.std(dim=1, unbiased=False).clamp_min(eps)`` to float rounding, and much faster on a CPU
+        # (BENCHMARKS.md). The variance is clamped before the root, so a flat context has a zero gradient
         # here, as with ``std``, not sqrt's NaN at 0.
         mean = loc if self.config.normalise == "mean" else y.mean(dim=1, keepdim=True)
         var = (y - mean).square().mean(dim=1, keepdim=True)

@@ -90,7 +90,7 @@ def ffill(values: np.ndarray) -> np.ndarray:
     """
     values = np.asarray(values, dtype=np.float64)
     gaps = np.isnan(values)
-    if not gaps.any():  # the usual case: a copy, ~10x faster than the fill
+    if not gaps.any():  # the usual case: a copy, much cheaper than the fill
         return values.copy()
     idx = np.where(gaps, 0, np.arange(values.shape[-1]))
     np.maximum.accumulate(idx, axis=-1, out=idx)

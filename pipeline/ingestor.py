@@ -66,7 +66,7 @@ log = logging.getLogger(__name__)
 # set by the entry point, e.g. ``rollcast ingest``). The worker gives up the GIL for every
 # polars/pyarrow call and must win it back from the poll thread, which runs pure Python and lets
 # go only when a waiter has waited a whole interval: at CPython's default 5 ms the worker spent
-# most of its time waiting (1.4-2 s of wall time per 400k observations for 0.45 s of work) and the
+# most of its time waiting for the GIL (figures in BENCHMARKS.md) and the
 # poll thread waited for the worker. At 0.5 ms a waiter gets the GIL within half a millisecond; the
 # poll thread switches no more often (once per worker call either way).
 GIL_SWITCH_INTERVAL_S = 0.0005

@@ -108,8 +108,8 @@ class WindowRouter:
         """``(partition, Arrow IPC bytes)`` for every group of at most ``max_rows`` windows."""
         if windows.height == 0:
             return
-        # In Arrow, without polars' thread pool: a group_by and a conversion per group took ~2.5 ms for
-        # 1,000 windows, this ~1 ms, on the way from a closed window to its forecast.
+        # In Arrow, without polars' thread pool: cheaper than a group_by and a conversion per group, on the
+        # way from a closed window to its forecast (figures in BENCHMARKS.md).
         table = windows.to_arrow()
         series = pc.dictionary_encode(table.column("series").combine_chunks())
         of_key = np.array([self._parts[s] for s in series.dictionary.to_pylist()], dtype=np.int64)
