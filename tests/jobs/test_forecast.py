@@ -574,7 +574,9 @@ def test_freeze_heap_exempts_the_objects_alive_at_start_from_collection() -> Non
 
     try:
         frozen = freeze_heap()
-        assert frozen == gc.get_freeze_count() > 10_000  # this process's imports (torch, polars, ...)
+        # this process's imports (torch, polars, ...); the count only falls later, as frozen objects
+        # are freed (a daemon thread of an earlier test dropping its last references)
+        assert 10_000 < gc.get_freeze_count() <= frozen
         assert len(gc.get_objects()) < frozen / 10  # a full collection now walks only what came later
     finally:
         gc.unfreeze()
