@@ -15,10 +15,7 @@ import json
 import os
 import random
 import signal
-import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,90 +23,40 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from kafka.structs import TopicPartition
-from prometheus_client.parser import text_string_to_metric_families
 
 import models
 from jobs import stack
 from jobs.stack import Child
 from pipeline.config import Settings, load_settings
-from pipeline.kafka import ensure_topics, make_consumer, make_producer
+from pipeline.kafka import ensure_topics, make_producer
 from pipeline.store import HistoryStore
 from pipeline.windows import WINDOW_SCHEMA
 from pipeline.windows_io import decode_windows
 from tests.conftest import S3_KEYS, create_bucket
-from tests.jobs.helpers import wait_for
+from tests.jobs.forecast_support import H, L, produce_windows
 from tests.jobs.ingest_support import (
     INGEST_ENV,
     assert_frames_equal,
     checkpoints,
-    consume_all,
-    ingest_child,
     make_observations,
     produce,
     progress_positions,
     reference,
     reference_and_late,
+    start_forecast,
+    start_ingest,
+    start_job,
     window_faults,
 )
-from tests.jobs.test_forecast import produce_windows
 from tests.jobs.train_helpers import WEAK, drifting_daily_windows, train_env, write_windows
+from tests.support import healthz, metric, read_topic, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault]
 
-L, H = 8, 3
 KEYS = ["series", "window_start"]
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def healthz(port: int) -> tuple[int | None, dict]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=3) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
-    except OSError:
-        return None, {}
-
-
-def scrape(port: int) -> dict[tuple[str, tuple], float]:
-    """``/metrics`` as {(sample name, sorted labels): value}."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=3) as r:
-            text = r.read().decode()
-    except OSError:  # not serving yet
-        return {}
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
-
-
-def metric(port: int, name: str, **labels: str) -> float:
-    """Sum of the samples of ``name`` whose labels include ``labels`` (0 if none)."""
-    want = set(labels.items())
-    return sum(v for (n, lab), v in scrape(port).items() if n == name and want <= set(lab))
-
-
-def job_env(base: dict[str, str], metrics_port: int, **extra: str) -> dict[str, str]:
-    return {**os.environ, **base, **INGEST_ENV, "PYTHONUNBUFFERED": "1",
-            "ROLLCAST_OBSERVABILITY__METRICS_PORT": str(metrics_port),
-            "ROLLCAST_OBSERVABILITY__SHUTDOWN_TIMEOUT_S": "20",
-            "ROLLCAST_KAFKA__CONNECT_TIMEOUT_S": "5", "ROLLCAST_MODEL__CONTEXT": str(L), **extra}
-
-
-def start_job(name: str, env: dict[str, str], log: Path, *args: str) -> Child:
-    return Child(name, [sys.executable, "-m", "jobs.cli", *args], log, env=env).start()
-
-
-def start_ingest(base: dict[str, str], tmp: Path, name: str, port: int) -> Child:
-    return ingest_child({**base, "ROLLCAST_OBSERVABILITY__METRICS_PORT": str(port),
-                         "ROLLCAST_OBSERVABILITY__SHUTDOWN_TIMEOUT_S": "20"}, tmp, name)
-
-
-def start_forecast(base: dict[str, str], tmp: Path, name: str, port: int, model_dir: Path | None) -> Child:
-    args = ["forecast", *(["--model-dir", str(model_dir)] if model_dir else [])]
-    return start_job(name, job_env(base, port), tmp / f"{name}.log", *args)
 
 
 def kill9(child: Child) -> None:
@@ -148,21 +95,18 @@ def forecastable(windows: pl.DataFrame, target: str = "mean") -> set[tuple[str, 
 
 def forecast_keys(s: Settings, expected: set[tuple[str, int]], timeout: float) -> dict[tuple[str, int], int]:
     """(series, last_window_end) -> number of forecast messages, read until ``expected`` is covered."""
-    consumer = make_consumer(s, None)
-    tps = [TopicPartition(s.topics.forecasts, p) for p in consumer.partitions_for_topic(s.topics.forecasts) or []]
-    consumer.assign(tps)
-    consumer.seek_to_beginning()
     seen: dict[tuple[str, int], int] = {}
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline and not expected <= seen.keys():
-            for records in consumer.poll(timeout_ms=300).values():
-                for rec in records:
-                    msg = json.loads(rec.value)
-                    key = (msg["series"], msg["last_window_end"])
-                    seen[key] = seen.get(key, 0) + 1
-    finally:
-        consumer.close()
+    read = [0]
+
+    def covered(records: list) -> bool:
+        for rec in records[read[0]:]:
+            msg = json.loads(rec.value)
+            key = (msg["series"], msg["last_window_end"])
+            seen[key] = seen.get(key, 0) + 1
+        read[0] = len(records)
+        return expected <= seen.keys()
+
+    read_topic(s, s.topics.forecasts, covered, timeout=timeout)
     return seen
 
 
@@ -243,7 +187,7 @@ def topic_windows(s: Settings, want: pl.DataFrame, timeout: float) -> pl.DataFra
             seen.update(frames[-1].select(KEYS).iter_rows())
         return wanted <= seen
 
-    consume_all(s, s.topics.windows, covered, timeout_s=timeout)
+    read_topic(s, s.topics.windows, covered, timeout=timeout)
     return pl.concat(frames) if frames else pl.DataFrame(schema=WINDOW_SCHEMA)
 
 
@@ -252,24 +196,6 @@ def assigned(child: Child, timeout: float = 90) -> None:
     wait_for(lambda: "assigned partition" in child.log_path.read_text() or not child.alive(), timeout,
              f"{child.name} to be assigned partitions")
     assert child.alive(), child.tail(30)
-
-
-def read_topic(s: Settings, topic: str, quiet_s: float = 3.0, timeout: float = 60) -> list:
-    """Every record of ``topic`` (nothing is being produced to it any more): read until none came for
-    ``quiet_s`` after the last one."""
-    consumer = make_consumer(s, None)
-    consumer.assign([TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []])
-    consumer.seek_to_beginning()
-    got: list = []
-    deadline, last = time.monotonic() + timeout, None
-    try:
-        while time.monotonic() < deadline and (last is None or time.monotonic() - last < quiet_s):
-            for records in consumer.poll(timeout_ms=200).values():
-                got.extend(records)
-                last = time.monotonic()
-    finally:
-        consumer.close()
-    return got
 
 
 def test_scale_out_and_in_under_live_traffic(settings3, test_env, tmp_path, model_dir) -> None:
@@ -429,7 +355,7 @@ def test_burst_of_malformed_messages_all_reach_the_dlq(settings, test_env, tmp_p
         producer.close()
         good = produce(s, make_observations(1500, series=3, seed=31))
         want, late = reference_and_late(good)
-        dlq = consume_all(s, s.topics.dlq, lambda g: len(g) >= n_bad + late, timeout_s=120)
+        dlq = read_topic(s, s.topics.dlq, n_bad + late, timeout=120)
         reasons = [dict(r.headers).get("rollcast-reason") for r in dlq]
         malformed = sum(r == b"malformed_json" for r in reasons)
         late_rejected = sum(r == b"late" for r in reasons)

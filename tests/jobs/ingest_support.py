@@ -6,8 +6,6 @@ import json
 import os
 import random
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
@@ -15,10 +13,12 @@ import pyarrow.fs as pafs
 
 from jobs.stack import Child
 from pipeline.config import Settings
-from pipeline.kafka import make_consumer, make_producer
+from pipeline.kafka import make_producer
 from pipeline.store import HistoryStore
 from pipeline.windows_io import decode_windows
+from tests.jobs.forecast_support import L as FORECAST_L
 from tests.pipeline.reference import reference_windows
+from tests.support import wait_for
 
 INGEST_ENV = {
     "ROLLCAST_WINDOW__LENGTH_MS": "1000",
@@ -146,34 +146,9 @@ def ingest_child(test_env: dict[str, str], tmp: Path, name: str, *args: str) -> 
     return Child(name, argv, tmp / f"{name}.log", env=env).start()
 
 
-def wait_for(check: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-
-
 def wait_exit(child: Child, timeout_s: float = 60) -> int:
     wait_for(lambda: not child.alive(), timeout_s, f"{child.name} to exit; log:\n{child.tail(30)}")
     return child.proc.returncode
-
-
-def consume_all(settings: Settings, topic: str, expect: Callable[[list], bool], timeout_s: float = 30) -> list:
-    consumer = make_consumer(settings, None)
-    from kafka.structs import TopicPartition
-
-    parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []]
-    consumer.assign(parts)
-    consumer.seek_to_beginning(*parts)
-    got: list = []
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and not expect(got):
-        for recs in consumer.poll(timeout_ms=200).values():
-            got.extend(recs)
-    consumer.close()
-    return got
 
 
 def windows_from_topic(records: list) -> pl.DataFrame:
@@ -181,3 +156,24 @@ def windows_from_topic(records: list) -> pl.DataFrame:
     if not frames:
         return pl.DataFrame()
     return pl.concat(frames).unique(["series", "window_start"], keep="first").sort("series", "window_start")
+
+
+def job_env(base: dict[str, str], metrics_port: int, **extra: str) -> dict[str, str]:
+    return {**os.environ, **base, **INGEST_ENV, "PYTHONUNBUFFERED": "1",
+            "ROLLCAST_OBSERVABILITY__METRICS_PORT": str(metrics_port),
+            "ROLLCAST_OBSERVABILITY__SHUTDOWN_TIMEOUT_S": "20",
+            "ROLLCAST_KAFKA__CONNECT_TIMEOUT_S": "5", "ROLLCAST_MODEL__CONTEXT": str(FORECAST_L), **extra}
+
+
+def start_job(name: str, env: dict[str, str], log: Path, *args: str) -> Child:
+    return Child(name, [sys.executable, "-m", "jobs.cli", *args], log, env=env).start()
+
+
+def start_ingest(base: dict[str, str], tmp: Path, name: str, port: int) -> Child:
+    return ingest_child({**base, "ROLLCAST_OBSERVABILITY__METRICS_PORT": str(port),
+                         "ROLLCAST_OBSERVABILITY__SHUTDOWN_TIMEOUT_S": "20"}, tmp, name)
+
+
+def start_forecast(base: dict[str, str], tmp: Path, name: str, port: int, model_dir: Path | None) -> Child:
+    args = ["forecast", *(["--model-dir", str(model_dir)] if model_dir else [])]
+    return start_job(name, job_env(base, port), tmp / f"{name}.log", *args)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from jobs.cli import COMMANDS
-from tests.jobs.helpers import rollcast
+from tests.support import rollcast
 
 
 def test_top_level_help_lists_every_command() -> None:

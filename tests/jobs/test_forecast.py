@@ -6,337 +6,54 @@ import asyncio
 import json
 import os
 import signal
-import time
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
 
 import numpy as np
 import polars as pl
 import pytest
-import torch
-from kafka import TopicPartition
 
 import models
-from models.serving import LoadedModel
 from pipeline.config import Settings
-from pipeline.contexts import ContextBuffers
-from pipeline.forecasts_io import forecast_message_chunks
-from pipeline.kafka import make_consumer, make_producer
+from pipeline.kafka import make_producer
 from pipeline.store import HistoryStore, Progress
-from pipeline.windows import WINDOW_SCHEMA
-from pipeline.windows_io import HEADERS, WindowRouter, complete_batch
-from tests.jobs.helpers import rollcast, start_rollcast, wait_for
-
-STEP = 1000
-L, H = 8, 3
-
+from pipeline.windows_io import HEADERS
+from tests.jobs.forecast_support import STEP, H, L, collect_forecasts, make_windows, offline, produce_windows
+from tests.support import rollcast, start_rollcast, wait_for
 
 # ----------------------------------------------------------------------------- pure logic
 
 
-def test_buffers_give_the_context_ending_at_a_window_and_replace_repeats() -> None:
-    buf = ContextBuffers(capacity=5, step_ms=STEP)
-    for i in range(1, 8):
-        buf.put(["a"], np.array([i * STEP]), np.array([float(i)]))
-    buf.put(["b", "b"], np.array([2000, 1000]), np.array([20.0, 10.0]))  # out of order within a batch
-    rows = buf.row_of(["a", "a", "a", "a", "b"])
-    ctx, ok, evicted = buf.contexts(rows, np.array([7000, 5000, 5000, 7500, 2000]), 3)
-    np.testing.assert_array_equal(ctx[0], [5.0, 6.0, 7.0])
-    np.testing.assert_array_equal(ctx[1], [3.0, 4.0, 5.0])
-    assert ok.tolist() == [True, True, True, False, False]  # 7500 ends no window; "b" has only 2 windows
-    assert evicted.tolist() == [False, False, False, False, False]
-    _, ok, evicted = buf.contexts(buf.row_of(["a"]), np.array([5000]), 4)  # 2000 was pushed out: bounded
-    assert not ok[0] and evicted[0]  # older than the buffer: the job reads the store for it
-    _, ok, evicted = buf.contexts(buf.row_of(["a"]), np.array([7000]), 6)  # longer than the buffer
-    assert not ok[0] and evicted[0]
-    _, ok, _ = buf.contexts(buf.row_of(["b"]), np.array([2000]), 2)
-    assert ok[0]
-    buf.put(["a"], np.array([6000]), np.array([60.0]))  # a repeat after a restart replaces the value
-    ctx, _, _ = buf.contexts(buf.row_of(["a"]), np.array([7000]), 3)
-    np.testing.assert_array_equal(ctx[0], [5.0, 60.0, 7.0])
-    buf.put(["a"], np.array([1000]), np.array([99.0]))  # older than everything held: not stored
-    ctx, ok, _ = buf.contexts(buf.row_of(["a"]), np.array([7000]), 5)
-    assert ok[0] and ctx[0].tolist() == [3.0, 4.0, 5.0, 60.0, 7.0]
-    gaps = ContextBuffers(capacity=10, step_ms=STEP)
-    gaps.put(["c"] * 3, np.array([1000, 2000, 4000]), np.ones(3))
-    _, ok, evicted = gaps.contexts(gaps.row_of(["c"]), np.array([4000]), 3)
-    assert not ok[0] and not evicted[0]  # 3000 missing: not a regular grid, and not older than the buffer
-    many = ContextBuffers(capacity=4, step_ms=STEP)  # rows grow as series arrive
-    names = [f"s{i}" for i in range(200)]
-    many.put(names, np.full(200, 1000), np.arange(200.0))
-    ctx, ok, _ = many.contexts(many.row_of(names[::-1]), np.full(200, 1000), 1)
-    assert ok.all() and ctx[:, 0].tolist() == list(np.arange(200.0)[::-1]) and len(many) == 200
 
 
-def forecast_messages(*args: Any, **kwargs: Any) -> list[tuple[str, bytes]]:
-    """All of :func:`forecast_message_chunks`'s messages in one list."""
-    return [m for chunk in forecast_message_chunks(*args, **kwargs) for m in chunk]
 
 
-def test_message_format_follows_the_contract() -> None:
-    model = LoadedModel("tcn", "3", None, L, 2, [0.1, 0.5, 0.9])
-    preds = np.array([[[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]])
-    [(key, value)] = forecast_messages(["s1"], [10_000], preds, model, STEP, issued_at=123)
-    assert key == "s1"
-    assert json.loads(value) == {
-        "series": "s1", "issued_at": 123, "last_window_end": 10_000,
-        "model": {"name": "tcn", "version": "3"}, "step_ms": STEP,
-        "points": [
-            {"ts": 10_000, "mean": 2.0, "quantiles": {"0.1": 1.0, "0.5": 2.0, "0.9": 3.0}},
-            {"ts": 11_000, "mean": 5.0, "quantiles": {"0.1": 4.0, "0.5": 5.0, "0.9": 6.0}},
-        ],
-    }
 
 
-def test_messages_are_valid_json_for_any_series_id_and_keep_float32_values_exactly() -> None:
-    model = LoadedModel("tcn", "7", None, L, 4, [0.1, 0.5, 0.9])
-    rng = np.random.default_rng(0)
-    preds = np.sort(rng.normal(0, 1e4, (4, 4, 3)).astype(np.float32), axis=-1)
-    preds[3, 2, 1] = np.nan  # a model that emitted NaN: null, still valid JSON
-    series = ['plain', 'quo"te\\back', "tab\tnew\nline", "ünïcödé €"]
-    out = forecast_messages(series, [1000, 2000, 3000, 4000], preds, model, STEP, issued_at=5)
-    assert [k for k, _ in out] == series
-    for i, (key, value) in enumerate(out):
-        msg = json.loads(value)
-        assert msg["series"] == key and msg["last_window_end"] == 1000 * (i + 1) and msg["issued_at"] == 5
-        assert [p["ts"] for p in msg["points"]] == [1000 * (i + 1) + h * STEP for h in range(4)]
-        for h, p in enumerate(msg["points"]):
-            for j, q in enumerate(("0.1", "0.5", "0.9")):
-                want = preds[i, h, j]
-                got = p["quantiles"][q]
-                assert (got is None) if np.isnan(want) else np.float32(got) == want  # shortest repr round-trips
-            assert p["mean"] == p["quantiles"]["0.5"]
 
 
-def test_forecasts_come_in_chunks_equal_to_one_offline_inference(tmp_path: Path) -> None:
-    from models.serving import Forecaster
-    from pipeline.config import load_settings
-
-    s = load_settings(env={"ROLLCAST_DATA_DIR": str(tmp_path), "ROLLCAST_WINDOW__LENGTH_MS": str(STEP),
-                           "ROLLCAST_MODEL__CONTEXT": str(L)})
-    module = models.create_model("lstm", context=L, horizon=H, hidden=4)
-    for p in module.parameters():  # not the zero-initialised head: outputs differ per series
-        torch.nn.init.normal_(p, std=0.3)
-    model = LoadedModel("lstm", "1", module, L, H, list(module.config.quantiles))
-    names = [f"s{i}" for i in range(7)]
-    windows = make_windows(names, L + 2)
-    forecaster = Forecaster(s, model)
-    forecaster.add(windows.to_arrow())
-    last = int(windows["window_end"].max())
-    keys = [(name, last) for name in names] + [("s3", last), ("unknown", last)]  # a repeat; no context
-    chunks = list(forecaster.forecast(keys, issued_at=9, chunk=3))
-    assert [len(c) for c in chunks] == [3, 3, 1]  # each series once, those with context only
-    contexts = np.stack([windows.filter(pl.col("series") == n).sort("window_end")["last"].to_numpy()[-L:]
-                         for n in names])
-    grid = last - STEP * np.arange(L - 1, -1, -1)
-    offline = models.predict(module, contexts, window_end_ms=np.broadcast_to(grid, contexts.shape))
-    assert [m for c in chunks for m in c] == forecast_messages(names, [last] * 7, offline, model, STEP, issued_at=9)
-    assert [m for c in forecaster.forecast(keys, issued_at=9, chunk=100) for m in c] == [
-        m for c in chunks for m in c]
 
 
-def test_a_batch_longer_than_the_buffer_is_forecast_before_the_store_holds_it(tmp_path: Path) -> None:
-    """Ingest produces a checkpoint's windows before it writes them to the store: a batch with more
-    windows of a series than the buffer holds (gap rows after a long silence, a lagging restart)
-    takes the contexts of its older windows from the batch itself when the store has none yet."""
-    from models.serving import Forecaster
-    from pipeline.config import load_settings
-
-    s = load_settings(env={"ROLLCAST_DATA_DIR": str(tmp_path), "ROLLCAST_WINDOW__LENGTH_MS": str(STEP),
-                           "ROLLCAST_MODEL__CONTEXT": str(L)})
-    module = models.create_model("lstm", context=L, horizon=H, hidden=4)
-    model = LoadedModel("lstm", "1", module, L, H, list(module.config.quantiles))
-    forecaster = Forecaster(s, model)
-    windows = make_windows(["a", "b"], 4 * forecaster.capacity)
-    assert HistoryStore(s).count() == 0
-    table = windows.to_arrow()
-    keys = forecaster.add(table)
-    got = {(m[0], json.loads(m[1])["last_window_end"])
-           for c in forecaster.forecast(keys, issued_at=1, batch=[table]) for m in c}
-    ends = windows.filter(pl.col("series") == "b")["window_end"].to_list()
-    assert {("b", e) for e in ends[L - 1:]} <= got  # every window with a full context, none skipped
-    # in "a" too, the context starting at its gap row included (the gap rule: it takes the first known value)
-    assert len(got) == len(keys) - 2 * (L - 1)
-    assert not list(forecaster.forecast(keys[:1], issued_at=1))  # without them, the empty store has no context
 
 
-def test_a_partition_assigned_again_takes_what_another_consumer_read_meanwhile_from_the_store(
-        tmp_path: Path) -> None:
-    """A forecast process built its buffers from the store, then another consumer of the group read
-    windows 10..19 of the series (they reached the store, not this process). When the partition is
-    assigned here (moved, or kept through an eager rebalance) and window 20 arrives, its context comes
-    from the store: the forecast equals offline inference over all windows. A process not told of the
-    assignment has no context for it (what the job did before)."""
-    from models.serving import Forecaster
-    from pipeline.config import load_settings
-
-    s = load_settings(env={"ROLLCAST_DATA_DIR": str(tmp_path), "ROLLCAST_WINDOW__LENGTH_MS": str(STEP),
-                           "ROLLCAST_MODEL__CONTEXT": str(L), "ROLLCAST_WINDOW__TARGET": "last"})
-    module = models.create_model("lstm", context=L, horizon=H, hidden=4)
-    for p in module.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    model = LoadedModel("lstm", "1", module, L, H, list(module.config.quantiles))
-    windows = make_windows(["a", "b"], 21).sort("series", "window_start")
-    step = pl.col("window_start").rank("ordinal").over("series") - 1
-    early, meanwhile, latest = (windows.filter(c) for c in (step < 10, (step >= 10) & (step < 20), step == 20))
-    store = HistoryStore(s)
-    store.write_checkpoint("obs", 0, early, Progress(1, None))
-    here, unaware = Forecaster(s, model), Forecaster(s, model)
-    for f in (here, unaware):
-        f.rebuild()
-    store.write_checkpoint("obs", 0, meanwhile, Progress(2, None))  # read and forecast by the other consumer
-    here.assigned([0])
-    got = {}
-    for f in (here, unaware):
-        table = latest.to_arrow()
-        keys = f.add(table)
-        f.refresh([(0, table)])
-        got[f] = {m[0]: json.loads(m[1]) for c in f.forecast(keys, issued_at=1, batch=[table]) for m in c}
-    assert got[unaware] == {}  # short contexts: the windows read elsewhere are missing
-    assert sorted(got[here]) == ["a", "b"]
-    last = int(latest["window_end"].max())
-    contexts = np.stack([windows.filter(pl.col("series") == x)["last"].to_numpy()[-L:] for x in ("a", "b")])
-    grid = last - STEP * np.arange(L - 1, -1, -1)
-    offline = models.predict(module, contexts, window_end_ms=np.broadcast_to(grid, contexts.shape))
-    want = {m[0]: json.loads(m[1]) for m in forecast_messages(["a", "b"], [last] * 2, offline, model, STEP, issued_at=1)}
-    assert got[here] == want
 
 
-class ScriptedConsumer:
-    """A scripted consumer, not Kafka (see tests/conftest.py): stands in for the consumer in
-    :func:`complete_batch`, which only polls and asks for the assignment. Each poll hands out the next
-    scripted fetch, or, with none left, waits out its timeout and returns nothing, so a batch split
-    across fetches happens at will."""
-
-    def __init__(self, owned: set[int], fetches: list[dict]):
-        self.owned, self.fetches, self.timeouts = owned, fetches, []
-
-    def assignment(self) -> set[TopicPartition]:
-        return {TopicPartition("windows", p) for p in self.owned}
-
-    def poll(self, timeout_ms: int) -> dict:
-        self.timeouts.append(timeout_ms)
-        if self.fetches:
-            return self.fetches.pop(0)
-        time.sleep(timeout_ms / 1000)
-        return {}
 
 
-def _batch_records(series: list[str]) -> dict[TopicPartition, list[SimpleNamespace]]:
-    """One windows batch as consumer records (only headers matter here), by partition."""
-    out: dict[TopicPartition, list[SimpleNamespace]] = {}
-    for p, value, headers in WindowRouter(4).batch(make_windows(series, 1)):
-        out.setdefault(TopicPartition("windows", p), []).append(SimpleNamespace(headers=headers, value=value))
-    return out
 
 
-def test_a_batch_split_across_fetches_is_completed_before_forecasting() -> None:
-    parts = _batch_records([f"s{i}" for i in range(40)])
-    first, *rest = parts
-    assert rest
-    # the rest arrives two polls later: the job waits for it
-    consumer = ScriptedConsumer({0, 1, 2, 3}, [{}, {}, {tp: parts[tp] for tp in rest}])
-    batch = {first: list(parts[first])}
-    complete_batch(consumer, batch, wait_s=5)
-    assert batch == parts and consumer.timeouts[0] == 0 and len(consumer.timeouts) == 3
-    # a whole batch: one look at what is already fetched, no waiting
-    consumer = ScriptedConsumer({0, 1, 2, 3}, [])
-    batch = {tp: list(records) for tp, records in parts.items()}
-    complete_batch(consumer, batch, wait_s=5)
-    assert batch == parts and consumer.timeouts == [0]
-    # partitions owned by another consumer are not waited for
-    consumer = ScriptedConsumer({first.partition}, [])
-    complete_batch(consumer, {first: list(parts[first])}, wait_s=5)
-    assert consumer.timeouts == [0]
 
 
-def test_a_batch_whose_rest_never_comes_is_forecast_after_the_wait() -> None:
-    parts = _batch_records([f"s{i}" for i in range(40)])
-    first = next(iter(parts))
-    consumer = ScriptedConsumer({0, 1, 2, 3}, [])
-    batch = {first: list(parts[first])}
-    t0 = time.monotonic()
-    complete_batch(consumer, batch, wait_s=0.2)
-    assert 0.2 <= time.monotonic() - t0 < 2
-    assert batch == {first: parts[first]}
-    # batch_wait_ms = 0: what is fetched now, no wait
-    consumer = ScriptedConsumer({0, 1, 2, 3}, [])
-    complete_batch(consumer, {first: list(parts[first])}, wait_s=0)
-    assert consumer.timeouts == [0]
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
-def make_windows(series: list[str], n: int, start_ms: int = 1_700_000_000_000) -> pl.DataFrame:
-    """A regular grid of windows per series (one gap row with count = 0 in the first series)."""
-    rows = []
-    for k, s in enumerate(series):
-        for i in range(n):
-            ws = start_ms + i * STEP
-            v = 10 * (k + 1) + np.sin(i / 3) * (k + 1)
-            gap = k == 0 and i == n // 2
-            rows.append({
-                "series": s, "window_start": ws, "window_end": ws + STEP, "count": 0 if gap else 3,
-                "first": None if gap else v, "last": None if gap else v, "min": None if gap else v - 1,
-                "max": None if gap else v + 1, "mean": None if gap else v, "sum": None if gap else 3 * v,
-            })
-    return pl.DataFrame(rows, schema=WINDOW_SCHEMA)
 
 
-def offline(model_dir: Path, windows: pl.DataFrame) -> dict[tuple[str, int], list[float]]:
-    """Median forecasts computed independently: all windows in memory, models.predict per window."""
-    model = models.load_model(model_dir)
-    out = {}
-    for (s,), part in windows.sort("window_start").group_by("series", maintain_order=True):
-        vals = part["mean"].to_numpy().astype(float)
-        ends = part["window_end"].to_numpy()
-        for i in range(L - 1, part.height):
-            ctx = vals[i - L + 1 : i + 1]
-            if np.isnan(ctx[0]):
-                continue
-            p = models.predict(model, ctx[None], window_end_ms=ends[i - L + 1 : i + 1][None])
-            out[(s, int(ends[i]))] = p[0, :, 1].tolist()
-    return out
 
 
-def produce_windows(settings: Settings, windows: pl.DataFrame) -> None:
-    producer = make_producer(settings)
-    router = WindowRouter(settings.kafka.partitions, max_rows=7)
-    for partition, value, headers in router.batch(windows):  # as ingest's checkpoint does
-        producer.send(settings.topics.windows, value, partition=partition, headers=headers)
-    producer.flush()
-    producer.close()
 
 
-def collect_forecasts(settings: Settings, expected: set[tuple[str, int]], timeout: float) -> dict:
-    """All forecast messages until every expected (series, last_window_end) is seen."""
-    consumer = make_consumer(settings, None)
-    from kafka import TopicPartition
-
-    tps = [TopicPartition(settings.topics.forecasts, p)
-           for p in consumer.partitions_for_topic(settings.topics.forecasts)]
-    consumer.assign(tps)
-    consumer.seek_to_beginning()
-    seen: dict[tuple[str, int], list[dict]] = {}
-
-    def done() -> bool:
-        for records in consumer.poll(timeout_ms=300).values():
-            for rec in records:
-                msg = json.loads(rec.value)
-                assert rec.key.decode() == msg["series"]
-                seen.setdefault((msg["series"], msg["last_window_end"]), []).append(msg)
-        return expected <= seen.keys()
-
-    try:
-        try:
-            wait_for(done, timeout, f"forecasts for {len(expected)} windows")
-        except AssertionError as e:
-            raise AssertionError(f"{e}; missing {sorted(expected - seen.keys())[:10]}") from None
-    finally:
-        consumer.close()
-    return seen
 
 
 @pytest.fixture
@@ -567,17 +284,3 @@ def test_a_malformed_windows_message_is_skipped_not_fatal(
         proc.wait(30)
 
 
-def test_freeze_heap_exempts_the_objects_alive_at_start_from_collection() -> None:
-    import gc
-
-    from pipeline.runtime import freeze_heap
-
-    try:
-        frozen = freeze_heap()
-        # this process's imports (torch, polars, ...); the count only falls later, as frozen objects
-        # are freed (a daemon thread of an earlier test dropping its last references)
-        assert 10_000 < gc.get_freeze_count() <= frozen
-        assert len(gc.get_objects()) < frozen / 10  # a full collection now walks only what came later
-    finally:
-        gc.unfreeze()
-    assert gc.get_freeze_count() == 0

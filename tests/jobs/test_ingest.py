@@ -17,7 +17,6 @@ from pipeline.windows_io import decode_windows, partition_for
 from tests.jobs.ingest_support import (
     INGEST_ENV,
     assert_frames_equal,
-    consume_all,
     ingest_child,
     make_observations,
     produce,
@@ -25,6 +24,7 @@ from tests.jobs.ingest_support import (
     wait_exit,
     windows_from_topic,
 )
+from tests.support import read_topic
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +40,7 @@ def test_windows_match_reference_and_topic(settings, test_env, tmp_path):
     assert_frames_equal(got, want)
     # the windows topic holds the same windows, each message on its series' partition
     n_parts = 2
-    recs = consume_all(s, s.topics.windows, lambda got_: windows_from_topic(got_).height >= want.height)
+    recs = read_topic(s, s.topics.windows, lambda got_: windows_from_topic(got_).height >= want.height, timeout=30)
     batches: dict[str, tuple[set[int], set[int]]] = {}  # id -> (announced partitions, partitions seen)
     for r in recs:
         series = set(pl.from_arrow(decode_windows(r.value))["series"].to_list())
@@ -53,7 +53,7 @@ def test_windows_match_reference_and_topic(settings, test_env, tmp_path):
     assert batches and all(announced == seen for announced, seen in batches.values())
     assert_frames_equal(windows_from_topic(recs), want)
     # late events went to the DLQ with reason `late`
-    dlq = consume_all(s, s.topics.dlq, lambda g: len(g) >= late_expected)
+    dlq = read_topic(s, s.topics.dlq, late_expected, timeout=30)
     assert len(dlq) == late_expected > 0
     assert {dict(r.headers)["rollcast-reason"] for r in dlq} == {b"late"}
     # reading API
@@ -115,7 +115,7 @@ def test_bad_input_goes_to_dlq_and_job_keeps_running(settings, test_env, tmp_pat
     child = ingest_child(test_env, tmp_path, "ingest", "--exit-when-idle", "2")
     assert wait_exit(child) == 0, child.tail(30)
     expected = [r for _, r in bad] + ["non_finite", "late"]
-    dlq = consume_all(s, s.topics.dlq, lambda g: len(g) >= len(expected))
+    dlq = read_topic(s, s.topics.dlq, len(expected), timeout=30)
     reasons = sorted(dict(r.headers)["rollcast-reason"].decode() for r in dlq)
     assert reasons == sorted(expected)
     by_offset = {m.offset: m for m in meta}

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from models.cycle import run_cycle
-from tests.jobs.helpers import REPO
 from tests.jobs.train_helpers import WEAK, drifting_daily_windows, train_settings, write_windows
+from tests.support import REPO
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = REPO / "test-artifacts"

@@ -14,28 +14,8 @@ from jobs.replay import parse_speed
 from pipeline.config import Settings
 from pipeline.datasets import ColumnMap, load_observations, resolve_dataset
 from pipeline.errors import DatasetError
-from pipeline.kafka import make_consumer
 from pipeline.windows_io import partition_for
-from tests.jobs.helpers import rollcast, wait_for
-
-
-def consume_all(settings: Settings, topic: str, expected: int, timeout: float = 30) -> list:
-    consumer = make_consumer(settings, None)
-    from kafka import TopicPartition
-
-    parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
-    consumer.assign(parts)
-    consumer.seek_to_beginning()
-    records: list = []
-
-    def got_all() -> bool:
-        for batch in consumer.poll(timeout_ms=500).values():
-            records.extend(batch)
-        return len(records) >= expected
-
-    wait_for(got_all, timeout, f"{expected} records on {topic}")
-    consumer.close()
-    return records
+from tests.support import read_topic, rollcast
 
 
 def test_msft_with_column_mapping(settings: Settings, test_env: dict[str, str]) -> None:
@@ -43,7 +23,7 @@ def test_msft_with_column_mapping(settings: Settings, test_env: dict[str, str]) 
                  "--value-col", "close", "--limit", "300", "--no-progress", env=test_env)
     assert r.returncode == 0, r.stderr
     assert "replayed 300 observations" in r.stdout
-    records = consume_all(settings, settings.topics.observations, 300)
+    records = read_topic(settings, settings.topics.observations, 300, timeout=30)
     assert len(records) == 300
     first = min(records, key=lambda m: json.loads(m.value)["ts"])
     obs = json.loads(first.value)
@@ -60,7 +40,7 @@ def test_arrow_batches_and_configured_field_names(settings: Settings, test_env: 
     expected = load_observations(resolve_dataset("temperature_hourly.csv"), ColumnMap()).head(1000)
     n_messages = sum(expected.slice(i, 400)["series"].map_elements(lambda s: partition_for(s, 2), pl.Int64)
                      .n_unique() for i in (0, 400, 800))
-    records = consume_all(settings, settings.topics.observations, n_messages)
+    records = read_topic(settings, settings.topics.observations, n_messages, timeout=30)
     assert all(dict(m.headers)["content-type"] == b"application/vnd.apache.arrow.stream" for m in records)
     tables = [pa.ipc.open_stream(io.BytesIO(m.value)).read_all() for m in records]
     assert sum(t.num_rows for t in tables) == 1000 and all(t.num_rows <= 400 for t in tables)
@@ -82,7 +62,7 @@ def test_speed_paces_by_event_time(settings: Settings, test_env: dict[str, str],
                  "--speed", "2", "--no-progress", env=test_env)
     elapsed = time.monotonic() - t0
     assert r.returncode == 0, r.stderr
-    records = consume_all(settings, settings.topics.observations, 4)
+    records = read_topic(settings, settings.topics.observations, 4, timeout=30)
     stamps = sorted(m.timestamp for m in records)
     assert stamps[-1] - stamps[0] >= 1400  # broker append times follow the pacing
     assert elapsed >= 1.4

@@ -18,13 +18,12 @@ import models
 from jobs import stack
 from models import tracking as registry
 from models.cycle import run_cycle
-from models.schedule import Schedule
-from models.selection import Candidate, decide
+from models.selection import Candidate
 from pipeline.config import load_settings
-from pipeline.errors import MlflowUnavailable, PromotionRefused, StoreUnavailable
+from pipeline.errors import MlflowUnavailable, PromotionRefused
 from pipeline.store import HistoryStore
-from tests.jobs.helpers import rollcast, start_rollcast, wait_for
 from tests.jobs.train_helpers import WEAK, drifting_daily_windows, train_env, train_settings, write_windows
+from tests.support import rollcast, start_rollcast, wait_for
 
 
 def settings_for(uri: str, data_dir: Path, **extra: str):
@@ -192,24 +191,6 @@ def test_unreachable_mlflow_is_retried_with_backoff_then_reported(tmp_path: Path
     assert time.monotonic() - t0 >= 0.2 + 0.4  # backoff 0.2 s, then 0.4 s
 
 
-def _candidate(model_type: str, mae: float, failure: str | None = None) -> Candidate:
-    return Candidate(model_type, {}, None, [0.1], [0.1], {"holdout_mae": mae}, None, 0.0, failure=failure)
-
-
-def test_decide_promotes_at_most_the_best_eligible_candidate() -> None:
-    a, b, c = _candidate("tcn", 0.8), _candidate("lstm", 0.7), _candidate("hrnn", 0.5, failure="non-finite loss")
-    assert decide([a, b, c], baseline_mae=1.0, champion_mae=0.9, min_improvement=0.0) is b
-    assert b.decision == "promoted" and "lstm is better" in a.decision and "failed validation" in c.decision
-    # the margin is relative to the champion's MAE: 0.7 < 0.9 * (1 - 0.2) = 0.72, but not < 0.9 * 0.5
-    assert decide([a, b], baseline_mae=1.0, champion_mae=0.9, min_improvement=0.2) is b
-    assert decide([a, b], baseline_mae=1.0, champion_mae=0.9, min_improvement=0.5) is None
-    assert "by the margin 0.5" in b.decision
-    # with no champion the first model only has to beat seasonal naive
-    assert decide([a], baseline_mae=0.75, champion_mae=None, min_improvement=0.0) is None
-    assert "seasonal naive" in a.decision
-    assert decide([_candidate("tcn", math.nan)], baseline_mae=1.0, champion_mae=None, min_improvement=0.0) is None
-
-
 @pytest.mark.slow
 def test_train_once_with_too_little_history_says_so(mlflow_server: str, tmp_path: Path) -> None:
     env = train_env(mlflow_server, tmp_path / "data")
@@ -219,41 +200,6 @@ def test_train_once_with_too_little_history_says_so(mlflow_server: str, tmp_path
     assert proc.returncode == 1, proc.stderr
     assert "rollcast train: error:" in proc.stderr and "training needs at least" in proc.stderr
     assert "Traceback" not in proc.stderr
-
-
-def test_schedule_goes_on_from_an_earlier_cycle() -> None:
-    stored = [1000]
-    schedule = Schedule(3600.0, 24, lambda: stored[0])
-    schedule.resume(ago_s=3000.0, new_windows=20)  # 50 minutes and 20 windows after the last cycle
-    assert schedule.due() is None
-    assert schedule.next() == "in 10.0 minutes or after 4 more windows"
-    stored[0] += 4
-    assert schedule.due() == "24 new windows"
-    schedule = Schedule(3600.0, 24, lambda: stored[0])
-    schedule.resume(ago_s=3601.0, new_windows=None)  # windows since then unknown: counted from now
-    assert schedule.due() == "60 minutes passed"
-    assert schedule.next() == "in 0.0 minutes or after 24 more windows"
-
-
-def test_schedule_waits_out_a_store_that_does_not_answer() -> None:
-    stored: list[int | None] = [None]
-
-    def count() -> int:
-        if stored[0] is None:
-            raise StoreUnavailable("history store s3://b/h: counting windows failed: connection refused")
-        return stored[0]
-
-    schedule = Schedule(None, 24, count)  # the store is down at start
-    assert schedule.due() is None and schedule.next() == "after 24 new windows"
-    stored[0] = 500  # back: counting starts from its first answer
-    assert schedule.due() is None and schedule.next() == "after 24 more windows"
-    stored[0] = 524
-    assert schedule.due() == "24 new windows"
-    schedule.mark()
-    stored[0] = None  # down again: nothing is due for windows
-    assert schedule.due() is None
-    stored[0] = 530
-    assert schedule.next() == "after 18 more windows"
 
 
 @pytest.mark.slow

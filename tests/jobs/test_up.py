@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.jobs.helpers import alive, descendants, rollcast, start_rollcast, wait_for
+from tests.support import alive, descendants, rollcast, start_rollcast, wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import pytest
 from models.backtest import origins_for, rolling_origin
 from models.data import SeriesMatrix
 from pipeline.errors import NotEnoughData
-from tests.jobs.helpers import rollcast
+from tests.support import rollcast
 
 HOUR = 3_600_000
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 
 import polars as pl
+from kafka import TopicPartition
 
 from pipeline.windows import WINDOW_SCHEMA
 from pipeline.windows_io import (
@@ -12,9 +14,11 @@ from pipeline.windows_io import (
     HEADERS,
     WindowRouter,
     announced_missing,
+    complete_batch,
     decode_windows,
     partition_for,
 )
+from tests.jobs.forecast_support import make_windows
 
 
 def _windows(series: list[str]) -> pl.DataFrame:
@@ -63,3 +67,66 @@ def test_announced_missing_lists_owned_partitions_not_yet_read():
     assert announced_missing([(0, _record(None)), (1, _record(HEADERS))], owned={0, 1, 2, 3}) == set()
     junk = [(0, _record([(BATCH_HEADER, b"\xff\xfe")])), (1, _record([(BATCH_HEADER, b"id/x,,-1")]))]
     assert announced_missing(junk, owned={0, 1, 2, 3}) == set()
+
+
+class ScriptedConsumer:
+    """A scripted consumer, not Kafka (see tests/conftest.py): stands in for the consumer in
+    :func:`complete_batch`, which only polls and asks for the assignment. Each poll hands out the next
+    scripted fetch, or, with none left, waits out its timeout and returns nothing, so a batch split
+    across fetches happens at will."""
+
+    def __init__(self, owned: set[int], fetches: list[dict]):
+        self.owned, self.fetches, self.timeouts = owned, fetches, []
+
+    def assignment(self) -> set[TopicPartition]:
+        return {TopicPartition("windows", p) for p in self.owned}
+
+    def poll(self, timeout_ms: int) -> dict:
+        self.timeouts.append(timeout_ms)
+        if self.fetches:
+            return self.fetches.pop(0)
+        time.sleep(timeout_ms / 1000)
+        return {}
+
+
+def _batch_records(series: list[str]) -> dict[TopicPartition, list[SimpleNamespace]]:
+    """One windows batch as consumer records (only headers matter here), by partition."""
+    out: dict[TopicPartition, list[SimpleNamespace]] = {}
+    for p, value, headers in WindowRouter(4).batch(make_windows(series, 1)):
+        out.setdefault(TopicPartition("windows", p), []).append(SimpleNamespace(headers=headers, value=value))
+    return out
+
+
+def test_a_batch_split_across_fetches_is_completed_before_forecasting() -> None:
+    parts = _batch_records([f"s{i}" for i in range(40)])
+    first, *rest = parts
+    assert rest
+    # the rest arrives two polls later: the job waits for it
+    consumer = ScriptedConsumer({0, 1, 2, 3}, [{}, {}, {tp: parts[tp] for tp in rest}])
+    batch = {first: list(parts[first])}
+    complete_batch(consumer, batch, wait_s=5)
+    assert batch == parts and consumer.timeouts[0] == 0 and len(consumer.timeouts) == 3
+    # a whole batch: one look at what is already fetched, no waiting
+    consumer = ScriptedConsumer({0, 1, 2, 3}, [])
+    batch = {tp: list(records) for tp, records in parts.items()}
+    complete_batch(consumer, batch, wait_s=5)
+    assert batch == parts and consumer.timeouts == [0]
+    # partitions owned by another consumer are not waited for
+    consumer = ScriptedConsumer({first.partition}, [])
+    complete_batch(consumer, {first: list(parts[first])}, wait_s=5)
+    assert consumer.timeouts == [0]
+
+
+def test_a_batch_whose_rest_never_comes_is_forecast_after_the_wait() -> None:
+    parts = _batch_records([f"s{i}" for i in range(40)])
+    first = next(iter(parts))
+    consumer = ScriptedConsumer({0, 1, 2, 3}, [])
+    batch = {first: list(parts[first])}
+    t0 = time.monotonic()
+    complete_batch(consumer, batch, wait_s=0.2)
+    assert 0.2 <= time.monotonic() - t0 < 2
+    assert batch == {first: parts[first]}
+    # batch_wait_ms = 0: what is fetched now, no wait
+    consumer = ScriptedConsumer({0, 1, 2, 3}, [])
+    complete_batch(consumer, {first: list(parts[first])}, wait_s=0)
+    assert consumer.timeouts == [0]

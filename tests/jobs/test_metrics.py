@@ -9,10 +9,9 @@ import pytest
 import models
 from jobs import stack
 from pipeline.config import load_settings
-from tests.jobs.helpers import wait_for
-from tests.jobs.ingest_support import INGEST_ENV, make_observations, produce
-from tests.jobs.test_forecast import make_windows, produce_windows
-from tests.test_faults import H, L, healthz, metric, start_forecast, start_ingest
+from tests.jobs.forecast_support import H, L, make_windows, produce_windows
+from tests.jobs.ingest_support import INGEST_ENV, make_observations, produce, start_forecast, start_ingest
+from tests.support import healthz, metric, wait_for
 
 pytestmark = pytest.mark.slow
 
