@@ -7,7 +7,7 @@ The exception is poll logic: four tests drive a function that only calls
 hands out prepared fetches instead of talking to a broker, so that a timing
 case can be made to happen at will: ``SleepingConsumer`` in
 tests/pipeline/test_kafka_poll.py and ``ScriptedConsumer`` in
-tests/jobs/test_forecast.py. Tests of header parsing likewise build record
+tests/pipeline/test_windows_io.py. Tests of header parsing likewise build record
 objects (``SimpleNamespace(headers=…)``) instead of consuming them. Each test
 that needs topics gets its own uniquely named ones (``settings`` fixture),
 deleted when it ends, so tests do not see each other's messages.
