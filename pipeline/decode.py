@@ -12,12 +12,21 @@ Every row then goes through the same vectorised checks (missing fields,
 unparseable timestamps, NaN/inf, timestamps outside the accepted range).
 Nothing is dropped: each failure becomes a :class:`Rejected` for the
 dead-letter topic.
+
+No input may stop the job, so nothing a third-party decoder does escapes
+:meth:`Decoder.decode`: strings are checked to be UTF-8 before polars sees
+them (pyarrow's JSON and IPC readers do not check; polars panics later on
+invalid UTF-8), Arrow IPC tables are fully validated before any compute, and
+a batch that still raises anything (a pyo3 ``PanicException`` derives from
+``BaseException``) is decoded again record by record, so only the record that
+raises goes to the dead-letter topic, with reason ``undecodable``.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
@@ -42,7 +51,15 @@ BAD_TIMESTAMP = "bad_timestamp"
 NON_FINITE = "non_finite"
 TS_OUT_OF_RANGE = "ts_out_of_range"
 LATE = "late"
-REASONS = (MALFORMED_JSON, BAD_ARROW, MISSING_FIELD, WRONG_TYPE, BAD_TIMESTAMP, NON_FINITE, TS_OUT_OF_RANGE, LATE)
+UNDECODABLE = "undecodable"  # a decoder raised (or panicked) on this record: a bug to report, not bad input
+REASONS = (
+    MALFORMED_JSON, BAD_ARROW, MISSING_FIELD, WRONG_TYPE, BAD_TIMESTAMP, NON_FINITE, TS_OUT_OF_RANGE, LATE,
+    UNDECODABLE,
+)
+# Exceptions that are about the process, not the record: never turned into a rejection.
+_NOT_INPUT = (KeyboardInterrupt, SystemExit, GeneratorExit)
+
+log = logging.getLogger(__name__)
 
 EVENT_SCHEMA = {"series": pl.String, "ts": pl.Int64, "value": pl.Float64, "offset": pl.Int64, "seq": pl.Int64}
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
@@ -125,7 +142,24 @@ class Decoder:
         )
 
     def decode(self, records: Sequence[Any]) -> Decoded:
-        """Decode the records of one partition (in offset order)."""
+        """Decode the records of one partition (in offset order); raises nothing for any input.
+
+        If the batch raises (a bug or a panic in a decoder this module should have guarded), it is
+        decoded again one record at a time and each record that still raises is rejected as
+        ``undecodable`` with the exception's text; its neighbours are decoded as usual.
+        """
+        try:
+            return self._decode(records)
+        except _NOT_INPUT:
+            raise
+        except BaseException as e:  # noqa: BLE001 - includes pyo3's PanicException (a BaseException)
+            if len(records) == 1:
+                log.warning("undecodable record at offset %d: %s", records[0].offset, _describe(e), exc_info=e)
+                return _undecodable(records[0], e)
+            log.warning("a batch of %d records raised %s; decoding its records one by one", len(records), _describe(e))
+            return _concat([self.decode([r]) for r in records])
+
+    def _decode(self, records: Sequence[Any]) -> Decoded:
         if not records:
             return Decoded(pl.DataFrame(schema=EVENT_SCHEMA))
         if not any(map(_headers, records)):  # the usual JSON poll: no record has headers
@@ -146,12 +180,7 @@ class Decoder:
                 json_run.append(r)
         if json_run:
             parts.append(self._decode_json(json_run))
-        return Decoded(
-            pl.concat([p.events for p in parts]),
-            [x for p in parts for x in p.rejected],
-            sum(p.json_messages for p in parts),
-            sum(p.arrow_messages for p in parts),
-        )
+        return _concat(parts)
 
     # -- JSON -------------------------------------------------------------------------------
 
@@ -162,7 +191,8 @@ class Decoder:
         table = None
         if None not in values:
             joined = b"\n".join(values)
-            if joined.count(b"\n") == n - 1:  # no message holds a newline of its own
+            # no message holds a newline of its own, and all is UTF-8 (pyarrow does not check)
+            if joined.count(b"\n") == n - 1 and _is_utf8(joined):
                 table = self._read_json(joined, n)
         if table is None:
             return self._diagnose_json(records, offsets)
@@ -199,6 +229,8 @@ class Decoder:
         cols: dict[str, list[Any]] = {"series": [], "ts_int": [], "ts_str": [], "value": [], "idx": []}
         for i, r in enumerate(records):
             problem = _classify_json(r.value, f)
+            if problem is _TOO_DEEP:
+                problem = self._classify_deep(r.value)
             if isinstance(problem, tuple):
                 rejected.append(Rejected(r, *problem))
                 continue
@@ -219,6 +251,14 @@ class Decoder:
         rejected.sort(key=lambda x: x.record.offset)
         return Decoded(events, rejected, json_messages=len(records))
 
+    def _classify_deep(self, value: bytes) -> dict[str, Any] | tuple[str, str]:
+        """A message nested deeper than Python's JSON parser goes: the fast path's reader decides, so
+        a message's fate does not depend on its neighbours (pyarrow skips a deep unknown field)."""
+        table = self._read_json(value, 1)
+        if table is None:
+            return MALFORMED_JSON, "not JSON, or nested too deeply to check (Python's parser gave up)"
+        return _classify_json(json.dumps(table.to_pylist()[0]).encode(), self.fields)
+
     # -- Arrow IPC --------------------------------------------------------------------------
 
     def _decode_arrow(self, record: Any) -> Decoded:
@@ -226,15 +266,24 @@ class Decoder:
         empty = pl.DataFrame(schema=EVENT_SCHEMA)
         try:
             table = pa.ipc.open_stream(record.value).read_all()
-        except (pa.ArrowInvalid, OSError, TypeError) as e:
-            return Decoded(empty, [Rejected(record, BAD_ARROW, f"not an Arrow IPC stream: {e}")], arrow_messages=1)
-        missing = [c for c in (f.series, f.ts, f.value) if c not in table.column_names]
+            # the reader checks only the buffers' bounds: full validation (UTF-8, offsets, dictionary
+            # indices) before any compute touches the data, since polars panics on invalid UTF-8
+            table.validate(full=True)
+        except Exception as e:  # noqa: BLE001 - anything pyarrow raises about the bytes is bad input
+            detail = f"not a valid Arrow IPC stream: {type(e).__name__}: {e}"
+            return Decoded(empty, [Rejected(record, BAD_ARROW, detail)], arrow_messages=1)
+        names = table.column_names
+        missing = [c for c in (f.series, f.ts, f.value) if c not in names]
         if missing:
-            detail = f"Arrow batch lacks column(s) {missing}; it has {table.column_names}"
+            detail = f"Arrow batch lacks column(s) {missing}; it has {names[:20]}"
             return Decoded(empty, [Rejected(record, MISSING_FIELD, detail, rows=table.num_rows)], arrow_messages=1)
+        twice = [c for c in (f.series, f.ts, f.value) if names.count(c) > 1]
+        if twice:
+            detail = f"Arrow batch has column(s) {twice} more than once"
+            return Decoded(empty, [Rejected(record, BAD_ARROW, detail, rows=table.num_rows)], arrow_messages=1)
         try:
             frame = self._arrow_columns(table)
-        except TypeError as e:
+        except (TypeError, pa.ArrowException) as e:  # a type we do not take, or a cast that would overflow
             return Decoded(empty, [Rejected(record, WRONG_TYPE, str(e), rows=table.num_rows)], arrow_messages=1)
         n = table.num_rows
         seq0 = record.offset << ROW_BITS
@@ -254,13 +303,12 @@ class Decoder:
     def _arrow_columns(self, table: pa.Table) -> pl.DataFrame:
         f = self.fields
         s, t, v = (table.column(c) for c in (f.series, f.ts, f.value))
-        if pa.types.is_dictionary(s.type):
-            s = s.cast(s.type.value_type)
-        if not (pa.types.is_string(s.type) or pa.types.is_large_string(s.type)):
+        s, t, v = (c.cast(c.type.value_type) if pa.types.is_dictionary(c.type) else c for c in (s, t, v))
+        if not _is_text(s.type):
             raise TypeError(f"column {f.series} must be a string, got {s.type}")
         if pa.types.is_timestamp(t.type):
             t = t.cast(pa.timestamp("ms", tz=t.type.tz)).cast(pa.int64())
-        if not (pa.types.is_integer(t.type) or pa.types.is_string(t.type) or pa.types.is_large_string(t.type)):
+        if not (pa.types.is_integer(t.type) or _is_text(t.type)):
             raise TypeError(f"column {f.ts} must be epoch ms (integer), a timestamp or ISO-8601 text, got {t.type}")
         if not (pa.types.is_floating(v.type) or pa.types.is_integer(v.type)):
             raise TypeError(f"column {f.value} must be numeric, got {v.type}")
@@ -322,6 +370,42 @@ class Decoder:
         return events, bad
 
 
+def _is_utf8(data: bytes) -> bool:
+    """Whether ``data`` is valid UTF-8 (ASCII, the usual case, is checked without decoding)."""
+    if data.isascii():
+        return True
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__module__}.{type(e).__qualname__}: {e}"
+
+
+def _undecodable(record: Any, e: BaseException) -> Decoded:
+    arrow = bool(record.headers) and is_arrow(record)
+    return Decoded(
+        pl.DataFrame(schema=EVENT_SCHEMA), [Rejected(record, UNDECODABLE, _describe(e))],
+        json_messages=int(not arrow), arrow_messages=int(arrow),
+    )
+
+
+def _concat(parts: Sequence[Decoded]) -> Decoded:
+    return Decoded(
+        pl.concat([p.events for p in parts]),
+        [x for p in parts for x in p.rejected],
+        sum(p.json_messages for p in parts),
+        sum(p.arrow_messages for p in parts),
+    )
+
+
 def _offsets(records: Sequence[Any]) -> pl.Series:
     first, last, n = records[0].offset, records[-1].offset, len(records)
     if last - first + 1 == n:
@@ -329,13 +413,25 @@ def _offsets(records: Sequence[Any]) -> pl.Series:
     return pl.Series("offset", [r.offset for r in records], dtype=pl.Int64)
 
 
+_TOO_DEEP = ("too deep", "")  # sentinel: json.loads hit its recursion limit
+
+
 def _classify_json(value: bytes | None, f: FieldSettings) -> dict[str, Any] | tuple[str, str]:
-    """The parsed object if its fields have the right types, else ``(reason, detail)``."""
+    """The parsed object if its fields have the right types, else ``(reason, detail)``
+    (or :data:`_TOO_DEEP`)."""
     if value is None:
         return MALFORMED_JSON, "empty message (no value)"
     try:
-        obj = json.loads(value)
-    except (ValueError, UnicodeDecodeError) as e:
+        # strict UTF-8 (json.loads(bytes) would also take UTF-16 and UTF-32), a leading BOM
+        # allowed as pyarrow allows it
+        text = value.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        return MALFORMED_JSON, f"not UTF-8: {e}"
+    try:
+        obj = json.loads(text)
+    except RecursionError:
+        return _TOO_DEEP
+    except ValueError as e:
         return MALFORMED_JSON, f"not JSON: {e}"
     if not isinstance(obj, dict):
         return MALFORMED_JSON, f"expected a JSON object, got {type(obj).__name__}"
@@ -351,11 +447,22 @@ def _classify_json(value: bytes | None, f: FieldSettings) -> dict[str, Any] | tu
         return TS_OUT_OF_RANGE, f"{f.ts}={t} does not fit in 64 bits"
     if isinstance(v, bool) or not isinstance(v, int | float):
         return WRONG_TYPE, f"{f.value} must be a number, got {type(v).__name__}"
+    for name, text in ((f.series, s), (f.ts, t)):
+        if isinstance(text, str) and not _encodes(text):  # a lone surrogate escape such as "\\ud800"
+            return MALFORMED_JSON, f"{name} holds an escape that is not a Unicode character (a lone surrogate)"
     try:
         float(v)
     except OverflowError:
         return NON_FINITE, f"{f.value}={v} overflows a double"
     return obj
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _ipc_bytes(table: pa.Table) -> bytes:

@@ -4,7 +4,10 @@ Headers added: ``rollcast-reason`` (one of :data:`pipeline.decode.REASONS`),
 ``rollcast-error`` (a readable detail), ``rollcast-source-topic``,
 ``rollcast-source-partition`` and ``rollcast-source-offset``. Rejected rows of
 an Arrow batch are sent as an Arrow IPC stream of just those rows, with
-``rollcast-rows`` giving their number.
+``rollcast-rows`` giving their number. A header key that is not UTF-8 (the
+consumer reads it with ``surrogateescape``, see :mod:`pipeline.kafka`) is
+forwarded with its bad bytes written as ``\\xNN`` escapes, since a header key
+must be UTF-8 to be sent.
 """
 
 from __future__ import annotations
@@ -29,9 +32,9 @@ class DeadLetters:
     def send(self, item: Rejected) -> None:
         r = item.record
         headers = [
-            *(r.headers or []),
+            *((_sendable(k), v) for k, v in r.headers or ()),
             ("rollcast-reason", item.reason.encode()),
-            ("rollcast-error", item.detail.encode()[:1000]),
+            ("rollcast-error", item.detail.encode("utf-8", "backslashreplace")[:1000]),
             ("rollcast-source-topic", r.topic.encode()),
             ("rollcast-source-partition", str(r.partition).encode()),
             ("rollcast-source-offset", str(r.offset).encode()),
@@ -42,3 +45,10 @@ class DeadLetters:
         self.futures.append(self.producer.send(self.topic, value=value, key=r.key, headers=headers))
         metrics.REJECTED.labels(reason=item.reason).inc(item.rows)
         log.debug("rejected %s[%d]@%d: %s: %s", r.topic, r.partition, r.offset, item.reason, item.detail)
+
+
+def _sendable(key: str) -> str:
+    """A header key as it can be produced: bad bytes (surrogate escapes) become ``\\xNN`` text."""
+    if key.isascii():
+        return key
+    return key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
