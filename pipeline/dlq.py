@@ -4,10 +4,10 @@ Headers added: ``rollcast-reason`` (one of :data:`pipeline.decode.REASONS`),
 ``rollcast-error`` (a readable detail), ``rollcast-source-topic``,
 ``rollcast-source-partition`` and ``rollcast-source-offset``. Rejected rows of
 an Arrow batch are sent as an Arrow IPC stream of just those rows, with
-``rollcast-rows`` giving their number. A header key that is not UTF-8 (the
-consumer reads it with ``surrogateescape``, see :mod:`pipeline.kafka`) is
-forwarded with its bad bytes written as ``\\xNN`` escapes, since a header key
-must be UTF-8 to be sent.
+``rollcast-rows`` giving their number. A header key that is not UTF-8 comes
+from the consumer as a :class:`pipeline.kafka.HeaderKey` and is forwarded byte
+for byte; any other key that cannot be encoded is sent with its bad characters
+written as ``\\xNN`` / ``\\uNNNN`` escapes.
 """
 
 from __future__ import annotations
@@ -48,7 +48,9 @@ class DeadLetters:
 
 
 def _sendable(key: str) -> str:
-    """A header key as it can be produced: bad bytes (surrogate escapes) become ``\\xNN`` text."""
-    if key.isascii():
-        return key
-    return key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    """A header key the producer can encode (a :class:`~pipeline.kafka.HeaderKey` encodes itself)."""
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        return str.encode(key, "utf-8", "backslashreplace").decode("utf-8")
+    return key

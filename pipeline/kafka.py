@@ -24,14 +24,31 @@ from pipeline.errors import BrokerUnavailable
 log = logging.getLogger(__name__)
 
 
+class HeaderKey(str):
+    """A record header key that is not UTF-8: its text holds the bad bytes as surrogate escapes, and
+    ``encode()`` gives back the original bytes (kafka-python's fetcher measures a key with
+    ``key.encode("utf-8")``, its producer sends ``key.encode("utf-8")``: both work, byte for byte)."""
+
+    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        return str.encode(self, "utf-8", "surrogateescape")
+
+
+def header_key(raw: bytes) -> str:
+    """A header key as the consumer gives it: ``str`` when it is UTF-8, else a :class:`HeaderKey`."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return HeaderKey(raw.decode("utf-8", "surrogateescape"))
+
+
 def _read_msg_keeping_bad_header_keys(self: Any, decode_varint: Callable[..., Any] | None = None) -> Any:
     """kafka-python 3.0's ``DefaultRecordBatch._read_msg`` with one change: a header key that is not
-    UTF-8 is read with ``surrogateescape`` instead of raising.
+    UTF-8 is read as a :class:`HeaderKey` (see :func:`header_key`) instead of raising.
 
     Upstream decodes header keys strictly; a producer that sends a key of bad bytes made
-    ``consumer.poll()`` raise ``UnicodeDecodeError`` at that record on every try, so no restart could
-    get past it (the partition was blocked for good). Read this way the record reaches the decoder and
-    the dead-letter topic like any other (:mod:`pipeline.dlq` escapes such a key to send it).
+    ``consumer.poll()`` raise (``CorruptRecordError`` wrapping a ``UnicodeDecodeError``) at that record
+    on every try, so no retry or restart got past it: the partition was blocked for good. Read this
+    way the record reaches the decoder and the dead-letter topic like any other.
     """
     from kafka.record import default_records as dr
 
@@ -59,7 +76,7 @@ def _read_msg_keeping_bad_header_keys(self: Any, decode_varint: Callable[..., An
         h_key_len, pos = decode_varint(buffer, pos)
         if h_key_len < 0:
             raise dr.CorruptRecordError(f"Invalid negative header key size {h_key_len}")
-        h_key = bytes(buffer[pos : pos + h_key_len]).decode("utf-8", "surrogateescape")
+        h_key = header_key(bytes(buffer[pos : pos + h_key_len]))
         pos += h_key_len
         h_value_len, pos = decode_varint(buffer, pos)
         if h_value_len >= 0:

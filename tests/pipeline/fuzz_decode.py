@@ -9,7 +9,8 @@ escapes, deep nesting, NaN, huge numbers) or raw bytes, and Arrow IPC streams
 of random schemas (string, large/view strings, dictionaries, integers,
 floats, timestamps, binary, nested and null columns, invalid UTF-8 viewed as
 strings) then maybe corrupted, each record with random headers (keys
-that are not UTF-8 come as kafka-python gives them with surrogate escapes).
+that are not UTF-8 come as the patched consumer gives them, see
+:func:`pipeline.kafka.header_key`).
 :func:`check` then asserts the decoder's contract:
 
 - it raises nothing, and no record is ``undecodable`` (that reason means a
@@ -44,6 +45,7 @@ from kafka.record.default_records import DefaultRecordBatchBuilder
 from pipeline.config import FieldSettings
 from pipeline.decode import ARROW_CONTENT_TYPE, EVENT_SCHEMA, REASONS, UNDECODABLE, Decoder
 from pipeline.dlq import DeadLetters
+from pipeline.kafka import header_key
 from pipeline.windows import TumblingWindow, WindowState
 
 MIN_TS, MAX_TS = 0, 4_102_444_800_000
@@ -265,7 +267,7 @@ def _arrow_value(src: _Source, f: FieldSettings) -> bytes:
 def _headers(src: _Source, arrow: bool) -> list[tuple[str, bytes | None]]:
     out: list[tuple[str, bytes | None]] = []
     for _ in range(src.int(3)):
-        key = src.chunk(12).decode("utf-8", "surrogateescape")  # as the consumer reads a bad key
+        key = header_key(src.chunk(12))  # as the consumer reads it (pipeline.kafka)
         out.append(
             (src.pick([key, "content-type", "Content-Type", "trace"]), src.pick([src.chunk(20), None]))
         )

@@ -190,6 +190,8 @@ def test_a_header_key_that_is_not_utf8_reaches_the_decoder() -> None:
     builder.append(0, timestamp=0, key=b"k", value=b"[", headers=[(RawKey("x"), b"v")])
     (record,) = list(DefaultRecordBatch(bytes(builder.build())))
     assert record.headers == [("\udcffbad", b"v")]
+    (key, _), = record.headers
+    assert key.encode("utf-8") == b"\xffbad"  # what the fetcher measures and the DLQ producer sends
     out = Decoder(FieldSettings(), 0, 2**62).decode([rec(0, record.value, record.headers)])
     assert [r.reason for r in out.rejected] == [MALFORMED_JSON]
     assert pl.DataFrame(out.events).height == 0
