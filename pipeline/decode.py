@@ -295,7 +295,7 @@ class Decoder:
         events, bad = self._check(frame)
         rejected = []
         for (reason,), rows in bad.group_by("reason", maintain_order=True):
-            sub = table.take(pa.array(rows["idx"].to_numpy()))
+            sub = _take(table, rows["idx"].to_list())
             detail = f"{sub.num_rows} row(s) of an Arrow batch: {rows['detail'][0]}"
             rejected.append(Rejected(record, reason, detail, value=_ipc_bytes(sub), rows=sub.num_rows))
         return Decoded(events, rejected, arrow_messages=1)
@@ -455,6 +455,14 @@ def _classify_json(value: bytes | None, f: FieldSettings) -> dict[str, Any] | tu
     except OverflowError:
         return NON_FINITE, f"{f.value}={v} overflows a double"
     return obj
+
+
+def _take(table: pa.Table, idx: list[int]) -> pa.Table:
+    """The rows ``idx`` of ``table``, whatever its column types."""
+    try:
+        return table.take(pa.array(idx, pa.int64()))
+    except pa.ArrowNotImplementedError:  # a column type with no take kernel (string_view in pyarrow 25)
+        return pa.concat_tables([table.slice(i, 1) for i in idx])
 
 
 def _encodes(text: str) -> bool:
