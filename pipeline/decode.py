@@ -191,8 +191,16 @@ class Decoder:
         table = None
         if None not in values:
             joined = b"\n".join(values)
-            # no message holds a newline of its own, and all is UTF-8 (pyarrow does not check)
-            if joined.count(b"\n") == n - 1 and _is_utf8(joined):
+            # One row per message, in order, only if no message holds a newline and every one starts
+            # with "{" (so none is blank: pyarrow skips a blank line, and a blank message beside one
+            # holding two objects, ``{…}{…}``, gave the right row count with rows given to the wrong
+            # records); and all must be UTF-8, which pyarrow does not check.
+            if (
+                joined.count(b"\n") == n - 1
+                and joined.startswith(b"{")
+                and joined.count(b"\n{") == n - 1
+                and _is_utf8(joined)
+            ):
                 table = self._read_json(joined, n)
         if table is None:
             return self._diagnose_json(records, offsets)
