@@ -27,6 +27,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
@@ -63,6 +64,7 @@ log = logging.getLogger(__name__)
 
 EVENT_SCHEMA = {"series": pl.String, "ts": pl.Int64, "value": pl.Float64, "offset": pl.Int64, "seq": pl.Int64}
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_NOT_AN_OBJECT = re.compile(rb"\n[^{]")  # a message after the first that does not start with "{"
 _headers, _value = attrgetter("headers"), attrgetter("value")  # C-level field access over a whole poll
 # One poll's JSON (a few MB) is parsed on the calling thread: faster than splitting it over
 # Arrow's pool, and in ingest the other core belongs to the thread polling Kafka.
@@ -198,7 +200,7 @@ class Decoder:
             if (
                 joined.count(b"\n") == n - 1
                 and joined.startswith(b"{")
-                and joined.count(b"\n{") == n - 1
+                and _NOT_AN_OBJECT.search(joined) is None
                 and _is_utf8(joined)
             ):
                 table = self._read_json(joined, n)
