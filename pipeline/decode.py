@@ -35,13 +35,18 @@ from typing import Any, Protocol
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.json as pj
 
+from pipeline.arrow_ipc import decoded_bytes
 from pipeline.config import FieldSettings
 from pipeline.windows import ENGINE
 
 ARROW_CONTENT_TYPE = "application/vnd.apache.arrow.stream"
 ROW_BITS = 24  # seq = offset << ROW_BITS | row within an Arrow message
+# Most an Arrow IPC message may decode to (decompressed buffers, and text columns once a dictionary is
+# expanded): a compressed or dictionary-encoded message of a few KB can otherwise hold gigabytes.
+MAX_ARROW_BYTES = 256 << 20
 
 # Reasons a message or row is rejected (the `rollcast-reason` header).
 MALFORMED_JSON = "malformed_json"
@@ -275,6 +280,10 @@ class Decoder:
         f = self.fields
         empty = pl.DataFrame(schema=EVENT_SCHEMA)
         try:
+            size = decoded_bytes(record.value)  # from the metadata: nothing is decompressed yet
+            if size > MAX_ARROW_BYTES:
+                detail = f"the Arrow IPC stream decodes to {size} bytes, over the limit of {MAX_ARROW_BYTES}"
+                return Decoded(empty, [Rejected(record, BAD_ARROW, detail)], arrow_messages=1)
             table = pa.ipc.open_stream(record.value).read_all()
             # the reader checks only the buffers' bounds: full validation (UTF-8, offsets, dictionary
             # indices) before any compute touches the data, since polars panics on invalid UTF-8
@@ -313,6 +322,11 @@ class Decoder:
     def _arrow_columns(self, table: pa.Table) -> pl.DataFrame:
         f = self.fields
         s, t, v = (table.column(c) for c in (f.series, f.ts, f.value))
+        for name, c in ((f.series, s), (f.ts, t)):
+            if pa.types.is_dictionary(c.type) and _is_text(c.type.value_type):
+                size = sum(pc.sum(pc.binary_length(k.dictionary).take(k.indices)).as_py() or 0 for k in c.chunks)
+                if size > MAX_ARROW_BYTES:  # a few index bytes per row can repeat a long entry
+                    raise TypeError(f"column {name} decodes to {size} bytes of text, over the limit of {MAX_ARROW_BYTES}")
         s, t, v = (c.cast(c.type.value_type) if pa.types.is_dictionary(c.type) else c for c in (s, t, v))
         if not _is_text(s.type):
             raise TypeError(f"column {f.series} must be a string, got {s.type}")

@@ -190,7 +190,7 @@ def test_a_header_key_that_is_not_utf8_reaches_the_decoder() -> None:
     builder.append(0, timestamp=0, key=b"k", value=b"[", headers=[(RawKey("x"), b"v")])
     (record,) = list(DefaultRecordBatch(bytes(builder.build())))
     assert record.headers == [("\udcffbad", b"v")]
-    (key, _), = record.headers
+    ((key, _),) = record.headers
     assert key.encode("utf-8") == b"\xffbad"  # what the fetcher measures and the DLQ producer sends
     out = Decoder(FieldSettings(), 0, 2**62).decode([rec(0, record.value, record.headers)])
     assert [r.reason for r in out.rejected] == [MALFORMED_JSON]
@@ -203,5 +203,44 @@ def test_a_blank_message_does_not_take_a_row_of_its_neighbour() -> None:
     two = b'{"series": "a", "ts": 1700000000000, "value": 1}{"series": "b", "ts": 1700000000001, "value": 2}'
     for blank in (b"", b"  ", b"\r"):
         out = Decoder(FieldSettings(), 0, 2**62).decode([rec(0, two), rec(1, blank), good(2)])
-        assert [(r.record.offset, r.reason) for r in out.rejected] == [(0, MALFORMED_JSON), (1, MALFORMED_JSON)]
+        assert [(r.record.offset, r.reason) for r in out.rejected] == [
+            (0, MALFORMED_JSON),
+            (1, MALFORMED_JSON),
+        ]
         assert out.events["offset"].to_list() == [2]
+
+
+def test_arrow_streams_that_decode_to_too_much_are_rejected_before_decoding(monkeypatch) -> None:
+    """ZSTD-compressed zeros (ratio ~30,000:1) or a long dictionary entry repeated by one-byte indices:
+    a message of a few KB would decode to gigabytes and have the process killed for memory, on every
+    restart. Here with a limit of 1 MB (256 MB in production)."""
+    from pipeline import decode
+
+    monkeypatch.setattr(decode, "MAX_ARROW_BYTES", 1 << 20)
+    n = 200_000  # 1.6 MB of int64 zeros
+    zeros = pa.table(
+        {
+            "series": pa.array(["a"] * n).dictionary_encode(),
+            "ts": pa.array([0] * n, pa.int64()),
+            "value": pa.array([1.0] * n),
+        }
+    )
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, zeros.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as w:
+        w.write_table(zeros)
+    compressed = sink.getvalue().to_pybytes()
+    assert len(compressed) < 20_000
+    entry = pa.array(["x" * 10_000])
+    repeated = pa.DictionaryArray.from_arrays(pa.array([0] * 200, pa.int8()), entry)  # 2 MB of text
+    dictionary = ipc(
+        pa.table({"series": repeated, "ts": pa.array([T] * 200), "value": pa.array([1.0] * 200)})
+    )
+    assert len(dictionary) < 20_000
+    decoder = Decoder(FieldSettings(), 0, 2**62)
+    out = decoder.decode([good(0), rec(1, compressed, ARROW), rec(2, dictionary, ARROW), good(3)])
+    assert [(r.record.offset, r.reason) for r in out.rejected] == [(1, BAD_ARROW), (2, "wrong_type")]
+    assert "over the limit" in out.rejected[0].detail and "over the limit" in out.rejected[1].detail
+    assert out.events["offset"].to_list() == [0, 3]
+    monkeypatch.setattr(decode, "MAX_ARROW_BYTES", 256 << 20)  # under the real limit both decode
+    out = decoder.decode([rec(1, compressed, ARROW), rec(2, dictionary, ARROW)])
+    assert out.rejected == [] and out.events.height == n + 200
