@@ -12,6 +12,7 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -309,6 +310,10 @@ def _regression_records() -> list[tuple[bytes | None, bytes | None, list, list[s
             continue  # the running job has the default field names
         decoder = Decoder(f, MIN_TS, MAX_TS)
         for r in records:
+            if r.key is None and r.value is None:
+                continue  # kafka-python cannot produce it (the DLQ's handling is checked by the fuzzer)
+            # nor a null header value: send it empty
+            r = r._replace(headers=[(k, b"" if v is None else v) for k, v in r.headers])
             decoded = decoder.decode([r])
             ts_max = decoded.events["ts"].max() if decoded.events.height else None
             assert ts_max is None or ts_max < BURST_T0 - 10_000, "a regression case would make the burst late"
@@ -341,8 +346,6 @@ def test_burst_of_malformed_messages_all_reach_the_dlq(settings, test_env, tmp_p
     observations, to a running `rollcast ingest`: each malformed message is in the DLQ exactly once
     with its reason, the valid ones are windowed exactly as the reference computes from them alone,
     and /healthz answers 200 throughout."""
-    import threading
-
     s = load_settings(env={**test_env, **INGEST_ENV})
     ip = stack.free_port()
     ingest = start_ingest(test_env, tmp_path, "ingest", ip)

@@ -360,9 +360,14 @@ def _empty_arrow(record: ConsumerRecord) -> bool:
 
 
 class _Encoder:
-    """A producer stand-in that runs kafka-python's record encoder on each send (what the broker would get)."""
+    """A producer stand-in: the argument checks of kafka-python's ``KafkaProducer.send`` (copied, it
+    needs a broker to get that far), then its record encoder (what the broker would get)."""
 
     def send(self, topic: str, value: bytes | None, key: bytes | None, headers: list) -> None:
+        assert value is not None or key is not None, "KafkaProducer.send: Need at least one: key or value"
+        assert all(isinstance(k, str) and isinstance(v, bytes) for k, v in headers), (
+            "KafkaProducer.send: All headers items must be (str, bytes) tuples"
+        )
         builder = DefaultRecordBatchBuilder(2, 0, False, -1, -1, -1, 64 << 20)
         assert builder.append(0, timestamp=0, key=key, value=value, headers=headers) is not None
         return None
