@@ -48,18 +48,36 @@ def main() -> None:
     polls = []
     for p in range(args.polls):
         chunk = lines[p * args.poll_records : (p + 1) * args.poll_records]
-        polls.append([SimpleNamespace(topic="obs", partition=0, offset=p * args.poll_records + i, key=None,
-                                      value=v, headers=[]) for i, v in enumerate(chunk)])
+        polls.append(
+            [
+                SimpleNamespace(
+                    topic="obs", partition=0, offset=p * args.poll_records + i, key=None, value=v, headers=[]
+                )
+                for i, v in enumerate(chunk)
+            ]
+        )
     json_s = _best(lambda i: decoder.decode(polls[i]), args.polls, args.repeat)
     adf = observations(args.arrow_rows * args.arrow_messages, args.series, seed=1)
     header = [("content-type", ARROW_CONTENT_TYPE.encode())]
-    arrow = [[SimpleNamespace(topic="obs", partition=0, offset=m, key=None, headers=header,
-                              value=encode_windows(adf.slice(m * args.arrow_rows, args.arrow_rows)))]
-             for m in range(args.arrow_messages)]
+    arrow = [
+        [
+            SimpleNamespace(
+                topic="obs",
+                partition=0,
+                offset=m,
+                key=None,
+                headers=header,
+                value=encode_windows(adf.slice(m * args.arrow_rows, args.arrow_rows)),
+            )
+        ]
+        for m in range(args.arrow_messages)
+    ]
     arrow_s = _best(lambda i: decoder.decode(arrow[i]), args.arrow_messages, args.repeat)
-    print(f"json: {json_s * 1e6:,.0f} us per {args.poll_records}-record poll ({args.poll_records / json_s:,.0f} obs/s); "
-          f"arrow: {arrow_s * 1e6:,.0f} us per {args.arrow_rows}-row message ({args.arrow_rows / arrow_s:,.0f} obs/s); "
-          f"best of {args.repeat}")
+    print(
+        f"json: {json_s * 1e6:,.0f} us per {args.poll_records}-record poll ({args.poll_records / json_s:,.0f} obs/s); "
+        f"arrow: {arrow_s * 1e6:,.0f} us per {args.arrow_rows}-row message ({args.arrow_rows / arrow_s:,.0f} obs/s); "
+        f"best of {args.repeat}"
+    )
 
 
 if __name__ == "__main__":
