@@ -69,7 +69,7 @@ log = logging.getLogger(__name__)
 
 EVENT_SCHEMA = {"series": pl.String, "ts": pl.Int64, "value": pl.Float64, "offset": pl.Int64, "seq": pl.Int64}
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
-_NOT_AN_OBJECT = re.compile(rb"\n[^{]")  # a message after the first that does not start with "{"
+_NOT_AN_OBJECT = re.compile(rb"\n(?!\{)")  # a message after the first that does not start with "{" (or is empty)
 _headers, _value = attrgetter("headers"), attrgetter("value")  # C-level field access over a whole poll
 # One poll's JSON (a few MB) is parsed on the calling thread: faster than splitting it over
 # Arrow's pool, and in ingest the other core belongs to the thread polling Kafka.
