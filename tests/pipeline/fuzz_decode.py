@@ -31,10 +31,12 @@ replays every file through :func:`check`.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import math
 import sys
+from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -382,7 +384,18 @@ def main(argv: list[str]) -> None:
     for obj in [*vars(module).values(), *vars(module.Decoder).values()]:
         if inspect.isfunction(obj) and obj.__module__ == module.__name__:
             atheris.instrument_func(obj)
-    atheris.Setup(argv, check)
+    prefix = next((a.split("=", 1)[1] for a in argv if a.startswith("-artifact_prefix=")), "./")
+
+    def one(data: bytes) -> None:
+        try:
+            check(data)
+        except BaseException:
+            # libFuzzer writes crash-<sha1> too, but a process that then hangs on exit (a native
+            # thread pool) is killed by the -timeout alarm before it does: keep the input first
+            Path(f"{prefix}crash-{hashlib.sha1(data).hexdigest()}").write_bytes(data)
+            raise
+
+    atheris.Setup(argv, one)
     atheris.Fuzz()
 
 
