@@ -378,12 +378,16 @@ class _Encoder:
 def main(argv: list[str]) -> None:
     import atheris
 
-    import pipeline.decode as module
+    import pipeline.arrow_ipc
+    import pipeline.decode
+    import pipeline.dlq
 
     # coverage of the decoder's Python code (pyarrow's and polars' native code is not instrumented)
-    for obj in [*vars(module).values(), *vars(module.Decoder).values()]:
-        if inspect.isfunction(obj) and obj.__module__ == module.__name__:
-            atheris.instrument_func(obj)
+    for module in (pipeline.decode, pipeline.arrow_ipc, pipeline.dlq):
+        classes = [c for c in vars(module).values() if inspect.isclass(c) and c.__module__ == module.__name__]
+        for obj in [*vars(module).values(), *(m for c in classes for m in vars(c).values())]:
+            if inspect.isfunction(obj) and obj.__module__ == module.__name__:
+                atheris.instrument_func(obj)
     prefix = next((a.split("=", 1)[1] for a in argv if a.startswith("-artifact_prefix=")), "./")
 
     def one(data: bytes) -> None:
