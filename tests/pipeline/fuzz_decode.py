@@ -1,3 +1,4 @@
+#!/usr/bin/env python
 """Coverage-guided fuzzer (atheris/libFuzzer) for :class:`pipeline.decode.Decoder` as a pure function.
 
     python tests/pipeline/fuzz_decode.py -max_total_time=600 tests/pipeline/fuzz_corpus/work   # make fuzz

@@ -23,6 +23,7 @@ from tests.pipeline.fuzz_decode import check
 
 HERE = Path(__file__).parent
 REGRESSIONS = sorted((HERE / "fuzz_corpus" / "regressions").iterdir())
+SEEDS = HERE / "fuzz_corpus" / "seeds"  # the minimised corpus of the long runs (BENCHMARKS.md)
 ARROW = [("content-type", ARROW_CONTENT_TYPE.encode())]
 T = 1_700_000_000_000
 
@@ -47,6 +48,13 @@ def test_fuzzer_regression_case(path: Path) -> None:
     check(path.read_bytes())
 
 
+def test_the_fuzzers_corpus_still_passes() -> None:
+    seeds = sorted(SEEDS.iterdir())
+    assert len(seeds) > 50
+    for path in seeds:
+        check(path.read_bytes())
+
+
 def test_a_short_fuzzing_pass_finds_nothing(tmp_path: Path) -> None:
     """A few seconds of coverage-guided fuzzing from the regression corpus (``make fuzz`` runs longer)."""
     pytest.importorskip("atheris")
@@ -59,6 +67,7 @@ def test_a_short_fuzzing_pass_finds_nothing(tmp_path: Path) -> None:
         "-timeout=30",
         f"-artifact_prefix={tmp_path}/",
         str(tmp_path / "corpus"),
+        str(SEEDS),
         str(HERE / "fuzz_corpus" / "regressions"),
     ]
     (tmp_path / "corpus").mkdir()
