@@ -12,12 +12,22 @@ Every row then goes through the same vectorised checks (missing fields,
 unparseable timestamps, NaN/inf, timestamps outside the accepted range).
 Nothing is dropped: each failure becomes a :class:`Rejected` for the
 dead-letter topic.
+
+No input may stop the job, so nothing a third-party decoder does escapes
+:meth:`Decoder.decode`: strings are checked to be UTF-8 before polars sees
+them (pyarrow's JSON and IPC readers do not check; polars panics later on
+invalid UTF-8), Arrow IPC tables are fully validated before any compute, and
+a batch that still raises anything (a pyo3 ``PanicException`` derives from
+``BaseException``) is decoded again record by record, so only the record that
+raises goes to the dead-letter topic, with reason ``undecodable``.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
@@ -25,13 +35,18 @@ from typing import Any, Protocol
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.json as pj
 
+from pipeline.arrow_ipc import decoded_bytes
 from pipeline.config import FieldSettings
 from pipeline.windows import ENGINE
 
 ARROW_CONTENT_TYPE = "application/vnd.apache.arrow.stream"
 ROW_BITS = 24  # seq = offset << ROW_BITS | row within an Arrow message
+# Most an Arrow IPC message may decode to (decompressed buffers, and text columns once a dictionary is
+# expanded): a compressed or dictionary-encoded message of a few KB can otherwise hold gigabytes.
+MAX_ARROW_BYTES = 256 << 20
 
 # Reasons a message or row is rejected (the `rollcast-reason` header).
 MALFORMED_JSON = "malformed_json"
@@ -42,10 +57,19 @@ BAD_TIMESTAMP = "bad_timestamp"
 NON_FINITE = "non_finite"
 TS_OUT_OF_RANGE = "ts_out_of_range"
 LATE = "late"
-REASONS = (MALFORMED_JSON, BAD_ARROW, MISSING_FIELD, WRONG_TYPE, BAD_TIMESTAMP, NON_FINITE, TS_OUT_OF_RANGE, LATE)
+UNDECODABLE = "undecodable"  # a decoder raised (or panicked) on this record: a bug to report, not bad input
+REASONS = (
+    MALFORMED_JSON, BAD_ARROW, MISSING_FIELD, WRONG_TYPE, BAD_TIMESTAMP, NON_FINITE, TS_OUT_OF_RANGE, LATE,
+    UNDECODABLE,
+)
+# Exceptions that are about the process, not the record: never turned into a rejection.
+_NOT_INPUT = (KeyboardInterrupt, SystemExit, GeneratorExit)
+
+log = logging.getLogger(__name__)
 
 EVENT_SCHEMA = {"series": pl.String, "ts": pl.Int64, "value": pl.Float64, "offset": pl.Int64, "seq": pl.Int64}
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_NOT_AN_OBJECT = re.compile(rb"\n(?!\{)")  # a message after the first that does not start with "{" (or is empty)
 _headers, _value = attrgetter("headers"), attrgetter("value")  # C-level field access over a whole poll
 # One poll's JSON (a few MB) is parsed on the calling thread: faster than splitting it over
 # Arrow's pool, and in ingest the other core belongs to the thread polling Kafka.
@@ -125,7 +149,24 @@ class Decoder:
         )
 
     def decode(self, records: Sequence[Any]) -> Decoded:
-        """Decode the records of one partition (in offset order)."""
+        """Decode the records of one partition (in offset order); raises nothing for any input.
+
+        If the batch raises (a bug or a panic in a decoder this module should have guarded), it is
+        decoded again one record at a time and each record that still raises is rejected as
+        ``undecodable`` with the exception's text; its neighbours are decoded as usual.
+        """
+        try:
+            return self._decode(records)
+        except _NOT_INPUT:
+            raise
+        except BaseException as e:  # noqa: BLE001 - includes pyo3's PanicException (a BaseException)
+            if len(records) == 1:
+                log.warning("undecodable record at offset %d: %s", records[0].offset, _describe(e), exc_info=e)
+                return _undecodable(records[0], e)
+            log.warning("a batch of %d records raised %s; decoding its records one by one", len(records), _describe(e))
+            return _concat([self.decode([r]) for r in records])
+
+    def _decode(self, records: Sequence[Any]) -> Decoded:
         if not records:
             return Decoded(pl.DataFrame(schema=EVENT_SCHEMA))
         if not any(map(_headers, records)):  # the usual JSON poll: no record has headers
@@ -146,12 +187,7 @@ class Decoder:
                 json_run.append(r)
         if json_run:
             parts.append(self._decode_json(json_run))
-        return Decoded(
-            pl.concat([p.events for p in parts]),
-            [x for p in parts for x in p.rejected],
-            sum(p.json_messages for p in parts),
-            sum(p.arrow_messages for p in parts),
-        )
+        return _concat(parts)
 
     # -- JSON -------------------------------------------------------------------------------
 
@@ -162,7 +198,16 @@ class Decoder:
         table = None
         if None not in values:
             joined = b"\n".join(values)
-            if joined.count(b"\n") == n - 1:  # no message holds a newline of its own
+            # One row per message, in order, only if no message holds a newline and every one starts
+            # with "{" (so none is blank: pyarrow skips a blank line, and a blank message beside one
+            # holding two objects, ``{…}{…}``, gave the right row count with rows given to the wrong
+            # records); and all must be UTF-8, which pyarrow does not check.
+            if (
+                joined.count(b"\n") == n - 1
+                and joined.startswith(b"{")
+                and _NOT_AN_OBJECT.search(joined) is None
+                and _is_utf8(joined)
+            ):
                 table = self._read_json(joined, n)
         if table is None:
             return self._diagnose_json(records, offsets)
@@ -199,6 +244,8 @@ class Decoder:
         cols: dict[str, list[Any]] = {"series": [], "ts_int": [], "ts_str": [], "value": [], "idx": []}
         for i, r in enumerate(records):
             problem = _classify_json(r.value, f)
+            if problem is _TOO_DEEP:
+                problem = self._classify_deep(r.value)
             if isinstance(problem, tuple):
                 rejected.append(Rejected(r, *problem))
                 continue
@@ -219,22 +266,43 @@ class Decoder:
         rejected.sort(key=lambda x: x.record.offset)
         return Decoded(events, rejected, json_messages=len(records))
 
+    def _classify_deep(self, value: bytes) -> dict[str, Any] | tuple[str, str]:
+        """A message nested deeper than Python's JSON parser goes: the fast path's reader decides, so
+        a message's fate does not depend on its neighbours (pyarrow skips a deep unknown field)."""
+        table = self._read_json(value, 1)
+        if table is None:
+            return MALFORMED_JSON, "not JSON, or nested too deeply to check (Python's parser gave up)"
+        return _classify_json(json.dumps(table.to_pylist()[0]).encode(), self.fields)
+
     # -- Arrow IPC --------------------------------------------------------------------------
 
     def _decode_arrow(self, record: Any) -> Decoded:
         f = self.fields
         empty = pl.DataFrame(schema=EVENT_SCHEMA)
         try:
+            size = decoded_bytes(record.value)  # from the metadata: nothing is decompressed yet
+            if size > MAX_ARROW_BYTES:
+                detail = f"the Arrow IPC stream decodes to {size} bytes, over the limit of {MAX_ARROW_BYTES}"
+                return Decoded(empty, [Rejected(record, BAD_ARROW, detail)], arrow_messages=1)
             table = pa.ipc.open_stream(record.value).read_all()
-        except (pa.ArrowInvalid, OSError, TypeError) as e:
-            return Decoded(empty, [Rejected(record, BAD_ARROW, f"not an Arrow IPC stream: {e}")], arrow_messages=1)
-        missing = [c for c in (f.series, f.ts, f.value) if c not in table.column_names]
+            # the reader checks only the buffers' bounds: full validation (UTF-8, offsets, dictionary
+            # indices) before any compute touches the data, since polars panics on invalid UTF-8
+            table.validate(full=True)
+        except Exception as e:  # noqa: BLE001 - anything pyarrow raises about the bytes is bad input
+            detail = f"not a valid Arrow IPC stream: {type(e).__name__}: {e}"
+            return Decoded(empty, [Rejected(record, BAD_ARROW, detail)], arrow_messages=1)
+        names = table.column_names
+        missing = [c for c in (f.series, f.ts, f.value) if c not in names]
         if missing:
-            detail = f"Arrow batch lacks column(s) {missing}; it has {table.column_names}"
+            detail = f"Arrow batch lacks column(s) {missing}; it has {names[:20]}"
             return Decoded(empty, [Rejected(record, MISSING_FIELD, detail, rows=table.num_rows)], arrow_messages=1)
+        twice = [c for c in (f.series, f.ts, f.value) if names.count(c) > 1]
+        if twice:
+            detail = f"Arrow batch has column(s) {twice} more than once"
+            return Decoded(empty, [Rejected(record, BAD_ARROW, detail, rows=table.num_rows)], arrow_messages=1)
         try:
             frame = self._arrow_columns(table)
-        except TypeError as e:
+        except (TypeError, pa.ArrowException) as e:  # a type we do not take, or a cast that would overflow
             return Decoded(empty, [Rejected(record, WRONG_TYPE, str(e), rows=table.num_rows)], arrow_messages=1)
         n = table.num_rows
         seq0 = record.offset << ROW_BITS
@@ -246,7 +314,7 @@ class Decoder:
         events, bad = self._check(frame)
         rejected = []
         for (reason,), rows in bad.group_by("reason", maintain_order=True):
-            sub = table.take(pa.array(rows["idx"].to_numpy()))
+            sub = _take(table, rows["idx"].to_list())
             detail = f"{sub.num_rows} row(s) of an Arrow batch: {rows['detail'][0]}"
             rejected.append(Rejected(record, reason, detail, value=_ipc_bytes(sub), rows=sub.num_rows))
         return Decoded(events, rejected, arrow_messages=1)
@@ -254,13 +322,17 @@ class Decoder:
     def _arrow_columns(self, table: pa.Table) -> pl.DataFrame:
         f = self.fields
         s, t, v = (table.column(c) for c in (f.series, f.ts, f.value))
-        if pa.types.is_dictionary(s.type):
-            s = s.cast(s.type.value_type)
-        if not (pa.types.is_string(s.type) or pa.types.is_large_string(s.type)):
+        for name, c in ((f.series, s), (f.ts, t)):
+            if pa.types.is_dictionary(c.type) and _is_text(c.type.value_type):
+                size = sum(pc.sum(pc.binary_length(k.dictionary).take(k.indices)).as_py() or 0 for k in c.chunks)
+                if size > MAX_ARROW_BYTES:  # a few index bytes per row can repeat a long entry
+                    raise TypeError(f"column {name} decodes to {size} bytes of text, over the limit of {MAX_ARROW_BYTES}")
+        s, t, v = (c.cast(c.type.value_type) if pa.types.is_dictionary(c.type) else c for c in (s, t, v))
+        if not _is_text(s.type):
             raise TypeError(f"column {f.series} must be a string, got {s.type}")
         if pa.types.is_timestamp(t.type):
             t = t.cast(pa.timestamp("ms", tz=t.type.tz)).cast(pa.int64())
-        if not (pa.types.is_integer(t.type) or pa.types.is_string(t.type) or pa.types.is_large_string(t.type)):
+        if not (pa.types.is_integer(t.type) or _is_text(t.type)):
             raise TypeError(f"column {f.ts} must be epoch ms (integer), a timestamp or ISO-8601 text, got {t.type}")
         if not (pa.types.is_floating(v.type) or pa.types.is_integer(v.type)):
             raise TypeError(f"column {f.value} must be numeric, got {v.type}")
@@ -322,6 +394,42 @@ class Decoder:
         return events, bad
 
 
+def _is_utf8(data: bytes) -> bool:
+    """Whether ``data`` is valid UTF-8 (ASCII, the usual case, is checked without decoding)."""
+    if data.isascii():
+        return True
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__module__}.{type(e).__qualname__}: {e}"
+
+
+def _undecodable(record: Any, e: BaseException) -> Decoded:
+    arrow = bool(record.headers) and is_arrow(record)
+    return Decoded(
+        pl.DataFrame(schema=EVENT_SCHEMA), [Rejected(record, UNDECODABLE, _describe(e))],
+        json_messages=int(not arrow), arrow_messages=int(arrow),
+    )
+
+
+def _concat(parts: Sequence[Decoded]) -> Decoded:
+    return Decoded(
+        pl.concat([p.events for p in parts]),
+        [x for p in parts for x in p.rejected],
+        sum(p.json_messages for p in parts),
+        sum(p.arrow_messages for p in parts),
+    )
+
+
 def _offsets(records: Sequence[Any]) -> pl.Series:
     first, last, n = records[0].offset, records[-1].offset, len(records)
     if last - first + 1 == n:
@@ -329,13 +437,25 @@ def _offsets(records: Sequence[Any]) -> pl.Series:
     return pl.Series("offset", [r.offset for r in records], dtype=pl.Int64)
 
 
+_TOO_DEEP = ("too deep", "")  # sentinel: json.loads hit its recursion limit
+
+
 def _classify_json(value: bytes | None, f: FieldSettings) -> dict[str, Any] | tuple[str, str]:
-    """The parsed object if its fields have the right types, else ``(reason, detail)``."""
+    """The parsed object if its fields have the right types, else ``(reason, detail)``
+    (or :data:`_TOO_DEEP`)."""
     if value is None:
         return MALFORMED_JSON, "empty message (no value)"
     try:
-        obj = json.loads(value)
-    except (ValueError, UnicodeDecodeError) as e:
+        # strict UTF-8 (json.loads(bytes) would also take UTF-16 and UTF-32), a leading BOM
+        # allowed as pyarrow allows it
+        text = value.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        return MALFORMED_JSON, f"not UTF-8: {e}"
+    try:
+        obj = json.loads(text)
+    except RecursionError:
+        return _TOO_DEEP
+    except ValueError as e:
         return MALFORMED_JSON, f"not JSON: {e}"
     if not isinstance(obj, dict):
         return MALFORMED_JSON, f"expected a JSON object, got {type(obj).__name__}"
@@ -351,11 +471,30 @@ def _classify_json(value: bytes | None, f: FieldSettings) -> dict[str, Any] | tu
         return TS_OUT_OF_RANGE, f"{f.ts}={t} does not fit in 64 bits"
     if isinstance(v, bool) or not isinstance(v, int | float):
         return WRONG_TYPE, f"{f.value} must be a number, got {type(v).__name__}"
+    for name, text in ((f.series, s), (f.ts, t)):
+        if isinstance(text, str) and not _encodes(text):  # a lone surrogate escape such as "\\ud800"
+            return MALFORMED_JSON, f"{name} holds an escape that is not a Unicode character (a lone surrogate)"
     try:
         float(v)
     except OverflowError:
         return NON_FINITE, f"{f.value}={v} overflows a double"
     return obj
+
+
+def _take(table: pa.Table, idx: list[int]) -> pa.Table:
+    """The rows ``idx`` of ``table``, whatever its column types."""
+    try:
+        return table.take(pa.array(idx, pa.int64()))
+    except pa.ArrowNotImplementedError:  # a column type with no take kernel (string_view in pyarrow 25)
+        return pa.concat_tables([table.slice(i, 1) for i in idx])
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _ipc_bytes(table: pa.Table) -> bytes:

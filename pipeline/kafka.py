@@ -23,6 +23,91 @@ from pipeline.errors import BrokerUnavailable
 
 log = logging.getLogger(__name__)
 
+
+class HeaderKey(str):
+    """A record header key that is not UTF-8: its text holds the bad bytes as surrogate escapes, and
+    ``encode()`` gives back the original bytes (kafka-python's fetcher measures a key with
+    ``key.encode("utf-8")``, its producer sends ``key.encode("utf-8")``: both work, byte for byte)."""
+
+    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        return str.encode(self, "utf-8", "surrogateescape")
+
+
+def header_key(raw: bytes) -> str:
+    """A header key as the consumer gives it: ``str`` when it is UTF-8, else a :class:`HeaderKey`."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return HeaderKey(raw.decode("utf-8", "surrogateescape"))
+
+
+def _read_msg_keeping_bad_header_keys(self: Any, decode_varint: Callable[..., Any] | None = None) -> Any:
+    """kafka-python 3.0's ``DefaultRecordBatch._read_msg`` with one change: a header key that is not
+    UTF-8 is read as a :class:`HeaderKey` (see :func:`header_key`) instead of raising.
+
+    Upstream decodes header keys strictly; a producer that sends a key of bad bytes made
+    ``consumer.poll()`` raise (``CorruptRecordError`` wrapping a ``UnicodeDecodeError``) at that record
+    on every try, so no retry or restart got past it: the partition was blocked for good. Read this
+    way the record reaches the decoder and the dead-letter topic like any other.
+    """
+    from kafka.record import default_records as dr
+
+    decode_varint = decode_varint or dr.decode_varint
+    buffer = self._buffer
+    pos = self._pos
+    length, pos = decode_varint(buffer, pos)
+    start_pos = pos
+    _, pos = decode_varint(buffer, pos)  # attributes
+    ts_delta, pos = decode_varint(buffer, pos)
+    timestamp = self.max_timestamp if self.timestamp_type == self.LOG_APPEND_TIME else self.first_timestamp + ts_delta
+    offset_delta, pos = decode_varint(buffer, pos)
+    offset = self.base_offset + offset_delta
+    fields = []
+    for _ in range(2):  # key, value: nullable bytes
+        n, pos = decode_varint(buffer, pos)
+        fields.append(bytes(buffer[pos : pos + n]) if n >= 0 else None)
+        pos += max(n, 0)
+    key, value = fields
+    header_count, pos = decode_varint(buffer, pos)
+    if header_count < 0:
+        raise dr.CorruptRecordError(f"Found invalid number of record headers {header_count}")
+    headers = []
+    for _ in range(header_count):
+        h_key_len, pos = decode_varint(buffer, pos)
+        if h_key_len < 0:
+            raise dr.CorruptRecordError(f"Invalid negative header key size {h_key_len}")
+        h_key = header_key(bytes(buffer[pos : pos + h_key_len]))
+        pos += h_key_len
+        h_value_len, pos = decode_varint(buffer, pos)
+        if h_value_len >= 0:
+            h_value = bytes(buffer[pos : pos + h_value_len])
+            pos += h_value_len
+        else:
+            h_value = None
+        headers.append((h_key, h_value))
+    if pos - start_pos != length:
+        raise dr.CorruptRecordError(
+            f"Invalid record size: expected to read {length} bytes in record payload, but instead read {pos - start_pos}"
+        )
+    self._pos = pos
+    cls = dr.ControlRecord if self.is_control_batch else dr.DefaultRecord
+    return cls(length, offset, timestamp, self.timestamp_type, key, value, headers)
+
+
+def _tolerate_bad_header_keys() -> None:
+    """Install :func:`_read_msg_keeping_bad_header_keys` on the kafka-python version it was copied from."""
+    import kafka
+    from kafka.record.default_records import DefaultRecordBatch
+
+    if not kafka.__version__.startswith("3.0."):
+        log.warning("kafka-python %s: not patching its header key decoding (written for 3.0); a header key "
+                    "that is not UTF-8 may stop ingest at that record", kafka.__version__)
+        return
+    DefaultRecordBatch._read_msg = _read_msg_keeping_bad_header_keys
+
+
+_tolerate_bad_header_keys()
+
 # longest kafka-python's poll may sleep without fetching (see poll_promptly)
 POLL_SLICE_MS = 5
 

@@ -9,11 +9,12 @@ import sys
 from pathlib import Path
 
 import polars as pl
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from jobs.stack import Child
 from pipeline.config import Settings
-from pipeline.kafka import make_producer
+from pipeline.kafka import header_key, make_producer
 from pipeline.store import HistoryStore
 from pipeline.windows_io import decode_windows
 from tests.jobs.forecast_support import L as FORECAST_L
@@ -177,3 +178,82 @@ def start_ingest(base: dict[str, str], tmp: Path, name: str, port: int) -> Child
 def start_forecast(base: dict[str, str], tmp: Path, name: str, port: int, model_dir: Path | None) -> Child:
     args = ["forecast", *(["--model-dir", str(model_dir)] if model_dir else [])]
     return start_job(name, job_env(base, port), tmp / f"{name}.log", *args)
+
+
+def _ipc(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def malformed_kinds() -> list[tuple[str, bytes | None, list[tuple[str, bytes]], str]]:
+    """Every kind of bad input we know of: ``(name, value, headers, the DLQ reason it must get)``.
+
+    Each is one DLQ message (an Arrow batch here has one bad row at most, or is rejected whole)."""
+    t = 1_700_000_000_000
+    arrow = [("content-type", b"application/vnd.apache.arrow.stream")]
+    bad_utf8 = pa.array([b"\xff\xfe"], pa.binary()).view(pa.string())
+    ts, v = pa.array([t]), pa.array([1.0])
+    ok_ipc = _ipc(pa.table({"series": ["a"], "ts": ts, "value": v}))
+
+    def obj(**kw: object) -> bytes:
+        return json.dumps({"series": "g", "ts": t, "value": 1.0, **kw}).encode()
+
+    deep = b"[" * 5000 + b"]" * 5000
+    return [
+        ("truncated JSON", b'{"series": "x", "ts": 1', [], "malformed_json"),
+        ("not JSON", b"not json at all", [], "malformed_json"),
+        ("a JSON array", b"[1, 2]", [], "malformed_json"),
+        ("two objects in one message", obj()[:-1] + b', "a": 1}' + obj(series="h"), [], "malformed_json"),
+        ("empty value", b"", [], "malformed_json"),
+        ("blank value", b" \r", [], "malformed_json"),
+        ("no value (tombstone)", None, [], "malformed_json"),
+        ("huge array", b"[" + b"1," * 20_000 + b"1]", [], "malformed_json"),
+        ("deep array", deep, [], "malformed_json"),
+        ("deep array as ts", b'{"series": "g", "ts": ' + deep + b', "value": 1.0}', [], "malformed_json"),
+        ("invalid UTF-8 in series", b'{"series": "\xff\xfe", "ts": %d, "value": 1.0}' % t, [], "malformed_json"),
+        ("invalid UTF-8 in a key", b'{"ser\xc0ies": "g", "ts": %d, "value": 1.0}' % t, [], "malformed_json"),
+        ("invalid UTF-8 elsewhere", b'{"series": "g", "ts": %d, "value": 1.0, "x": "\xed\xa0\x80"}' % t, [],
+         "malformed_json"),
+        ("lone surrogate escape", b'{"series": "\\udc00g", "ts": %d, "value": 1.0}' % t, [], "malformed_json"),
+        ("UTF-16", obj().decode().encode("utf-16"), [], "malformed_json"),
+        ("missing ts", json.dumps({"series": "g", "value": 1.0}).encode(), [], "missing_field"),
+        ("null series", obj(series=None), [], "missing_field"),
+        ("numeric series", obj(series=5), [], "wrong_type"),
+        ("boolean ts", obj(ts=True), [], "wrong_type"),
+        ("float ts", obj(ts=1.5), [], "wrong_type"),
+        ("string value", obj(value="1.5"), [], "wrong_type"),
+        ("header key not UTF-8", obj(value=[1]), [(header_key(b"tr\xffce"), b"\xff")], "wrong_type"),
+        ("bad ISO timestamp", obj(ts="yesterday"), [], "bad_timestamp"),
+        ("NaN", b'{"series": "g", "ts": %d, "value": NaN}' % t, [], "non_finite"),
+        ("Infinity", b'{"series": "g", "ts": %d, "value": -Infinity}' % t, [], "non_finite"),
+        ("1e400", b'{"series": "g", "ts": %d, "value": 1e400}' % t, [], "non_finite"),
+        ("negative ts", obj(ts=-5), [], "ts_out_of_range"),
+        ("ts beyond 64 bits", obj(ts=2**70), [], "ts_out_of_range"),
+        ("not Arrow", b"\x00\x01 not arrow", arrow, "bad_arrow"),
+        ("JSON marked as Arrow", obj(), arrow, "bad_arrow"),
+        ("truncated Arrow", ok_ipc[: len(ok_ipc) // 2], arrow, "bad_arrow"),
+        ("Arrow, invalid UTF-8", _ipc(pa.table({"series": bad_utf8, "ts": ts, "value": v})), arrow, "bad_arrow"),
+        ("Arrow, invalid UTF-8 in a dictionary",
+         _ipc(pa.table({"series": bad_utf8.dictionary_encode(), "ts": ts, "value": v})), arrow, "bad_arrow"),
+        ("Arrow, invalid UTF-8 in another column",
+         _ipc(pa.table({"series": ["a"], "ts": ts, "value": v, "note": bad_utf8})), arrow, "bad_arrow"),
+        ("Arrow, no value column", _ipc(pa.table({"series": ["a"], "ts": ts})), arrow, "missing_field"),
+        ("Arrow, integer series", _ipc(pa.table({"series": [1], "ts": ts, "value": v})), arrow, "wrong_type"),
+        ("Arrow, struct series", _ipc(pa.table({"series": [{"a": "b"}], "ts": ts, "value": v})), arrow, "wrong_type"),
+        ("Arrow, uint64 ts overflow",
+         _ipc(pa.table({"series": ["a"], "ts": pa.array([2**64 - 1], pa.uint64()), "value": v})), arrow, "wrong_type"),
+        ("Arrow, a NaN row", _ipc(pa.table({"series": ["a"], "ts": ts, "value": [float("nan")]})), arrow, "non_finite"),
+    ]
+
+
+def produce_raw(settings: Settings, messages: list[tuple[bytes | None, bytes | None, list]]) -> list[tuple[int, int]]:
+    """Send ``(value, key, headers)`` as they are; return (partition, offset) for each."""
+    producer = make_producer(settings)
+    futures = [producer.send(settings.topics.observations, value, key=key, headers=headers)
+               for value, key, headers in messages]
+    producer.flush()
+    out = [(md.partition, md.offset) for md in (f.get(timeout=30) for f in futures)]
+    producer.close()
+    return out
