@@ -51,7 +51,7 @@ class Member:
         self.producer.close()
 
 
-def _until(members: list[Member], done, what: str, timeout_s: float = 60) -> None:
+def _until(members: list[Member], done, what: str, timeout_s: float = 120) -> None:
     deadline = time.monotonic() + timeout_s
     while not done():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
