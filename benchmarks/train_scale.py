@@ -37,8 +37,10 @@ T0 = 1_700_000_000_000 // (7 * 86_400_000) * (7 * 86_400_000)
 CHILD = """
 import json, resource, sys, time
 from pipeline.config import load_settings
+from pipeline.logs import setup_logging
 from models.cycle import run_cycle
 settings = load_settings(env=json.loads(sys.argv[1]))
+setup_logging(settings.observability)
 t = time.perf_counter()
 result = run_cycle(settings)
 seconds = time.perf_counter() - t
@@ -84,12 +86,14 @@ def write_store(settings_env: dict[str, str], n_series: int, n_windows: int, chu
     return time.perf_counter() - t0
 
 
-def run_child(env: dict[str, str]) -> dict:
-    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(env)], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+def run_child(env: dict[str, str], log: Path) -> dict:
+    """Run one cycle in a fresh process (its log: ``log``); its result line as a dict."""
+    with open(log, "w") as err:
+        proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(env)], stdout=subprocess.PIPE, stderr=err,
+                              text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        sys.exit(f"the cycle failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        sys.exit(f"the cycle failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{log.read_text()[-5000:]}")
     return json.loads(lines[-1][len("RESULT "):])
 
 
@@ -132,7 +136,7 @@ def main() -> None:
     try:
         env["ROLLCAST_MLFLOW__TRACKING_URI"] = f"http://127.0.0.1:{port}"
         for i in range(2 if args.warm else 1):
-            out = run_child(env)
+            out = run_child(env, work / f"cycle-{i + 1}.log")
             print(json.dumps({"cycle": i + 1, "settings": args.set, **out}), flush=True)
     finally:
         server.stop()

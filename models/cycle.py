@@ -266,6 +266,10 @@ def train_candidates(
     out = []
     rank = 0
     t = settings.train
+    if t.threads is not None:
+        import torch
+
+        torch.set_num_threads(t.threads)
     for model_type in settings.model.types:
         config = config_from_settings(settings.model, model_type)
         model = create_model(model_type, **config)

@@ -96,9 +96,9 @@ class _Progress(Callback):
         seconds = time.perf_counter() - self.t0
         m = trainer.callback_metrics
         val = f", validation loss {float(m['val_loss']):.5g}" if "val_loss" in m else ""
-        log.info("epoch %d/%d: %d samples in %.1fs (%.0f samples/s), train loss %.5g%s",
-                 trainer.current_epoch + 1, self.max_epochs, self.samples * trainer.world_size, seconds,
-                 self.samples * trainer.world_size / max(seconds, 1e-9), float(m.get("train_loss", float("nan"))), val)
+        log.info("epoch %d/%d: %d samples in %.1fs (%.0f samples/s), train loss %.5g%s",  # all ranks' samples
+                 trainer.current_epoch + 1, self.max_epochs, self.samples, seconds,
+                 self.samples / max(seconds, 1e-9), float(m.get("train_loss", float("nan"))), val)
 
 
 TrainData = Samples | WindowSamples
@@ -201,6 +201,7 @@ def fit(
     config = model.config
     if learning_rate is not None:
         model.config = dataclasses.replace(config, learning_rate=learning_rate)
+    model.train()  # a loaded model (a warm start) comes in eval mode; Lightning keeps the modes it finds
     t0 = time.perf_counter()
     try:
         with warnings.catch_warnings():

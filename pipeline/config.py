@@ -160,7 +160,7 @@ class ModelSettings(_Section):
 
 
 # train.samples_per_epoch: chosen from the measurement in BENCHMARKS.md, "Training at scale".
-SAMPLES_PER_EPOCH = 65_536
+SAMPLES_PER_EPOCH = 16_384
 
 
 class TrainSettings(_Section):
@@ -183,7 +183,7 @@ class TrainSettings(_Section):
         None, gt=0, description="weight training targets by recency: half the weight every N windows back; "
         "unset = uniform over time",
     )
-    validation_samples: int = Field(20_000, ge=1, description="validation samples (a fixed draw) per cycle")
+    validation_samples: int = Field(8192, ge=1, description="validation samples (a fixed draw) per cycle")
     holdout_series: int = Field(
         1000, ge=1, description="series scored on the holdout (a seeded subsample when there are more); the "
         "champion, the new models and seasonal naive are scored on the same ones",
@@ -201,6 +201,10 @@ class TrainSettings(_Section):
     devices: int | str = Field(1, description="Lightning devices per node: a count, 'auto', or a list like '0,1'")
     strategy: str = Field("auto", description="Lightning strategy: auto, ddp (one process per device), ...")
     num_nodes: int = Field(1, ge=1, description="machines of a DDP run (torchrun or SLURM sets the ranks)")
+    threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads for training on CPU; unset = torch's default (all cores). "
+        "On a host busy with other processes one thread can be much faster (no OpenMP contention; BENCHMARKS.md)",
+    )
 
 
 class ForecastSettings(_Section):
