@@ -192,7 +192,7 @@ class TrainSettings(_Section):
         6, ge=1, description="every N-th cycle retrains from scratch; the others fine-tune the champion when its "
         "type and config are unchanged (1: always from scratch)",
     )
-    warm_epochs: int = Field(2, ge=1, description="epochs of a warm-start (fine-tuning) cycle")
+    warm_epochs: int = Field(1, ge=1, description="epochs of a warm-start (fine-tuning) cycle (BENCHMARKS.md)")
     warm_span_windows: int = Field(
         1000, ge=1, description="a warm cycle trains on targets in the newest N windows of the training span",
     )

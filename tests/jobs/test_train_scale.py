@@ -19,7 +19,8 @@ from tests.jobs.train_helpers import WEAK, drifting_daily_windows, train_env, tr
 def test_warm_cycles_fine_tune_the_champion_and_every_full_every_th_cycle_retrains(
         mlflow_server: str, tmp_path: Path) -> None:
     s = train_settings(mlflow_server, tmp_path / "data", **{**WEAK, "ROLLCAST_TRAIN__FULL_EVERY": "3",
-                                                          "ROLLCAST_TRAIN__WARM_EPOCHS": "1"})
+                                                          "ROLLCAST_TRAIN__WARM_EPOCHS": "1",
+                                                          "ROLLCAST_TRAIN__HOLDOUT_SERIES": "2"})
     write_windows(s, drifting_daily_windows(800))
     client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
 
@@ -28,6 +29,8 @@ def test_warm_cycles_fine_tune_the_champion_and_every_full_every_th_cycle_retrai
 
     first = run_cycle(s)
     assert first.promoted == "1" and first.candidates[0].cycle_kind == "full"
+    scored = first.candidates[0].backtest.series  # a seeded subsample of 2 of the 3 series
+    assert len(scored) == 2 and set(scored) < {"sensor-0", "sensor-1", "sensor-2"}
     assert tags("1")[tracking.CYCLE_KIND_TAG] == "full" and tracking.PARENT_VERSION_TAG not in tags("1")
     assert tags("1")[tracking.WARM_CYCLES_TAG] == "0"
 
@@ -41,6 +44,7 @@ def test_warm_cycles_fine_tune_the_champion_and_every_full_every_th_cycle_retrai
     assert run.data.tags[tracking.CYCLE_KIND_TAG] == "warm" and run.data.tags[tracking.PARENT_VERSION_TAG] == "1"
     assert run.data.params["train.warm_learning_rate"] == str(s.train.warm_learning_rate)
     assert "champion_holdout_mae" in c2.metrics  # judged by the same gate on the same holdout
+    assert c2.backtest.series == scored  # the same series as the first cycle (and as the champion, this cycle)
     assert len(c2.train_loss) == 1  # train.warm_epochs
     parent = second.promoted or "1"
 

@@ -11,7 +11,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from models.base import CALENDAR_CHANNELS
-from models.data import SeriesMatrix, calendar_features, make_samples, read_matrix, windows_to_matrix
+from models.data import (
+    SeriesMatrix,
+    calendar_features,
+    fill_gaps,
+    make_samples,
+    read_matrix,
+    windows_to_matrix,
+)
 from models.sampling import WindowSamples, as_batch, draw_plan
 from pipeline.store import HistoryStore, Progress
 
@@ -49,6 +56,8 @@ def test_one_epoch_over_a_small_span_is_every_sample_make_samples_cuts_with_the_
     # calendar channels are those of the context's window ends
     s, t = ds.series[0], ds.t[0]
     np.testing.assert_allclose(x[0, :, 1:].numpy(), calendar_features(m.window_end_ms[t - L : t]), atol=1e-6)
+    np.testing.assert_array_equal(x[0, :, 0].numpy(), fill_gaps(m.contexts(t - L, t)[s : s + 1])[0])  # the gap rule
+    np.testing.assert_array_equal(y[0].numpy(), m.values[s, t : t + H])
     # no context reaches before b's first window (t=20); c's contexts inside its long gap have no known value
     b, c = m.series.index("b"), m.series.index("c")
     assert (ds.t[ds.series == b] - L >= 20).all()
