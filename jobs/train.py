@@ -16,6 +16,11 @@ data it was trained on), so a restarted job does not retrain at once; with no
 version yet the first cycle runs at start. If MLflow is unreachable a cycle is
 retried train.max_retries times with exponential backoff (trained models are
 kept, not retrained), and a failed cycle never touches the serving champion.
+A cycle trains on train.samples_per_epoch samples drawn per epoch from the
+span's series matrix; it fine-tunes the champion (a warm cycle) when its type
+and config are unchanged, except every train.full_every-th cycle, which
+retrains from scratch. With train.strategy = "ddp" every process trains and
+only rank 0 scores, logs to MLflow and registers (README: "Training at scale").
 --once runs one cycle and exits (0 also when nothing was promoted).
 SIGTERM or Ctrl-C stops training at the end of the current batch, abandons
 the cycle, and exits 0.
@@ -166,7 +171,8 @@ def _report(result: CycleResult) -> None:
     s = result.span
     print(f"cycle {result.cycle_id}: {s.series} series, windows {iso(s.start_ms)} .. {iso(s.end_ms)}", flush=True)
     for c in result.candidates:
-        print(f"  {c.model_type:<16} version {c.version:<4} holdout MAE {c.mae:.5g}  "
+        kind = f"warm from v{c.parent_version}" if c.parent_version else c.cycle_kind
+        print(f"  {c.model_type:<16} version {c.version:<4} ({kind}) holdout MAE {c.mae:.5g}  "
               f"(seasonal naive {c.metrics.get('seasonal_naive_holdout_mae', float('nan')):.5g}, "
               f"champion {c.metrics.get('champion_holdout_mae', float('nan')):.5g})  {c.decision}", flush=True)
     if result.promoted:

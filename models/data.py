@@ -14,6 +14,7 @@ splits the time axis into train, validation and holdout target spans.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -29,7 +30,7 @@ WEEK_MS = 7 * DAY_MS
 
 @dataclass(frozen=True)
 class SeriesMatrix:
-    """Series on one regular grid: ``values (S, T)``, ``window_end_ms (T,)``.
+    """Series on one regular grid: ``values (S, T)`` float32, ``window_end_ms (T,)``.
 
     ``values`` carry the last known value forward across gaps (NaN before a series' first value): they
     are the targets and actuals. ``known (S, T)`` says which windows had observations (None: all did);
@@ -46,6 +47,14 @@ class SeriesMatrix:
         """The time steps ``[start, stop)``."""
         known = None if self.known is None else self.known[:, start:stop]
         return SeriesMatrix(self.series, self.values[:, start:stop], self.window_end_ms[start:stop], self.step_ms,
+                            known)
+
+    def rows(self, index: np.ndarray) -> SeriesMatrix:
+        """The series at ``index`` (a copy of those rows only; all of them in order: this matrix)."""
+        if len(index) == len(self.series) and np.array_equal(index, np.arange(len(self.series))):
+            return self
+        known = None if self.known is None else self.known[index]
+        return SeriesMatrix([self.series[i] for i in index], self.values[index], self.window_end_ms, self.step_ms,
                             known)
 
     def contexts(self, start: int, stop: int) -> np.ndarray:
@@ -88,7 +97,9 @@ def ffill(values: np.ndarray) -> np.ndarray:
     >>> ffill(np.array([[np.nan, 1.0, np.nan, 3.0, np.nan]])).tolist()
     [[nan, 1.0, 1.0, 3.0, 3.0]]
     """
-    values = np.asarray(values, dtype=np.float64)
+    values = np.asarray(values)
+    if values.dtype not in (np.float32, np.float64):
+        values = values.astype(np.float64)
     gaps = np.isnan(values)
     if not gaps.any():  # the usual case: a copy, much cheaper than the fill
         return values.copy()
@@ -148,8 +159,8 @@ def windows_to_matrix(df: pl.DataFrame | pa.Table, target: str = "mean") -> Seri
     series = sorted(df["series"].unique().to_list())
     s_idx = df["series"].replace_strict({s: i for i, s in enumerate(series)}, return_dtype=pl.Int64).to_numpy()
     t_idx = (df["window_start"].to_numpy() - t0) // step
-    values = np.full((len(series), n_t), np.nan)
-    values[s_idx, t_idx] = df["y"].to_numpy().astype(np.float64)
+    values = np.full((len(series), n_t), np.nan, dtype=np.float32)
+    values[s_idx, t_idx] = df["y"].to_numpy().astype(np.float32)
     length = int((df["window_end"] - df["window_start"]).median())
     ends = t0 + np.arange(n_t, dtype=np.int64) * step + length
     known = ~np.isnan(values)
@@ -232,3 +243,72 @@ def time_split(n_steps: int, context: int, horizon: int, val_fraction: float = 0
         )
     a = n_steps - holdout - n_val
     return TimeSplit(train=(context, a), val=(a, n_steps - holdout), holdout=(n_steps - holdout, n_steps))
+
+
+def read_matrix(store: Any, start_ms: int, end_ms: int, target: str = "mean",
+                batch_rows: int = 1 << 20) -> tuple[SeriesMatrix, int, int]:
+    """The windows of ``store`` with ``start_ms <= window_start < end_ms`` as a :class:`SeriesMatrix`, read in
+    bounded memory; returns it with the number of rows read and the first window_start.
+
+    Equal to ``windows_to_matrix(store.read(start_ms=start_ms, end_ms=end_ms), target)``, without the table:
+    one streamed pass over ``series, window_start, window_end`` finds the series and the time grid, a second
+    over ``series, window_start, count, <target>`` scatters each batch of at most ``batch_rows`` rows straight
+    into the preallocated float32 matrix. Memory: the matrix (plus a bool mask of the gaps, if any) and one
+    batch. A window stored twice takes the value read last.
+    """
+    import pyarrow.compute as pc
+
+    names: set[str] = set()
+    starts: set[int] = set()
+    lengths: dict[int, int] = {}
+    for batch in store.scan(["series", "window_start", "window_end"], start_ms, end_ms, batch_rows):
+        names.update(pc.unique(batch.column("series")).to_pylist())
+        ws = batch.column("window_start").to_numpy()
+        starts.update(np.unique(ws).tolist())
+        lens, counts = np.unique(batch.column("window_end").to_numpy() - ws, return_counts=True)
+        for n, c in zip(lens.tolist(), counts.tolist(), strict=True):
+            lengths[n] = lengths.get(n, 0) + c
+    if not names:
+        raise NotEnoughData("the window table is empty")
+    grid = np.array(sorted(starts), dtype=np.int64)
+    step = int(np.diff(grid).min()) if len(grid) > 1 else int(max(lengths))
+    if step <= 0:
+        raise DatasetError("window_start values do not form a regular grid")
+    t0, n_t = int(grid[0]), int((grid[-1] - grid[0]) // step) + 1
+    series = sorted(names)
+    keys = pa.array(series, pa.string())
+    values = np.full((len(series), n_t), np.nan, dtype=np.float32)
+    known = np.zeros((len(series), n_t), dtype=bool)
+    rows = 0
+    for batch in store.scan(["series", "window_start", "count", target], start_ms, end_ms, batch_rows):
+        s_idx = pc.index_in(batch.column("series").cast(pa.string()), value_set=keys).to_numpy()
+        t_idx = (batch.column("window_start").to_numpy() - t0) // step
+        y = batch.column(target).cast(pa.float64()).to_numpy(zero_copy_only=False)
+        y = np.where(batch.column("count").to_numpy(zero_copy_only=False) > 0, y, np.nan)  # a gap: no value
+        values[s_idx, t_idx] = y
+        known[s_idx, t_idx] = ~np.isnan(y)
+        rows += batch.num_rows
+    chunk = max(1, (1 << 24) // max(n_t, 1))  # forward-fill in row chunks: ffill's index array stays small
+    for a in range(0, len(series), chunk):
+        values[a : a + chunk] = ffill(values[a : a + chunk])
+    ends = t0 + np.arange(n_t, dtype=np.int64) * step + _median_length(lengths)
+    return SeriesMatrix(series, values, ends, step, None if known.all() else known), rows, t0
+
+
+def _median_length(counts: dict[int, int]) -> int:
+    """The median of window lengths given as ``{length: count}`` (as :func:`windows_to_matrix` takes it)."""
+    lens = np.array(sorted(counts), dtype=np.int64)
+    cum = np.cumsum([counts[n] for n in lens])
+    total = int(cum[-1])
+    lo = lens[np.searchsorted(cum, (total - 1) // 2, side="right")]
+    hi = lens[np.searchsorted(cum, total // 2, side="right")]
+    return int((lo + hi) // 2)
+
+
+def first_values(values: np.ndarray, chunk_rows: int = 4096) -> np.ndarray:
+    """``(S,)`` index of each series' first value (``T`` for a series with none): ``values`` carry values
+    forward, so only the steps before a series' first window are NaN."""
+    out = np.empty(values.shape[0], dtype=np.int64)
+    for a in range(0, values.shape[0], chunk_rows):
+        out[a : a + chunk_rows] = np.isnan(values[a : a + chunk_rows]).sum(axis=1)
+    return out

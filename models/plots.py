@@ -50,7 +50,7 @@ def plot_forecasts(
     quantile band at every origin, and the medians of the champion and seasonal naive."""
     plt = _pyplot()
 
-    m, bt = data.matrix, cand.backtest
+    m, bt = data.holdout, cand.backtest  # the series the backtests scored, in their order
     H = bt.forecasts.shape[2]
     mid = list(bt.quantiles).index(0.5)
     first = int(data.origins[0])

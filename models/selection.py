@@ -37,6 +37,9 @@ class Candidate:
     model_uri: str | None = None  # set once the run and its model are completely logged
     model_id: str | None = None
     version: str | None = None
+    cycle_kind: str = "full"  # models.tracking.CYCLE_FULL or CYCLE_WARM
+    parent_version: str | None = None  # the version a warm cycle fine-tuned
+    warm_cycles: int = 0
 
     @property
     def mae(self) -> float:

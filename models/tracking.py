@@ -68,6 +68,11 @@ CYCLE_TAG = "cycle_id"
 CODE_VERSION_TAG = "code_version"
 DATA_START_MS_TAG = "data_start_ms"
 DATA_END_MS_TAG = "data_end_ms"  # the training schedule goes on from the newest version's data end
+CYCLE_KIND_TAG = "cycle_kind"  # CYCLE_FULL (trained from scratch) or CYCLE_WARM (fine-tuned from its parent)
+PARENT_VERSION_TAG = "parent_version"  # the champion version a warm cycle fine-tuned; absent for a full one
+WARM_CYCLES_TAG = "warm_cycles"  # warm cycles in a row up to this one since the last full retrain (0: full)
+CYCLE_FULL = "full"
+CYCLE_WARM = "warm"
 # Tags of runs only
 RUN_CYCLE_TAG = "rollcast.cycle_id"
 RUN_MODEL_TYPE_TAG = "rollcast.model_type"
@@ -302,6 +307,7 @@ def version_tags(cand: Candidate, span: Span, cycle_id: str) -> dict[str, str]:
         DATA_END_MS_TAG: str(span.end_ms),
         VALIDATION_TAG: validation_status(cand),
         PROMOTION_TAG: cand.decision,
+        **lineage_tags(cand),
     }
     if cand.failure:
         tags[VALIDATION_REASON_TAG] = cand.failure
@@ -309,6 +315,14 @@ def version_tags(cand: Candidate, span: Span, cycle_id: str) -> dict[str, str]:
               "champion_holdout_mae", "seasonal_naive_holdout_mae"):
         if k in cand.metrics:
             tags[k] = f"{cand.metrics[k]:.6g}"
+    return tags
+
+
+def lineage_tags(cand: Candidate) -> dict[str, str]:
+    """Whether ``cand`` was trained from scratch or fine-tuned, and from which version."""
+    tags = {CYCLE_KIND_TAG: cand.cycle_kind, WARM_CYCLES_TAG: str(cand.warm_cycles)}
+    if cand.parent_version is not None:
+        tags[PARENT_VERSION_TAG] = cand.parent_version
     return tags
 
 
@@ -358,7 +372,8 @@ def _log_run(settings: Settings, cand: Candidate, data: CycleData, others: dict[
             experiment_id=experiment.experiment_id,
             run_name=f"{cand.model_type}-{cycle_id}",
             tags={RUN_CYCLE_TAG: cycle_id, RUN_MODEL_TYPE_TAG: cand.model_type,
-                  RUN_CODE_VERSION_TAG: code_version(), VALIDATION_TAG: validation_status(cand)},
+                  RUN_CODE_VERSION_TAG: code_version(), VALIDATION_TAG: validation_status(cand),
+                  **lineage_tags(cand)},
         )
     run_id = run.info.run_id
     incomplete_runs.append(run_id)

@@ -159,6 +159,10 @@ class ModelSettings(_Section):
         return v
 
 
+# train.samples_per_epoch: chosen from the measurement in BENCHMARKS.md, "Training at scale".
+SAMPLES_PER_EPOCH = 16_384
+
+
 class TrainSettings(_Section):
     """Retraining schedule and data span."""
 
@@ -170,6 +174,37 @@ class TrainSettings(_Section):
     min_improvement: float = Field(0.0, ge=0, description="relative MAE margin to move champion")
     max_retries: int = Field(5, ge=0)
     retry_backoff_s: float = Field(2.0, gt=0)
+    samples_per_epoch: int = Field(
+        SAMPLES_PER_EPOCH, ge=1, description="(series, time) samples drawn per training epoch, anew each epoch "
+        "(seeded by model.seed); a span holding fewer is passed over once per epoch. How the default was chosen: "
+        "BENCHMARKS.md, 'Training at scale'",
+    )
+    recency_half_life_windows: float | None = Field(
+        None, gt=0, description="weight training targets by recency: half the weight every N windows back; "
+        "unset = uniform over time",
+    )
+    validation_samples: int = Field(8192, ge=1, description="validation samples (a fixed draw) per cycle")
+    holdout_series: int = Field(
+        1000, ge=1, description="series scored on the holdout (a seeded subsample when there are more); the "
+        "champion, the new models and seasonal naive are scored on the same ones",
+    )
+    full_every: int = Field(
+        6, ge=1, description="every N-th cycle retrains from scratch; the others fine-tune the champion when its "
+        "type and config are unchanged (1: always from scratch)",
+    )
+    warm_epochs: int = Field(1, ge=1, description="epochs of a warm-start (fine-tuning) cycle (BENCHMARKS.md)")
+    warm_span_windows: int = Field(
+        1000, ge=1, description="a warm cycle trains on targets in the newest N windows of the training span",
+    )
+    warm_learning_rate: float = Field(3e-4, gt=0, description="learning rate of a warm-start cycle")
+    accelerator: str = Field("auto", description="Lightning accelerator: auto (a GPU when present), cpu, gpu, ...")
+    devices: int | str = Field(1, description="Lightning devices per node: a count, 'auto', or a list like '0,1'")
+    strategy: str = Field("auto", description="Lightning strategy: auto, ddp (one process per device), ...")
+    num_nodes: int = Field(1, ge=1, description="machines of a DDP run (torchrun or SLURM sets the ranks)")
+    threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads for training on CPU; unset = torch's default (all cores). "
+        "On a host busy with other processes one thread can be much faster (no OpenMP contention; BENCHMARKS.md)",
+    )
 
 
 class ForecastSettings(_Section):

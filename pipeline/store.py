@@ -59,7 +59,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -155,6 +155,28 @@ class HistoryStore:
             flt = f if flt is None else flt & f
         table = dataset.to_table(columns=list(WINDOW_SCHEMA), filter=flt)
         return pl.from_arrow(table).cast(WINDOW_SCHEMA).sort("series", "window_start")
+
+    def scan(self, columns: list[str], start_ms: int | None = None, end_ms: int | None = None,
+             batch_size: int = 1 << 20) -> Iterator[pa.RecordBatch]:
+        """Stream ``columns`` of the windows with ``start_ms <= window_start < end_ms`` as record batches of
+        at most ``batch_size`` rows, in file order (unsorted): memory follows one batch, not the span.
+        For readers that build their own arrays (the train job's series matrix)."""
+        flt = None
+        if start_ms is not None:
+            flt = ds.field("window_start") >= start_ms
+        if end_ms is not None:
+            f = ds.field("window_start") < end_ms
+            flt = f if flt is None else flt & f
+        try:
+            files = self._files(start_ms, end_ms)
+            if not files:
+                return
+            dataset = ds.dataset(files, filesystem=self.fs, format="parquet")
+            for batch in dataset.to_batches(columns=columns, filter=flt, batch_size=batch_size):
+                if batch.num_rows:
+                    yield batch
+        except OSError as e:
+            raise StoreUnavailable(f"history store {self.location}: reading windows failed: {e}") from e
 
     @_io("reading the last windows")
     def last_windows(self, n: int, series: str | list[str] | None = None) -> pl.DataFrame:
