@@ -458,7 +458,11 @@ def private_mlflow(tmp_path: Path) -> Iterator[dict]:
 def train_job_env(uri: str, data_dir: Path, base: dict[str, str], port: int) -> dict[str, str]:
     return {**os.environ, **base, **train_env(uri, data_dir, **WEAK), "PYTHONUNBUFFERED": "1",
             "ROLLCAST_OBSERVABILITY__METRICS_PORT": str(port),
-            "ROLLCAST_OBSERVABILITY__SHUTDOWN_TIMEOUT_S": "20"}
+            "ROLLCAST_OBSERVABILITY__SHUTDOWN_TIMEOUT_S": "20",
+            # every cycle a full retrain from the same seed and data: it never beats the champion, so the
+            # champion stays put while the job retrains every few seconds (a warm start would improve on
+            # it, and move the alias, on every cycle)
+            "ROLLCAST_TRAIN__FULL_EVERY": "1"}
 
 
 def cycles(port: int, *outcomes: str) -> float:
