@@ -24,7 +24,7 @@ from typing import Any
 log = logging.getLogger("rollcast.runtime")
 
 
-class Stopped(Exception):  # noqa: N818 - it is an event, not an error
+class Stopped(Exception):
     """Raised in the main thread by a :class:`Shutdown` made with ``raise_in_main=True``."""
 
 
@@ -38,16 +38,14 @@ class Shutdown(threading.Event):
     the main thread (a supervisor waiting for its children to start).
     """
 
-    def __init__(self, job: str, timeout_s: float | None = None, *, raise_in_main: bool = False,
-                 install: bool = True) -> None:
+    def __init__(self, job: str, timeout_s: float | None = None, *, raise_in_main: bool = False) -> None:
         super().__init__()
         self.job = job
         self.timeout_s = timeout_s
         self.raise_in_main = raise_in_main
         self.signum: int | None = None
-        if install:
-            signal.signal(signal.SIGTERM, self._on_signal)
-            signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
 
     @property
     def requested(self) -> bool:
