@@ -91,11 +91,14 @@ class TopicSettings(_Section):
     dlq: str = "observations.dlq"
     windows: str = "windows"
     forecasts: str = "forecasts"
+    scores: str = "scores"
 
 
 class GroupSettings(_Section):
     ingest: str = "rollcast-ingest"
     forecast: str = "rollcast-forecast"
+    scores: str = Field("rollcast-train-scores", description="the train job's reader of the scores topic (live "
+                        "accuracy for drift and MLflow)")
 
 
 class FieldSettings(_Section):
@@ -201,6 +204,18 @@ class TrainSettings(_Section):
     devices: int | str = Field(1, description="Lightning devices per node: a count, 'auto', or a list like '0,1'")
     strategy: str = Field("auto", description="Lightning strategy: auto, ddp (one process per device), ...")
     num_nodes: int = Field(1, ge=1, description="machines of a DDP run (torchrun or SLURM sets the ranks)")
+    drift_factor: float | None = Field(
+        1.5, gt=0, description="start a cycle when the champion's live relative MAE over the last "
+        "train.drift_windows windows exceeds its holdout relative MAE times this (unset: never)",
+    )
+    drift_coverage_floor: float | None = Field(
+        0.65, ge=0, le=1, description="start a cycle when the live coverage of the outer interval over the last "
+        "train.drift_windows windows falls below this (unset: never)",
+    )
+    drift_windows: int = Field(48, ge=1, description="W of the drift triggers: windows of live scores judged")
+    drift_min_points: int = Field(200, ge=1, description="scored points needed in those windows before judging")
+    drift_cooldown_minutes: float = Field(30.0, ge=0, description="no drift cycle sooner than this after a cycle")
+    live_log_s: float = Field(60.0, gt=0, description="how often the serving versions' live metrics go to MLflow")
     threads: int | None = Field(
         None, ge=1, description="torch intra-op threads for training on CPU; unset = torch's default (all cores). "
         "On a host busy with other processes one thread can be much faster (no OpenMP contention; BENCHMARKS.md)",
@@ -224,6 +239,35 @@ class ForecastSettings(_Section):
         50, ge=0, description="longest the job waits for the rest of a windows batch (one ingest checkpoint) "
         "whose headers announce messages in partitions it owns but has not fetched yet, so the batch gets one "
         "inference instead of one per fetch; 0 forecasts each fetch at once",
+    )
+
+
+class ScoringSettings(_Section):
+    """Live scoring of every forecast against the windows that settle it (the forecast job)."""
+
+    enabled: bool = Field(True, description="score forecasts, publish them to topics.scores, calibrate online")
+    live_windows: int = Field(
+        168, ge=1, description="W: the live metrics (Prometheus, MLflow) cover forecasts issued in the last W "
+        "windows",
+    )
+    checkpoint_s: float = Field(
+        5.0, ge=0, description="how often the forecast job saves its scoring and calibration state to the "
+        "history store and then commits its offsets (0: after every batch)",
+    )
+
+
+class CalibrationSettings(_Section):
+    """Online conformal calibration of the served quantiles (quantile tracking, per series and step)."""
+
+    enabled: bool = Field(True, description="serve calibrated quantiles; the message keeps the model's own too")
+    learning_rate: float = Field(
+        0.05, gt=0, le=1, description="eta: how far one settled window moves a quantile's offset, in units of "
+        "the model's own outer interval width",
+    )
+    max_offset: float = Field(20.0, gt=0, description="offsets are clipped to +- this many interval widths")
+    on_new_champion: Literal["keep", "reset"] = Field(
+        "keep", description="a new champion starts from the offsets learned so far (keep) or from its own "
+        "quantiles (reset); only its own forecasts update them from then on",
     )
 
 
@@ -277,6 +321,8 @@ class Settings(_Section):
     model: ModelSettings = ModelSettings()
     train: TrainSettings = TrainSettings()
     forecast: ForecastSettings = ForecastSettings()
+    scoring: ScoringSettings = ScoringSettings()
+    calibration: CalibrationSettings = CalibrationSettings()
     mlflow: MlflowSettings = MlflowSettings()
     embedded: EmbeddedSettings = EmbeddedSettings()
     storage: StorageSettings = StorageSettings()

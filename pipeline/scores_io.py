@@ -1,0 +1,157 @@
+"""Scores on the ``scores`` topic: one JSON message per forecast whose windows have all closed, keyed by
+series, and the live accuracy computed from them.
+
+The format (README "Message formats")::
+
+    {"series": "demand", "last_window_end": 1399334400000, "model": {"name": "tcn", "version": "3"},
+     "issued_at": 1795432000000, "step_ms": 3600000, "calibrated": true, "quantiles": [0.1, 0.5, 0.9],
+     "points": [{"h": 1, "ts": 1399334400000, "actual": 5.1, "forecast": 5.56, "abs_error": 0.46,
+                 "sq_error": 0.2116, "pinball": {"0.1": 0.1, "0.5": 0.23, "0.9": 0.046},
+                 "inside": true, "model_inside": true, "naive": 5.0, "naive_abs_error": 0.1}]}
+
+``points`` has one entry per horizon step; ``ts`` is the start of the window it forecast (as in the
+forecast message). ``forecast`` is the median; ``pinball`` is the pinball loss of each *served*
+quantile (the calibrated ones when ``calibrated``); ``inside`` says whether the actual fell within the
+served outer interval (lowest to highest quantile), ``model_inside`` within the model's own. ``naive``
+is the seasonal-naive forecast of that step from the same origin. A step whose window was a gap
+(``count = 0``) has ``actual`` and every error ``null``.
+
+:class:`LiveAccuracy` keeps the sums of the last W windows per model version: the forecast job's
+Prometheus gauges and the train job's drift triggers and MLflow live metrics are both computed by it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+@dataclass
+class LiveTotals:
+    """Sums over scored points (steps with a known actual)."""
+
+    points: int = 0
+    abs_error: float = 0.0
+    sq_error: float = 0.0
+    naive_abs_error: float = 0.0
+    inside: int = 0
+    model_inside: int = 0
+
+    def add(self, other: LiveTotals) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    @property
+    def mae(self) -> float:
+        return self.abs_error / self.points if self.points else math.nan
+
+    @property
+    def rmse(self) -> float:
+        return math.sqrt(self.sq_error / self.points) if self.points else math.nan
+
+    @property
+    def relative_mae(self) -> float:
+        """MAE over seasonal naive's MAE on the same points (< 1: better than seasonal naive)."""
+        return self.abs_error / self.naive_abs_error if self.naive_abs_error > 0 else math.nan
+
+    @property
+    def coverage(self) -> float:
+        """Share of actuals inside the served outer interval."""
+        return self.inside / self.points if self.points else math.nan
+
+    @property
+    def model_coverage(self) -> float:
+        """Share of actuals inside the model's own outer interval."""
+        return self.model_inside / self.points if self.points else math.nan
+
+    def as_dict(self) -> dict[str, float]:
+        return {"points": self.points, "mae": self.mae, "rmse": self.rmse, "relative_mae": self.relative_mae,
+                "coverage": self.coverage, "model_coverage": self.model_coverage}
+
+
+def totals_of(message: Mapping[str, Any]) -> LiveTotals:
+    """The sums of one decoded score message's known points."""
+    t = LiveTotals()
+    for p in message.get("points", ()):
+        if p.get("actual") is None or p.get("abs_error") is None:
+            continue
+        t.points += 1
+        t.abs_error += float(p["abs_error"])
+        t.sq_error += float(p["sq_error"])
+        t.naive_abs_error += float(p["naive_abs_error"]) if p.get("naive_abs_error") is not None else 0.0
+        t.inside += bool(p["inside"])
+        t.model_inside += bool(p["model_inside"])
+    return t
+
+
+class LiveAccuracy:
+    """Per model version, the sums of the scored forecasts issued in the last ``windows`` windows (by
+    ``last_window_end``: the newest seen, and the ``windows - 1`` before it)."""
+
+    def __init__(self, windows: int):
+        self.windows = int(windows)
+        self._by_version: dict[str, dict[int, LiveTotals]] = {}
+        self._step: dict[str, int] = {}
+        self._newest: dict[str, int] = {}
+
+    def add(self, version: str, last_window_end: int, step_ms: int, totals: LiveTotals) -> None:
+        bins = self._by_version.setdefault(version, {})
+        bins.setdefault(int(last_window_end), LiveTotals()).add(totals)
+        self._step[version] = int(step_ms)
+        newest = max(self._newest.get(version, last_window_end), int(last_window_end))
+        self._newest[version] = newest
+        oldest = newest - (self.windows - 1) * int(step_ms)
+        if len(bins) > self.windows:
+            for end in [e for e in bins if e < oldest]:
+                del bins[end]
+
+    def add_message(self, message: Mapping[str, Any]) -> str | None:
+        """Add a decoded score message; its model version, or None when it is not a score."""
+        version = (message.get("model") or {}).get("version")
+        if version is None:
+            return None
+        self.add(str(version), int(message["last_window_end"]), int(message.get("step_ms") or 1),
+                 totals_of(message))
+        return str(version)
+
+    def versions(self) -> list[str]:
+        return list(self._by_version)
+
+    def newest(self, version: str) -> int | None:
+        return self._newest.get(version)
+
+    def totals(self, version: str, windows: int | None = None) -> LiveTotals:
+        """Sums over the last ``windows`` (default: all kept) windows of ``version``."""
+        bins = self._by_version.get(version, {})
+        out = LiveTotals()
+        if not bins:
+            return out
+        n = self.windows if windows is None else min(int(windows), self.windows)
+        oldest = self._newest[version] - (n - 1) * self._step[version]
+        for end, t in bins.items():
+            if end >= oldest:
+                out.add(t)
+        return out
+
+
+def decode_score(value: bytes | None) -> dict[str, Any] | None:
+    """A score message as a dict, or None when ``value`` is not one."""
+    if value is None:
+        return None
+    try:
+        msg = json.loads(value)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        return None
+    if not isinstance(msg, dict) or not isinstance(msg.get("series"), str) \
+            or not isinstance(msg.get("last_window_end"), int) or not isinstance(msg.get("points"), list) \
+            or not isinstance(msg.get("model"), dict):
+        return None
+    return msg
+
+
+def encode_scores(rows: Iterable[dict[str, Any]]) -> list[tuple[str, bytes]]:
+    """``(series, JSON bytes)`` for score dicts in this module's format."""
+    return [(r["series"], json.dumps(r, separators=(",", ":"), allow_nan=False).encode()) for r in rows]
