@@ -27,6 +27,8 @@ from prometheus_client import Counter, Gauge, Histogram
 from pipeline.config import Settings
 from pipeline.errors import BrokerUnavailable, StoreUnavailable
 from pipeline.runtime import Shutdown
+from pipeline.scores_io import LiveAccuracy, encode_scores, totals_of
+from pipeline.scoring_checkpoint import ScoringCheckpoint
 from pipeline.windows_io import complete_batch, decode_windows
 
 if TYPE_CHECKING:
@@ -53,6 +55,18 @@ BATCH_WAITS = Counter(
     ["outcome"],
 )
 LAG = Gauge("rollcast_forecast_consumer_lag", "Windows messages behind the partition's end", ["partition"])
+SCORES = Counter("rollcast_forecast_scores_total", "Score messages produced (forecasts whose windows all closed)")
+LIVE = {
+    name: Gauge(f"rollcast_live_{name}", f"{what}, over the forecasts issued in the last scoring.live_windows "
+                "windows, by model version", ["version"])
+    for name, what in [
+        ("mae", "Live MAE of the point forecast"),
+        ("relative_mae", "Live MAE relative to seasonal naive on the same windows (< 1: better)"),
+        ("coverage", "Live share of actuals inside the served outer interval (calibrated when calibration is on)"),
+        ("model_coverage", "Live share of actuals inside the model's own outer interval"),
+        ("points", "Scored forecast steps"),
+    ]
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -104,10 +118,11 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     # idempotent one is refused by a broker that lost its producer id). The in-memory context is kept:
     # re-reading a window replaces it with the same values.
     consumer = make_consumer(settings, settings.groups.forecast)
-    consumer.subscribe([settings.topics.windows], listener=_assignment_log(forecaster))
+    checkpoint = ScoringCheckpoint(settings, consumer, lambda: forecaster.scorer)
+    consumer.subscribe([settings.topics.windows], listener=_assignment_log(forecaster, checkpoint))
     try:
         ok = retry_sessions(
-            lambda: _serve(settings, args, forecaster, watcher, consumer, shutdown, health),
+            lambda: _serve(settings, args, forecaster, watcher, consumer, checkpoint, shutdown, health),
             job="forecast", shutdown=shutdown, health=health,
             errors=(KafkaError, BrokerUnavailable, StoreUnavailable),
             resuming="retrying the batch with a new producer",
@@ -125,8 +140,8 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _serve(settings: Settings, args: argparse.Namespace, forecaster: Forecaster, watcher: Any, consumer: Any,
-           shutdown: Shutdown, health: Any) -> None:
-    """One producer session: poll windows, forecast, commit, swap in a new champion."""
+           checkpoint: ScoringCheckpoint, shutdown: Shutdown, health: Any) -> None:
+    """One producer session: poll windows, forecast and score, commit, swap in a new champion."""
     from kafka.errors import KafkaError
 
     from pipeline.kafka import BulkProducer, poll_promptly
@@ -134,6 +149,7 @@ def _serve(settings: Settings, args: argparse.Namespace, forecaster: Forecaster,
     from pipeline.runtime import freeze_heap
 
     lag = LagTracker(LAG)
+    live = LiveAccuracy(settings.scoring.live_windows)
     producer = BulkProducer(settings, **{"compression.type": settings.forecast.compression})
     last_data = time.monotonic()
     clean = False
@@ -148,54 +164,55 @@ def _serve(settings: Settings, args: argparse.Namespace, forecaster: Forecaster,
                 last_data = time.monotonic()
             if batch:
                 try:
-                    process_batch(batch, forecaster, producer, consumer, settings)
+                    checkpoint.begin(batch)
+                    process_batch(batch, forecaster, producer, checkpoint, settings, live)
                 except (KafkaError, BrokerUnavailable, StoreUnavailable):
-                    _rewind(consumer, batch)  # not committed: read it again
+                    checkpoint.rewind(batch)  # not committed: read it again, from the last saved state
                     raise
             elif args.exit_when_idle is not None and time.monotonic() - last_data > args.exit_when_idle:
                 log.info("no windows for %.1fs; exiting", args.exit_when_idle)
                 break
+            else:
+                checkpoint.processed({})  # a save that fell due while idle
             if watcher is not None:
                 new = watcher.take()
                 if new is not None:
+                    checkpoint.flush()  # what the old version served and scored is saved first
                     forecaster.swap(new)
                     freeze_heap()
                     MODEL_VERSION.set(float(new.version) if new.version.isdigit() else -1)
                     health.facts.update(model=new.name, model_version=new.version)
+        checkpoint.flush()
         clean = True
     finally:
         producer.close(settings.observability.shutdown_timeout_s if clean else 1.0)
 
 
-def _assignment_log(forecaster: Forecaster) -> Any:
-    """A rebalance listener that logs the partitions the job gains and loses, and tells ``forecaster``
-    which it gained (:meth:`~models.serving.Forecaster.assigned`)."""
+def _assignment_log(forecaster: Forecaster, checkpoint: ScoringCheckpoint) -> Any:
+    """A rebalance listener that logs the partitions the job gains and loses, tells ``forecaster``
+    which it gained (:meth:`~models.serving.Forecaster.assigned`), and saves and loads their scoring
+    state (:class:`~pipeline.scoring_checkpoint.ScoringCheckpoint`)."""
     from kafka import ConsumerRebalanceListener
 
     class _AssignmentLog(ConsumerRebalanceListener):
         def on_partitions_revoked(self, revoked: Any) -> None:
             if revoked:
                 log.info("revoked partitions %s", sorted(tp.partition for tp in revoked))
+            checkpoint.revoked(revoked)
 
         def on_partitions_assigned(self, assigned: Any) -> None:
             if assigned:
                 log.info("assigned partitions %s", sorted(tp.partition for tp in assigned))
             forecaster.assigned(tp.partition for tp in assigned)
+            checkpoint.assigned(assigned)
 
     return _AssignmentLog()
 
 
-def _rewind(consumer: Any, batch: dict) -> None:
-    """Seek every still-assigned partition of ``batch`` back to its first record."""
-    assigned = consumer.assignment()
-    for tp, records in batch.items():
-        if records and tp in assigned:
-            consumer.seek(tp, records[0].offset)
-
-
-def process_batch(batch: dict, forecaster: Forecaster, producer: BulkProducer, consumer: Any,
-                  settings: Settings) -> None:
-    """Windows of one poll -> forecasts acknowledged by the broker -> offsets committed."""
+def process_batch(batch: dict, forecaster: Forecaster, producer: BulkProducer, checkpoint: ScoringCheckpoint,
+                  settings: Settings, live: LiveAccuracy | None = None) -> None:
+    """Windows of one poll -> forecasts and scores acknowledged by the broker -> offsets committed (after
+    the scoring state they cover is saved: :class:`~pipeline.scoring_checkpoint.ScoringCheckpoint`)."""
     from kafka import OffsetAndMetadata
 
     from models.serving import SERIES, SKIPPED, STAGE_S
@@ -231,11 +248,19 @@ def process_batch(batch: dict, forecaster: Forecaster, producer: BulkProducer, c
     parts = forecaster.partitions_of(topic, producer)
     sent, sending = 0, 0.0
     # librdkafka sends each chunk while the next one's JSON is built
-    for messages in forecaster.forecast(keys, issued_at=int(time.time() * 1000), batch=tables):
+    for messages in forecaster.forecast(keys, issued_at=int(time.time() * 1000), batch=tables,
+                                        partitions=[p for p, _ in fresh]):
         t0 = time.perf_counter()
         producer.send(topic, [(key.encode(), value, parts[key]) for key, value in messages])
         sent += len(messages)
         sending += time.perf_counter() - t0
+    scores = forecaster.scores
+    if scores:
+        t0 = time.perf_counter()
+        score_parts = forecaster.partitions_of(settings.topics.scores, producer)
+        producer.send(settings.topics.scores, [(key.encode(), value, score_parts[key])
+                                               for key, value in encode_scores(scores)])
+        STAGE_S.labels("scores").observe(time.perf_counter() - t0)
     t0 = time.perf_counter()
     # raises unless the broker acknowledged every message: then offsets stay uncommitted
     producer.confirm(topic, timeout_s=settings.observability.shutdown_timeout_s)
@@ -244,6 +269,22 @@ def process_batch(batch: dict, forecaster: Forecaster, producer: BulkProducer, c
     FORECASTS.inc(sent)
     if oldest_ts is not None:
         END_TO_END_S.observe(max(0.0, time.time() - oldest_ts / 1000))
-    # bounded: kafka-python retries a commit forever while the coordinator is unknown
-    consumer.commit(commits, timeout_ms=int(settings.observability.shutdown_timeout_s * 1000))
+    if scores:
+        SCORES.inc(len(scores))
+        if live is not None:
+            _report_live(live, scores)
+    checkpoint.processed(commits)
     STAGE_S.labels("commit").observe(time.perf_counter() - t2)
+
+
+def _report_live(live: LiveAccuracy, scores: list[dict]) -> None:
+    """Add a batch's scores to the sliding sums; set the gauges of the versions they concern."""
+    versions = set()
+    for msg in scores:
+        version = msg["model"]["version"]
+        live.add(version, msg["last_window_end"], msg["step_ms"], totals_of(msg))
+        versions.add(version)
+    for version in versions:
+        figures = live.totals(version).as_dict()
+        for name, gauge in LIVE.items():
+            gauge.labels(version).set(figures[name])

@@ -19,7 +19,8 @@ import numpy as np
 import pyarrow as pa
 from prometheus_client import Counter, Gauge, Histogram
 
-from models.data import known_any
+from models.data import fill_gaps, known_any
+from models.scoring import ModelRef, ScoredBatch, Scorer, seasonal_naive
 from pipeline.config import Settings
 from pipeline.contexts import (
     ContextBuffers,
@@ -84,6 +85,10 @@ def load_saved_model(model_dir: Path, version: str) -> LoadedModel:
     )
 
 
+def _ref(model: LoadedModel) -> ModelRef:
+    return ModelRef(model.name, model.version, list(model.quantiles))
+
+
 class Forecaster:
     """In-memory context of every series plus the model serving them."""
 
@@ -97,6 +102,10 @@ class Forecaster:
         self._partitions: KeyPartitions | None = None
         # windows partition -> series refreshed from the store since the partition was last assigned
         self._refreshed: dict[int, set[str]] = {}
+        # live scoring and online calibration (models.scoring); the score messages of the last forecast()
+        self.scorer = Scorer(settings, _ref(model), model.horizon, self.step_ms) if settings.scoring.enabled \
+            else None
+        self.scores: list[dict[str, Any]] = []
 
     def partitions_of(self, topic: str, producer: BulkProducer) -> KeyPartitions:
         """Partition of each series in ``topic`` (the key's default-partitioner choice), memoised
@@ -113,6 +122,13 @@ class Forecaster:
             self.capacity = model.context + BUFFER_SLACK
             self.rebuild()
         self.model = model
+        if self.scorer is not None:
+            if self.scorer.compatible(_ref(model), model.horizon):
+                self.scorer.serve(_ref(model))
+            else:
+                log.warning("version %s forecasts another horizon or other quantiles: forecasts of the previous "
+                            "version still pending are not scored, and calibration starts afresh", model.version)
+                self.scorer = Scorer(self.settings, _ref(model), model.horizon, self.step_ms)
 
     def rebuild(self) -> None:
         """Reload the last windows of every series from the history store."""
@@ -149,16 +165,19 @@ class Forecaster:
         return list(zip(series, ends.tolist(), strict=True))
 
     def forecast(self, keys: Iterable[tuple[str, int]], issued_at: int, chunk: int = MESSAGE_CHUNK,
-                 batch: Sequence[pa.Table] = ()) -> Iterator[list[tuple[str, bytes]]]:
+                 batch: Sequence[pa.Table] = (), partitions: Sequence[int] | None = None,
+                 ) -> Iterator[list[tuple[str, bytes]]]:
         """One batched inference over every (series, window_end) with enough context; yields the forecast
         messages ``chunk`` series at a time (the caller sends each while the next is built).
 
-        ``batch``: the windows tables just :meth:`add`-ed. Ingest produces a checkpoint's windows
-        before it writes them to the store, so contexts older than the buffer come from the store
-        plus these."""
+        ``batch``: the windows tables just :meth:`add`-ed (and ``partitions``, the windows partition of
+        each). Ingest produces a checkpoint's windows before it writes them to the store, so contexts
+        older than the buffer come from the store plus these. With scoring on, they also settle earlier
+        forecasts: :attr:`scores` then holds the score messages of this call."""
         import models
 
         t_start = time.perf_counter()
+        self.scores = []
         length = self.model.context
         keys = list(dict.fromkeys(keys))
         if not keys:
@@ -186,21 +205,62 @@ class Forecaster:
         if unknown.any():
             SKIPPED.labels("no_known_value").inc(int(unknown.sum()))
         use = np.flatnonzero(ok & ~unknown)
-        if not len(use):
+        if not len(use) and self.scorer is None:
             return
         ok_ends = ends[use]
         grid = ok_ends[:, None] - self.step_ms * np.arange(length - 1, -1, -1)
         contexts = ctx[use]
         t0 = time.perf_counter()
         STAGE_S.labels("context").observe(t0 - t_start)
-        preds = models.predict(self.model.module, contexts, window_end_ms=grid)
+        preds = models.predict(self.model.module, contexts, window_end_ms=grid) if len(use) \
+            else np.zeros((0, self.model.horizon, len(self.model.quantiles)), dtype=np.float32)
         t1 = time.perf_counter()
         INFERENCE_S.observe(t1 - t0)
         STAGE_S.labels("inference").observe(t1 - t0)
         names, preds = [series[i] for i in use.tolist()], np.asarray(preds)
+        if self.scorer is None:
+            groups = [(np.arange(len(use)), preds, None, _ref(self.model), issued_at)]
+        else:
+            scored = self._score(keys, use, contexts, preds, issued_at, batch, partitions)
+            self.scores = scored.scores
+            if scored.repeats_not_held:
+                SKIPPED.labels("repeat_sent_before").inc(scored.repeats_not_held)
+            model_q = (lambda x: x) if self.scorer.calibrate else (lambda x: None)
+            groups = [(g.index, g.served, model_q(g.model_q), g.model, g.issued_at) for g in scored.issued]
+            STAGE_S.labels("scoring").observe(time.perf_counter() - t1)
         building, t2 = 0.0, time.perf_counter()
-        for out in forecast_message_chunks(names, ok_ends, preds, self.model, self.step_ms, issued_at, chunk):
-            building += time.perf_counter() - t2
-            yield out
-            t2 = time.perf_counter()
+        for index, served, model_preds, ref, at in groups:
+            for out in forecast_message_chunks([names[i] for i in index.tolist()], ok_ends[index], served, ref,
+                                               self.step_ms, at, chunk, model_preds=model_preds):
+                building += time.perf_counter() - t2
+                yield out
+                t2 = time.perf_counter()
         STAGE_S.labels("messages").observe(building)
+
+    def _score(self, keys: list[tuple[str, int]], use: np.ndarray, contexts: np.ndarray, preds: np.ndarray,
+               issued_at: int, batch: Sequence[pa.Table], partitions: Sequence[int] | None) -> ScoredBatch:
+        """Hand every window of the batch, in arrival order, and the forecasts of ``use`` to the scorer."""
+        assert self.scorer is not None
+        names: list[str] = []
+        ends, values, parts = [], [], []
+        for k, table in enumerate(batch):
+            s, e, v = target_values(table, self.target)
+            names.extend(s)
+            ends.append(e)
+            values.append(v)
+            parts.append(np.full(len(s), -1 if partitions is None else partitions[k], dtype=np.int32))
+        first: dict[tuple[str, int], int] = {}
+        for i, key in enumerate(zip(names, np.concatenate(ends).tolist() if ends else [], strict=True)):
+            first.setdefault(key, i)
+        extra = [key for key in keys if key not in first]  # forecast without its window in `batch` (tests)
+        for key in extra:
+            first[key] = len(names)
+            names.append(key[0])
+        ends.append(np.array([e for _, e in extra], dtype=np.int64))
+        values.append(np.full(len(extra), np.nan))
+        parts.append(np.full(len(extra), -1, dtype=np.int32))
+        fc_window = np.array([first[keys[i]] for i in use.tolist()], dtype=np.int64)
+        naive = seasonal_naive(fill_gaps(contexts), self.model.horizon, self.settings.model.season) \
+            if len(use) else np.zeros((0, self.model.horizon))
+        return self.scorer.run(names, np.concatenate(ends), np.concatenate(values), np.concatenate(parts),
+                               fc_window, preds, naive, issued_at)

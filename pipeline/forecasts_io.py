@@ -34,11 +34,17 @@ def forecast_message_chunks(
     preds: np.ndarray,
     model: ModelId,
     step_ms: int,
-    issued_at: int,
+    issued_at: int | np.ndarray,
     chunk: int | None = None,
+    model_preds: np.ndarray | None = None,
 ) -> Iterator[list[tuple[str, bytes]]]:
     """One JSON forecast per row of ``preds`` (B, H, Q), in DESIGN.md's format, as ``(series, bytes)``
     pairs in lists of ``chunk`` (one list of all if None).
+
+    ``preds`` are the quantiles served. With ``model_preds`` (the model's own, same shape), ``preds`` are
+    the calibrated ones: the message says ``"calibrated": true`` and every point carries the model's
+    own as ``model_quantiles`` too; otherwise ``"calibrated": false``. ``issued_at``: one for all, or
+    one per row.
 
     Point ``h`` (1-based) covers the window starting at ``last_window_end + (h-1)*step_ms``;
     its ``ts`` is that window's start, matching ``window_start`` in the history store.
@@ -67,12 +73,18 @@ def forecast_message_chunks(
 
     ts = (ends[:, None] + np.arange(horizon, dtype=np.int64)[None] * step_ms).ravel()
     # each quantile's text once (the mean is the median's text), all of them in one parallel query
-    texts = [pl.lit(t) for t in pl.select([number(preds[:, :, j]).alias(str(j))
-                                           for j in range(len(model.quantiles))]).get_columns()]
+    sets = [preds] if model_preds is None else [preds, np.asarray(model_preds, dtype=np.float32)]
+    if len(sets) > 1:
+        finite = finite and bool(np.isfinite(sets[1]).all())
+    nq = len(model.quantiles)
+    texts = [pl.lit(t) for t in pl.select([number(x[:, :, j]).alias(f"{k}.{j}")
+                                           for k, x in enumerate(sets) for j in range(nq)]).get_columns()]
     parts: list[pl.Expr] = [pl.lit('{"ts":'), pl.lit(pl.Series(ts)).cast(pl.String),
                             pl.lit(',"mean":'), texts[median]]
-    for j, q in enumerate(model.quantiles):
-        parts += [pl.lit((',"quantiles":{' if j == 0 else ",") + json.dumps(f"{q:g}") + ":"), texts[j]]
+    for k, name in enumerate(["quantiles", "model_quantiles"][: len(sets)]):
+        for j, q in enumerate(model.quantiles):
+            parts += [pl.lit((f'{"}" if k else ""},"{name}":{{' if j == 0 else ",") + json.dumps(f"{q:g}") + ":"),
+                      texts[k * nq + j]]
     parts.append(pl.lit("}}"))
     points = pl.select(pl.concat_str(parts))[:, 0].reshape((n, horizon)).arr.join(",")
     names = pl.Series(series, dtype=pl.String)
@@ -80,14 +92,21 @@ def forecast_message_chunks(
         names = pl.Series([json.dumps(x) for x in series], dtype=pl.String)
     else:
         names = '"' + names + '"'
-    head = (f',"issued_at":{int(issued_at)},"last_window_end":')
+    if np.ndim(issued_at):
+        head = ',"issued_at":' + pl.Series(np.asarray(issued_at, dtype=np.int64)).cast(pl.String) \
+            + ',"last_window_end":'
+    else:
+        head = pl.Series([f',"issued_at":{int(issued_at)},"last_window_end":']).extend_constant(
+            f',"issued_at":{int(issued_at)},"last_window_end":', n - 1)
     mid = (',"model":' + json.dumps({"name": model.name, "version": model.version}, separators=(",", ":"))
-           + f',"step_ms":{int(step_ms)},"points":[')
+           + f',"step_ms":{int(step_ms)},"calibrated":{"true" if model_preds is not None else "false"},'
+           + '"points":[')
     ends_text = pl.Series(ends).cast(pl.String)
     step = chunk or n
     for lo in range(0, n, step):
         lines = pl.select(pl.concat_str([
-            pl.lit('{"series":'), pl.lit(names[lo:lo + step]), pl.lit(head), pl.lit(ends_text[lo:lo + step]),
+            pl.lit('{"series":'), pl.lit(names[lo:lo + step]), pl.lit(head[lo:lo + step]),
+            pl.lit(ends_text[lo:lo + step]),
             pl.lit(mid), pl.lit(points[lo:lo + step]), pl.lit("]}"),
         ]).cast(pl.Binary))[:, 0].to_list()
         yield list(zip(series[lo:lo + step], lines, strict=True))

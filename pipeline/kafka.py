@@ -219,6 +219,7 @@ def ensure_topics(settings: Settings, names: list[str] | None = None, partitions
         settings.topics.dlq,
         settings.topics.windows,
         settings.topics.forecasts,
+        settings.topics.scores,
     ]
     admin = make_admin(settings)
     try:

@@ -8,6 +8,7 @@ understands (setting ``storage.history``), e.g.
 
     day=2024-01-01/<checkpoint-id>-<topic>-<partition>.parquet   closed windows
     _progress/<topic>-<partition>.json                            commit point per partition
+    _state/<name>                                                 a job's state (forecast: scoring)
     _pending/<topic>-<partition>/<checkpoint-id>/...              files being written
 
 Readers (train, forecast, backtest) use :class:`HistoryStore`::
@@ -320,6 +321,21 @@ class HistoryStore:
         safe = record.get("safe")
         return Progress(position=int(record["position"]), max_ts=record["max_ts"],
                         safe=None if safe is None else int(safe))
+
+    @_io("writing a job's state")
+    def write_state(self, name: str, data: bytes) -> None:
+        """Replace ``_state/<name>`` atomically (a job's state beside the windows, e.g. the forecast job's
+        scoring and calibration state per windows partition); durable when this returns."""
+        self._put_record(f"_state/{name}", data)
+
+    @_io("reading a job's state")
+    def read_state(self, name: str) -> bytes | None:
+        """What :meth:`write_state` last wrote under ``name``, or None."""
+        try:
+            with self.fs.open_input_stream(self._path(f"_state/{name}")) as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
 
     def _path(self, rel: str) -> str:
         return f"{self.root}/{rel}"

@@ -85,3 +85,59 @@ def collect_forecasts(settings: Settings, expected: set[tuple[str, int]], timeou
     missing = expected - seen.keys()
     assert not missing, f"timed out after {timeout:g}s: forecasts missing for {sorted(missing)[:10]}"
     return seen
+
+
+def collect_scores(settings: Settings, expected: set[tuple[str, int]], timeout: float) -> dict:
+    """All score messages, by (series, last_window_end), read until every ``expected`` one is there."""
+    seen: dict[tuple[str, int], list[dict]] = {}
+    read = [0]
+
+    def covered(records: list) -> bool:
+        for rec in records[read[0]:]:
+            msg = json.loads(rec.value)
+            assert rec.key.decode() == msg["series"]
+            seen.setdefault((msg["series"], msg["last_window_end"]), []).append(msg)
+        read[0] = len(records)
+        return expected <= seen.keys()
+
+    read_topic(settings, settings.topics.scores, covered, timeout=timeout)
+    missing = expected - seen.keys()
+    assert not missing, f"timed out after {timeout:g}s: scores missing for {sorted(missing)[:10]}"
+    return seen
+
+
+def offline_scores(forecasts: dict[tuple[str, int], dict], windows: pl.DataFrame, season: int
+                   ) -> dict[tuple[str, int], list[dict | None]]:
+    """Each forecast's score computed independently from its message and the windows: per step the
+    absolute error of the mean, the pinball loss of each served quantile, whether the actual is inside
+    the served and the model's outer interval, and seasonal naive's error (gap rule: carry forward)."""
+    by_series = {s: dict(zip(p["window_end"].to_list(), np.where(p["count"].to_numpy() > 0,
+                                                                  p["mean"].fill_null(np.nan).to_numpy(), np.nan),
+                             strict=True))
+                 for (s,), p in windows.group_by("series")}
+    out = {}
+    for (s, end), msg in forecasts.items():
+        values = by_series[s]
+        ctx = np.array([values.get(end - (L - 1 - i) * STEP, np.nan) for i in range(L)])
+        known = np.flatnonzero(~np.isnan(ctx))
+        filled = ctx.copy()
+        for i in range(L):  # carry the last known value forward; before the first, that first value
+            if np.isnan(filled[i]):
+                filled[i] = filled[i - 1] if i > 0 and not np.isnan(filled[i - 1]) else ctx[known[0]]
+        m = min(season, L)
+        pts: list[dict | None] = []
+        for h, point in enumerate(msg["points"]):
+            y = values.get(end + (h + 1) * STEP, np.nan)
+            if np.isnan(y):
+                pts.append(None)
+                continue
+            q = {k: float(v) for k, v in point["quantiles"].items()}
+            mq = point.get("model_quantiles", point["quantiles"])
+            naive = filled[L - m + h % m]
+            pts.append({"abs_error": abs(y - point["mean"]),
+                        "pinball": {k: max(float(k) * (y - v), (float(k) - 1) * (y - v)) for k, v in q.items()},
+                        "inside": min(q.values()) <= y <= max(q.values()),
+                        "model_inside": min(mq.values()) <= y <= max(mq.values()),
+                        "naive_abs_error": abs(y - naive)})
+        out[(s, end)] = pts
+    return out

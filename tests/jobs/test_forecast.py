@@ -15,9 +15,20 @@ import pytest
 import models
 from pipeline.config import Settings
 from pipeline.kafka import make_producer
+from pipeline.scores_io import LiveAccuracy
 from pipeline.store import HistoryStore, Progress
 from pipeline.windows_io import HEADERS
-from tests.jobs.forecast_support import STEP, H, L, collect_forecasts, make_windows, offline, produce_windows
+from tests.jobs.forecast_support import (
+    STEP,
+    H,
+    L,
+    collect_forecasts,
+    collect_scores,
+    make_windows,
+    offline,
+    offline_scores,
+    produce_windows,
+)
 from tests.support import rollcast, start_rollcast, wait_for
 
 # ----------------------------------------------------------------------------- pure logic
@@ -74,7 +85,9 @@ def test_forecasts_equal_offline_inference_and_survive_kill_9(
     stored = windows.filter(pl.col("window_start") < windows["window_start"].min() + 12 * STEP)
     live = windows.join(stored, on=["series", "window_start"], how="anti")
     HistoryStore(settings).write_checkpoint("seed", 0, stored, Progress(0, None))
-    env = {**test_env, "ROLLCAST_WINDOW__LENGTH_MS": str(STEP), "ROLLCAST_MODEL__CONTEXT": str(L)}
+    # the scoring state is saved (and offsets committed) after every batch, so the kill lands between saves
+    env = {**test_env, "ROLLCAST_WINDOW__LENGTH_MS": str(STEP), "ROLLCAST_MODEL__CONTEXT": str(L),
+           "ROLLCAST_SCORING__CHECKPOINT_S": "0"}
 
     proc = start_rollcast("forecast", "--model-dir", str(model_dir), env=env, log=tmp_path / "f1.log")
     first, second = live.filter(pl.col("window_start") < live["window_start"].min() + 10 * STEP), None
@@ -99,6 +112,9 @@ def test_forecasts_equal_offline_inference_and_survive_kill_9(
         ref = offline(model_dir, windows)
         expected = {k for k in ref if k[1] > stored["window_end"].max()}
         seen = collect_forecasts(settings, expected, 60)
+        last = windows["window_end"].max()
+        scored = {k for k in expected if k[1] + H * STEP <= last}
+        scores = collect_scores(settings, scored, 60)
         assert proc.wait(60) == 0, (tmp_path / "f2.log").read_text()[-2000:]
     finally:
         if proc.poll() is None:
@@ -111,6 +127,31 @@ def test_forecasts_equal_offline_inference_and_survive_kill_9(
             assert msg["points"][0]["ts"] == key[1]
     gap_series_skips = {k for k in ref if k[0] == "a"}
     assert gap_series_skips  # the gap row is forward-filled, so "a" is forecast too
+    # the scores: one per forecast whose windows all closed, none missing after the kill, repeats identical,
+    # equal to an offline computation from the forecast messages and the windows
+    for key, msgs in seen.items():  # served (calibrated) quantiles repeat exactly too
+        assert all(m["points"] == msgs[0]["points"] for m in msgs), key
+    assert set(scores) == scored
+    want = offline_scores({k: seen[k][0] for k in scored}, windows, season=24)
+    abs_err, inside, n = 0.0, 0, 0
+    for key, msgs in scores.items():
+        assert all(m == msgs[0] for m in msgs), key  # a repeat after the restart carries the same values
+        for got, w in zip(msgs[0]["points"], want[key], strict=True):
+            if w is None:
+                assert got["actual"] is None
+                continue
+            assert got["abs_error"] == pytest.approx(w["abs_error"], abs=1e-5)
+            assert got["naive_abs_error"] == pytest.approx(w["naive_abs_error"], abs=1e-5)
+            assert got["pinball"] == pytest.approx(w["pinball"], abs=1e-5)
+            assert (got["inside"], got["model_inside"]) == (w["inside"], w["model_inside"])
+            abs_err, inside, n = abs_err + got["abs_error"], inside + got["inside"], n + 1
+    live = LiveAccuracy(1000)
+    for msgs in scores.values():
+        live.add_message(msgs[0])
+    offline_mae = sum(p["abs_error"] for pts in want.values() for p in pts if p) / n
+    offline_cov = sum(p["inside"] for pts in want.values() for p in pts if p) / n
+    assert live.totals("local").mae == pytest.approx(offline_mae, rel=1e-6) == abs_err / n
+    assert live.totals("local").coverage == pytest.approx(offline_cov) == inside / n
 
 
 @pytest.mark.slow
@@ -148,8 +189,10 @@ def test_an_independent_kafka_client_reads_forecasts_as_json(
     for rec in records:
         msg = json.loads(rec.value)
         assert rec.key.decode() == msg["series"] == "x"
-        assert set(msg) == {"series", "issued_at", "last_window_end", "model", "step_ms", "points"}
+        assert set(msg) == {"series", "issued_at", "last_window_end", "model", "step_ms", "calibrated", "points"}
+        assert msg["calibrated"] is True  # the default: served quantiles calibrated, the model's own kept
         assert len(msg["points"]) == H and set(msg["points"][0]["quantiles"]) == {"0.1", "0.5", "0.9"}
+        assert set(msg["points"][0]["model_quantiles"]) == {"0.1", "0.5", "0.9"}
     assert sorted(json.loads(r.value)["last_window_end"] for r in records) == windows["window_end"].to_list()[-3:]
 
 

@@ -11,8 +11,8 @@ from mlflow import MlflowClient
 from models import tracking
 from models.cycle import run_cycle
 from pipeline.config import load_settings
-from tests.support import rollcast
 from tests.jobs.train_helpers import WEAK, drifting_daily_windows, train_env, train_settings, write_windows
+from tests.support import rollcast
 
 
 @pytest.mark.slow

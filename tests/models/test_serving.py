@@ -20,7 +20,7 @@ def test_forecasts_come_in_chunks_equal_to_one_offline_inference(tmp_path: Path)
     from pipeline.config import load_settings
 
     s = load_settings(env={"ROLLCAST_DATA_DIR": str(tmp_path), "ROLLCAST_WINDOW__LENGTH_MS": str(STEP),
-                           "ROLLCAST_MODEL__CONTEXT": str(L)})
+                           "ROLLCAST_MODEL__CONTEXT": str(L), "ROLLCAST_CALIBRATION__ENABLED": "false"})
     module = models.create_model("lstm", context=L, horizon=H, hidden=4)
     for p in module.parameters():  # not the zero-initialised head: outputs differ per series
         torch.nn.init.normal_(p, std=0.3)
@@ -50,7 +50,7 @@ def test_a_batch_longer_than_the_buffer_is_forecast_before_the_store_holds_it(tm
     from pipeline.config import load_settings
 
     s = load_settings(env={"ROLLCAST_DATA_DIR": str(tmp_path), "ROLLCAST_WINDOW__LENGTH_MS": str(STEP),
-                           "ROLLCAST_MODEL__CONTEXT": str(L)})
+                           "ROLLCAST_MODEL__CONTEXT": str(L), "ROLLCAST_CALIBRATION__ENABLED": "false"})
     module = models.create_model("lstm", context=L, horizon=H, hidden=4)
     model = LoadedModel("lstm", "1", module, L, H, list(module.config.quantiles))
     forecaster = Forecaster(s, model)
@@ -78,7 +78,8 @@ def test_a_partition_assigned_again_takes_what_another_consumer_read_meanwhile_f
     from pipeline.config import load_settings
 
     s = load_settings(env={"ROLLCAST_DATA_DIR": str(tmp_path), "ROLLCAST_WINDOW__LENGTH_MS": str(STEP),
-                           "ROLLCAST_MODEL__CONTEXT": str(L), "ROLLCAST_WINDOW__TARGET": "last"})
+                           "ROLLCAST_MODEL__CONTEXT": str(L), "ROLLCAST_WINDOW__TARGET": "last",
+                           "ROLLCAST_CALIBRATION__ENABLED": "false"})
     module = models.create_model("lstm", context=L, horizon=H, hidden=4)
     for p in module.parameters():
         torch.nn.init.normal_(p, std=0.3)

@@ -18,12 +18,25 @@ def test_message_format_follows_the_contract() -> None:
     assert key == "s1"
     assert json.loads(value) == {
         "series": "s1", "issued_at": 123, "last_window_end": 10_000,
-        "model": {"name": "tcn", "version": "3"}, "step_ms": STEP,
+        "model": {"name": "tcn", "version": "3"}, "step_ms": STEP, "calibrated": False,
         "points": [
             {"ts": 10_000, "mean": 2.0, "quantiles": {"0.1": 1.0, "0.5": 2.0, "0.9": 3.0}},
             {"ts": 11_000, "mean": 5.0, "quantiles": {"0.1": 4.0, "0.5": 5.0, "0.9": 6.0}},
         ],
     }
+
+
+def test_a_calibrated_message_keeps_the_model_quantiles_and_says_so() -> None:
+    model = LoadedModel("tcn", "3", None, L, 2, [0.1, 0.5, 0.9])
+    own = np.array([[[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], [[0.0, 1.0, 2.0], [1.0, 1.5, 2.0]]], dtype=np.float32)
+    served = own + np.array([-0.5, 0.0, 0.25], dtype=np.float32)
+    out = forecast_messages(["s1", "s2"], [10_000, 20_000], served, model, STEP, issued_at=np.array([7, 8]),
+                            model_preds=own)
+    msgs = [json.loads(v) for _, v in out]
+    assert [m["issued_at"] for m in msgs] == [7, 8] and all(m["calibrated"] is True for m in msgs)
+    assert msgs[0]["points"][1] == {"ts": 11_000, "mean": 5.0, "quantiles": {"0.1": 3.5, "0.5": 5.0, "0.9": 6.25},
+                                    "model_quantiles": {"0.1": 4.0, "0.5": 5.0, "0.9": 6.0}}
+    assert msgs[1]["points"][0]["model_quantiles"] == {"0.1": 0.0, "0.5": 1.0, "0.9": 2.0}
 
 
 def test_messages_are_valid_json_for_any_series_id_and_keep_float32_values_exactly() -> None:
