@@ -138,7 +138,9 @@ class LiveAccuracy:
 
 
 def decode_score(value: bytes | None) -> dict[str, Any] | None:
-    """A score message as a dict, or None when ``value`` is not one."""
+    """A score message as a dict, or None when ``value`` is not one: any byte string gives one or the
+    other (the topic is rollcast's own, but a reader must not stop on what someone else wrote to it).
+    A message this returns has what :func:`totals_of` and :class:`LiveAccuracy` read, well typed."""
     if value is None:
         return None
     try:
@@ -146,10 +148,28 @@ def decode_score(value: bytes | None) -> dict[str, Any] | None:
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         return None
     if not isinstance(msg, dict) or not isinstance(msg.get("series"), str) \
-            or not isinstance(msg.get("last_window_end"), int) or not isinstance(msg.get("points"), list) \
-            or not isinstance(msg.get("model"), dict):
+            or not _is_int(msg.get("last_window_end")) or not isinstance(msg.get("points"), list) \
+            or not isinstance(msg.get("model"), dict) or not isinstance(msg["model"].get("version"), str) \
+            or not _is_int(msg.get("step_ms")) or msg["step_ms"] <= 0:
         return None
+    for p in msg["points"]:
+        if not isinstance(p, dict):
+            return None
+        if p.get("actual") is None:
+            continue
+        if not all(_is_number(p.get(k)) for k in ("actual", "abs_error", "sq_error")) \
+                or not (p.get("naive_abs_error") is None or _is_number(p["naive_abs_error"])) \
+                or not isinstance(p.get("inside"), bool) or not isinstance(p.get("model_inside"), bool):
+            return None
     return msg
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def encode_scores(rows: Iterable[dict[str, Any]]) -> list[tuple[str, bytes]]:

@@ -9,7 +9,8 @@ import pytest
 import models
 from jobs import stack
 from pipeline.config import load_settings
-from tests.jobs.forecast_support import H, L, make_windows, produce_windows
+from pipeline.scores_io import LiveAccuracy
+from tests.jobs.forecast_support import STEP, H, L, collect_scores, make_windows, produce_windows
 from tests.jobs.ingest_support import INGEST_ENV, make_observations, produce, start_forecast, start_ingest
 from tests.support import healthz, metric, wait_for
 
@@ -55,5 +56,21 @@ def test_forecast_metrics_move_with_the_data(settings, test_env, tmp_path: Path)
         assert metric(port, "rollcast_forecast_model_version") == -1  # a local model directory, not a version
         wait_for(lambda: sum(metric(port, "rollcast_forecast_consumer_lag", partition=str(p)) for p in (0, 1)) == 0
                  and healthz(port)[1].get("model") == "tcn", 30, "lag 0 and the model on /healthz")
+        # forecasts from windows L..L+2 have all H windows closed: scored; the live gauges are their figures
+        last = windows["window_end"].max()
+        scored = {(s, e) for s, e in windows.select("series", "window_end").iter_rows() if e + H * STEP <= last}
+        scored = {k for k in scored if k[1] >= windows["window_end"].min() + (L - 1) * STEP}
+        assert len(scored) == 2 * 3
+        scores = collect_scores(settings, scored, 60)
+        live = LiveAccuracy(1000)
+        for msgs in scores.values():
+            live.add_message(msgs[0])
+        want = live.totals("local")
+        wait_for(lambda: metric(port, "rollcast_forecast_scores_total") >= 6, 30, "6 scores counted")
+        assert metric(port, "rollcast_live_points", version="local") == want.points == 6 * H
+        assert metric(port, "rollcast_live_mae", version="local") == pytest.approx(want.mae)
+        assert metric(port, "rollcast_live_relative_mae", version="local") == pytest.approx(want.relative_mae)
+        assert metric(port, "rollcast_live_coverage", version="local") == pytest.approx(want.coverage)
+        assert metric(port, "rollcast_live_model_coverage", version="local") == pytest.approx(want.model_coverage)
     finally:
         assert forecast.stop(30) == 0, forecast.tail(30)
