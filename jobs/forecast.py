@@ -27,7 +27,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from pipeline.config import Settings
 from pipeline.errors import BrokerUnavailable, StoreUnavailable
 from pipeline.runtime import Shutdown
-from pipeline.scores_io import LiveAccuracy, encode_scores, totals_of
+from pipeline.scores_io import LiveAccuracy
 from pipeline.scoring_checkpoint import ScoringCheckpoint
 from pipeline.windows_io import complete_batch, decode_windows
 
@@ -254,12 +254,12 @@ def process_batch(batch: dict, forecaster: Forecaster, producer: BulkProducer, c
         producer.send(topic, [(key.encode(), value, parts[key]) for key, value in messages])
         sent += len(messages)
         sending += time.perf_counter() - t0
-    scores = forecaster.scores
-    if scores:
+    scored = forecaster.scored
+    if scored:  # built once the forecasts are on their way
         t0 = time.perf_counter()
         score_parts = forecaster.partitions_of(settings.topics.scores, producer)
         producer.send(settings.topics.scores, [(key.encode(), value, score_parts[key])
-                                               for key, value in encode_scores(scores)])
+                                               for key, value in scored.messages()])
         STAGE_S.labels("scores").observe(time.perf_counter() - t0)
     t0 = time.perf_counter()
     # raises unless the broker acknowledged every message: then offsets stay uncommitted
@@ -269,20 +269,19 @@ def process_batch(batch: dict, forecaster: Forecaster, producer: BulkProducer, c
     FORECASTS.inc(sent)
     if oldest_ts is not None:
         END_TO_END_S.observe(max(0.0, time.time() - oldest_ts / 1000))
-    if scores:
-        SCORES.inc(len(scores))
+    if scored:
+        SCORES.inc(len(scored))
         if live is not None:
-            _report_live(live, scores)
+            _report_live(live, scored.totals(), settings.window.length_ms)
     checkpoint.processed(commits)
     STAGE_S.labels("commit").observe(time.perf_counter() - t2)
 
 
-def _report_live(live: LiveAccuracy, scores: list[dict]) -> None:
+def _report_live(live: LiveAccuracy, totals: list, step_ms: int) -> None:
     """Add a batch's scores to the sliding sums; set the gauges of the versions they concern."""
     versions = set()
-    for msg in scores:
-        version = msg["model"]["version"]
-        live.add(version, msg["last_window_end"], msg["step_ms"], totals_of(msg))
+    for version, origin, sums in totals:
+        live.add(version, origin, step_ms, sums)
         versions.add(version)
     for version in versions:
         figures = live.totals(version).as_dict()

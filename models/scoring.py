@@ -44,6 +44,7 @@ import numpy as np
 
 from models.calibration import QuantileTracker
 from pipeline.config import Settings
+from pipeline.scores_io import LiveTotals, score_messages, score_totals
 
 log = logging.getLogger("rollcast.forecast")
 
@@ -71,11 +72,59 @@ class Issued:
     issued_at: np.ndarray
 
 
+class Emitted:
+    """The forecasts scored in one batch, as arrays; their messages are built when asked for (after the
+    batch's forecasts are on their way)."""
+
+    def __init__(self, scorer: Scorer):
+        self.models = [(m.name, m.version) for m in scorer.models]
+        self.step, self.calibrated, self.quantiles = scorer.step, scorer.calibrate, scorer.quantiles
+        self._parts: list[dict[str, Any]] = []
+
+    def add(self, **arrays: Any) -> None:
+        self._parts.append(arrays)
+
+    def __len__(self) -> int:
+        return sum(len(p["names"]) for p in self._parts)
+
+    def _joined(self) -> dict[str, Any]:
+        if len(self._parts) > 1:
+            self._parts = [{k: ([x for p in self._parts for x in p[k]] if k == "names"
+                                else np.concatenate([p[k] for p in self._parts])) for k in self._parts[0]}]
+        return self._parts[0]
+
+    def messages(self) -> list[tuple[str, bytes]]:
+        """``(series, JSON bytes)`` per scored forecast (pipeline.scores_io's format)."""
+        if not self._parts:
+            return []
+        j = self._joined()
+        return score_messages(j["names"], j["origins"], self.models, j["model_index"], j["issued_at"], self.step,
+                              self.calibrated, self.quantiles, j["actual"], j["served"], j["model_q"], j["naive"])
+
+    def totals(self) -> list[tuple[str, int, LiveTotals]]:
+        """(model version, last_window_end, sums) per scored forecast, for the live metrics."""
+        if not self._parts:
+            return []
+        j = self._joined()
+        sums = score_totals(j["actual"], j["served"], j["model_q"], j["naive"], self.quantiles)
+        return [(self.models[m][1], int(o), t)
+                for m, o, t in zip(j["model_index"].tolist(), j["origins"].tolist(), sums, strict=True)]
+
+    @property
+    def scores(self) -> list[dict[str, Any]]:
+        """The messages, decoded (for tests and tools)."""
+        return [json.loads(v) for _, v in self.messages()]
+
+
 @dataclass
 class ScoredBatch:
+    emitted: Emitted
     issued: list[Issued] = field(default_factory=list)
-    scores: list[dict[str, Any]] = field(default_factory=list)
     repeats_not_held: int = 0  # repeats older than the ring: already sent, not sent again
+
+    @property
+    def scores(self) -> list[dict[str, Any]]:
+        return self.emitted.scores
 
 
 def seasonal_naive(filled: np.ndarray, horizon: int, season: int) -> np.ndarray:
@@ -161,7 +210,7 @@ class Scorer:
         gaps). ``fc_window``: for each forecast row of ``preds`` ``(n, H, Q)`` (the model's quantiles) and
         ``naive`` ``(n, H)``, the index of its window in those arrays. Returns the forecasts to send
         (their served quantiles) and the score messages."""
-        out = ScoredBatch()
+        out = ScoredBatch(Emitted(self))
         n = len(series)
         if n == 0:
             return out
@@ -187,7 +236,7 @@ class Scorer:
             fresh = e > self.a["last_end"][r]
             fi = idx[fresh]
             if len(fi):
-                self._settle(rows[fi], ends[fi], values[fi], out.scores)
+                self._settle(rows[fi], ends[fi], values[fi], out.emitted)
                 self.a["last_end"][rows[fi]] = ends[fi]
                 with_fc = fi[fc_of[fi] >= 0]
                 if len(with_fc):
@@ -218,7 +267,7 @@ class Scorer:
                                      self.a["issued_at"][rr, ss]))
         return out
 
-    def _settle(self, rows: np.ndarray, ends: np.ndarray, values: np.ndarray, scores: list) -> None:
+    def _settle(self, rows: np.ndarray, ends: np.ndarray, values: np.ndarray, scores: Emitted) -> None:
         """Record the actuals of windows ``ends`` (one per row), update the calibration, emit every
         forecast of these rows whose last step is now settled or passed."""
         a, H, step = self.a, self.horizon, self.step
@@ -262,44 +311,15 @@ class Scorer:
         a["actual"][rows, slot] = np.nan
         return served
 
-    def _emit(self, rows: np.ndarray, slots: np.ndarray, scores: list) -> None:
-        """One score message per (row, slot); marks them emitted."""
-        a, step = self.a, self.step
+    def _emit(self, rows: np.ndarray, slots: np.ndarray, scores: Emitted) -> None:
+        """Score the forecasts in (row, slot) (a copy: the slot may take a new forecast at once); marks them
+        emitted."""
+        a = self.a
         a["emitted"][rows, slots] = True
-        actual = a["actual"][rows, slots].astype(np.float64)  # (n, H)
-        served = a["served"][rows, slots].astype(np.float64)  # (n, H, Q)
-        model_q = a["model_q"][rows, slots].astype(np.float64)
-        naive = a["naive"][rows, slots].astype(np.float64)
-        point = served[..., self.median]
-        diff = actual - point
-        err = actual[..., None] - served
-        pinball = np.maximum(self.q * err, (self.q - 1) * err)
-        inside = (served[..., 0] <= actual) & (actual <= served[..., -1])
-        model_inside = (model_q[..., 0] <= actual) & (actual <= model_q[..., -1])
-        known = np.isfinite(actual)
-        labels = [f"{q:g}" for q in self.quantiles]
-        for i in range(len(rows)):
-            origin = int(a["issued"][rows[i], slots[i]])
-            model = self.models[int(a["model"][rows[i], slots[i]])]
-            pts = []
-            for h in range(self.horizon):
-                p: dict[str, Any] = {"h": h + 1, "ts": origin + h * step}
-                if known[i, h]:
-                    p.update(actual=_num(actual[i, h]), forecast=_num(point[i, h]), abs_error=_num(abs(diff[i, h])),
-                             sq_error=_num(diff[i, h] ** 2),
-                             pinball={lab: _num(pinball[i, h, j]) for j, lab in enumerate(labels)},
-                             inside=bool(inside[i, h]), model_inside=bool(model_inside[i, h]),
-                             naive=_num(naive[i, h]),
-                             naive_abs_error=_num(abs(actual[i, h] - naive[i, h])))
-                else:
-                    p.update(actual=None, forecast=_num(point[i, h]), abs_error=None, sq_error=None,
-                             pinball=None, inside=None, model_inside=None, naive=_num(naive[i, h]),
-                             naive_abs_error=None)
-                pts.append(p)
-            scores.append({"series": self.names[rows[i]], "last_window_end": origin,
-                           "model": {"name": model.name, "version": model.version},
-                           "issued_at": int(a["issued_at"][rows[i], slots[i]]), "step_ms": step,
-                           "calibrated": self.calibrate, "quantiles": self.quantiles, "points": pts})
+        scores.add(names=[self.names[r] for r in rows.tolist()], origins=a["issued"][rows, slots],
+                   model_index=a["model"][rows, slots], issued_at=a["issued_at"][rows, slots],
+                   actual=a["actual"][rows, slots], served=a["served"][rows, slots],
+                   model_q=a["model_q"][rows, slots], naive=a["naive"][rows, slots])
 
     # ------------------------------------------------------------------ persistence per partition
 
@@ -348,7 +368,3 @@ class Scorer:
         for k, (_, _, fill) in self._shapes.items():
             self.a[k][rows] = fill
         self.tracker.reset(rows)
-
-
-def _num(x: float) -> float | None:
-    return float(x) if np.isfinite(x) else None

@@ -20,7 +20,7 @@ import pyarrow as pa
 from prometheus_client import Counter, Gauge, Histogram
 
 from models.data import fill_gaps, known_any
-from models.scoring import ModelRef, ScoredBatch, Scorer, seasonal_naive
+from models.scoring import Emitted, ModelRef, ScoredBatch, Scorer, seasonal_naive
 from pipeline.config import Settings
 from pipeline.contexts import (
     ContextBuffers,
@@ -105,7 +105,7 @@ class Forecaster:
         # live scoring and online calibration (models.scoring); the score messages of the last forecast()
         self.scorer = Scorer(settings, _ref(model), model.horizon, self.step_ms) if settings.scoring.enabled \
             else None
-        self.scores: list[dict[str, Any]] = []
+        self.scored: Emitted | None = None
 
     def partitions_of(self, topic: str, producer: BulkProducer) -> KeyPartitions:
         """Partition of each series in ``topic`` (the key's default-partitioner choice), memoised
@@ -173,11 +173,12 @@ class Forecaster:
         ``batch``: the windows tables just :meth:`add`-ed (and ``partitions``, the windows partition of
         each). Ingest produces a checkpoint's windows before it writes them to the store, so contexts
         older than the buffer come from the store plus these. With scoring on, they also settle earlier
-        forecasts: :attr:`scores` then holds the score messages of this call."""
+        forecasts: :attr:`scored` then holds the forecasts this call scored (their messages are built
+        when the caller asks, after sending the forecasts)."""
         import models
 
         t_start = time.perf_counter()
-        self.scores = []
+        self.scored = None
         length = self.model.context
         keys = list(dict.fromkeys(keys))
         if not keys:
@@ -222,7 +223,7 @@ class Forecaster:
             groups = [(np.arange(len(use)), preds, None, _ref(self.model), issued_at)]
         else:
             scored = self._score(keys, use, contexts, preds, issued_at, batch, partitions)
-            self.scores = scored.scores
+            self.scored = scored.emitted
             if scored.repeats_not_held:
                 SKIPPED.labels("repeat_sent_before").inc(scored.repeats_not_held)
             model_q = (lambda x: x) if self.scorer.calibrate else (lambda x: None)

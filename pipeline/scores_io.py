@@ -28,6 +28,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+import numpy as np
+import polars as pl
+
 
 @dataclass
 class LiveTotals:
@@ -175,3 +178,87 @@ def _is_number(x: object) -> bool:
 def encode_scores(rows: Iterable[dict[str, Any]]) -> list[tuple[str, bytes]]:
     """``(series, JSON bytes)`` for score dicts in this module's format."""
     return [(r["series"], json.dumps(r, separators=(",", ":"), allow_nan=False).encode()) for r in rows]
+
+
+def score_messages(series: list[str], origins: np.ndarray, models: list[tuple[str, str]], model_index: np.ndarray,
+                   issued_at: np.ndarray, step_ms: int, calibrated: bool, quantiles: list[float],
+                   actual: np.ndarray, served: np.ndarray, model_q: np.ndarray, naive: np.ndarray,
+                   ) -> list[tuple[str, bytes]]:
+    """Score messages in this module's format, ``(series, JSON bytes)``, for ``n`` forecasts: their
+    ``actual`` ``(n, H)`` (NaN: a gap window), ``served`` and ``model_q`` quantiles ``(n, H, Q)`` and
+    seasonal-naive forecasts ``naive`` ``(n, H)``. The errors are computed here; the text is built
+    column-wise by polars (one pass over all points, then one join per message), as forecasts are
+    (:func:`pipeline.forecasts_io.forecast_message_chunks`): per-message dicts through ``json`` cost
+    about 0.2 s per 1,000 scores of 24 steps."""
+    n, horizon = actual.shape
+    if n == 0:
+        return []
+    q = np.asarray(quantiles, dtype=np.float64)
+    median = list(quantiles).index(0.5)
+    actual = actual.astype(np.float64)
+    served = served.astype(np.float64)
+    point = served[..., median]
+    known = np.isfinite(actual)
+    diff = actual - point
+    err = actual[..., None] - served
+    pinball = np.maximum(q * err, (q - 1) * err)
+    inside = (served[..., 0] <= actual) & (actual <= served[..., -1])
+    model_inside = (model_q[..., 0] <= actual) & (actual <= model_q[..., -1])
+    k = pl.lit(pl.Series(known.ravel()))
+
+    def num(values: np.ndarray, only_known: bool = True) -> pl.Expr:
+        x = pl.lit(pl.Series(np.asarray(values, dtype=np.float64).ravel()))
+        ok = x.is_finite() & k if only_known else x.is_finite()
+        return pl.when(ok).then(x.cast(pl.String)).otherwise(pl.lit("null"))
+
+    def flag(values: np.ndarray) -> pl.Expr:
+        x = pl.lit(pl.Series(values.ravel()))
+        return pl.when(k).then(pl.when(x).then(pl.lit("true")).otherwise(pl.lit("false"))).otherwise(pl.lit("null"))
+
+    h = np.broadcast_to(np.arange(1, horizon + 1), (n, horizon))
+    ts = origins[:, None].astype(np.int64) + (h - 1) * int(step_ms)
+    labels = [json.dumps(f"{x:g}") for x in quantiles]
+    pin_parts: list[pl.Expr] = []
+    for j, lab in enumerate(labels):
+        pin_parts += [pl.lit(("{" if j == 0 else ",") + lab + ":"), num(pinball[..., j])]
+    pin_parts.append(pl.lit("}"))
+    pin = pl.when(k).then(pl.concat_str(pin_parts)).otherwise(pl.lit("null"))
+    parts = [pl.lit('{"h":'), pl.lit(pl.Series(h.ravel())).cast(pl.String),
+             pl.lit(',"ts":'), pl.lit(pl.Series(ts.ravel())).cast(pl.String),
+             pl.lit(',"actual":'), num(actual), pl.lit(',"forecast":'), num(point, only_known=False),
+             pl.lit(',"abs_error":'), num(np.abs(diff)), pl.lit(',"sq_error":'), num(diff * diff),
+             pl.lit(',"pinball":'), pin, pl.lit(',"inside":'), flag(inside),
+             pl.lit(',"model_inside":'), flag(model_inside), pl.lit(',"naive":'), num(naive, only_known=False),
+             pl.lit(',"naive_abs_error":'), num(np.abs(actual - naive)), pl.lit("}")]
+    points = pl.select(pl.concat_str(parts))[:, 0].reshape((n, horizon)).arr.join(",")
+    model_text = [json.dumps({"name": a, "version": b}, separators=(",", ":")) for a, b in models]
+    names = [json.dumps(s) for s in series]
+    tail = (f',"step_ms":{int(step_ms)},"calibrated":{"true" if calibrated else "false"},'
+            f'"quantiles":{json.dumps(list(quantiles), separators=(",", ":"))},"points":[')
+    heads = pl.select(pl.concat_str([
+        pl.lit('{"series":'), pl.lit(pl.Series(names, dtype=pl.String)),
+        pl.lit(',"last_window_end":'), pl.lit(pl.Series(origins.astype(np.int64))).cast(pl.String),
+        pl.lit(',"model":'), pl.lit(pl.Series([model_text[i] for i in model_index.tolist()], dtype=pl.String)),
+        pl.lit(',"issued_at":'), pl.lit(pl.Series(issued_at.astype(np.int64))).cast(pl.String),
+        pl.lit(tail), pl.lit(points), pl.lit("]}"),
+    ]).cast(pl.Binary))[:, 0].to_list()
+    return list(zip(series, heads, strict=True))
+
+
+def score_totals(actual: np.ndarray, served: np.ndarray, model_q: np.ndarray, naive: np.ndarray,
+                 quantiles: list[float]) -> list[LiveTotals]:
+    """The :class:`LiveTotals` of each of ``n`` forecasts (as :func:`totals_of` of their messages)."""
+    median = list(quantiles).index(0.5)
+    actual = actual.astype(np.float64)
+    known = np.isfinite(actual)
+    a = np.where(known, actual, 0.0)
+    served = served.astype(np.float64)
+    abs_err = np.where(known, np.abs(a - served[..., median]), 0.0)
+    naive_err = np.abs(a - naive)
+    naive_err = np.where(known & np.isfinite(naive_err), naive_err, 0.0)
+    inside = known & (served[..., 0] <= a) & (a <= served[..., -1])
+    model_inside = known & (model_q[..., 0] <= a) & (a <= model_q[..., -1])
+    sums = [known.sum(1), abs_err.sum(1), (abs_err ** 2).sum(1), naive_err.sum(1), inside.sum(1),
+            model_inside.sum(1)]
+    return [LiveTotals(int(p), float(e), float(s), float(ne), int(i), int(mi))
+            for p, e, s, ne, i, mi in zip(*(x.tolist() for x in sums), strict=True)]

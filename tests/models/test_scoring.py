@@ -185,3 +185,23 @@ def test_seasonal_naive_takes_the_value_one_season_back() -> None:
     assert seasonal_naive(ctx, 5, 3).tolist() == [[7, 8, 9, 7, 8]]
     assert seasonal_naive(ctx, 2, 1).tolist() == [[9, 9]]
     assert seasonal_naive(ctx, 2, 50).tolist() == [[0, 1]]  # a season longer than the context: all of it
+
+
+def test_the_live_sums_of_a_batch_equal_those_of_its_messages() -> None:
+    from pipeline.scores_io import totals_of
+
+    rows = stream()
+    scorer = Scorer(settings(), MODEL, H, STEP)
+    for lo in range(0, len(rows), 15):
+        part = rows[lo:lo + 15]
+        out = scorer.run([r[0] for r in part], np.array([r[1] for r in part]), np.array([r[2] for r in part]),
+                         np.zeros(len(part), dtype=np.int32), np.arange(len(part)),
+                         np.stack([r[3] for r in part]).astype(np.float32), np.stack([r[4] for r in part]), issued_at=1)
+        sums = out.emitted.totals()
+        assert len(sums) == len(out.scores)
+        for (version, origin, t), msg in zip(sums, out.scores, strict=True):
+            assert (version, origin) == (msg["model"]["version"], msg["last_window_end"])
+            want = totals_of(msg)
+            assert (t.points, t.inside, t.model_inside) == (want.points, want.inside, want.model_inside)
+            assert t.abs_error == pytest.approx(want.abs_error) and t.sq_error == pytest.approx(want.sq_error)
+            assert t.naive_abs_error == pytest.approx(want.naive_abs_error)
