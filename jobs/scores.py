@@ -4,7 +4,7 @@ Reads the scores topic (one message per forecast whose windows have all closed, 
 formats") from the beginning to its end, and prints per model version a table of every series:
 forecasts and points scored, MAE (and RMSE in --json), MAE relative to seasonal naive's on the same points,
 coverage of the served (calibrated) outer interval, coverage of the model's own interval, and the
-last window scored, with an "all series" row. A score published again (a restarted forecast job
+last window end of the newest forecast scored, with an "all series" row. A score published again (a restarted forecast job
 repeats some with the same values) is counted once: one per series, model version and
 last_window_end. --last-windows N keeps, per version, the forecasts issued in the last N windows
 (the version's newest scored forecast and the N-1 windows before it). --series only reads the
