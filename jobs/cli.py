@@ -38,6 +38,7 @@ COMMANDS: dict[str, str] = {
     "replay": "jobs.replay",
     "backtest": "jobs.backtest",
     "query": "jobs.query",
+    "scores": "jobs.scores",
     "topics": "jobs.topics",
 }
 

@@ -12,8 +12,9 @@ and forecast jobs), then:
    seasonal naive;
 3. replays the rest of the dataset, so the forecast job (serving the champion)
    publishes a rolling forecast for every window that closes;
-4. prints `rollcast query` output for the series and where to look in the
-   MLflow UI.
+4. prints `rollcast query` output for the series;
+5. prints `rollcast scores` output (live accuracy per series and model version of
+   the forecasts whose windows have closed) and where to look in the MLflow UI.
 
 The stack then stays up for you to look around until Ctrl-C; with
 --exit-after-replay everything is stopped once the forecasts are out.
@@ -35,7 +36,7 @@ from pipeline.datasets import ColumnMap, load_observations, resolve_dataset
 from pipeline.errors import RollcastError
 from pipeline.runtime import Shutdown, Stopped
 
-HELP = "run the whole pipeline on a real dataset: replay, ingest, train, forecast, query"
+HELP = "run the whole pipeline on a real dataset: replay, ingest, train, forecast, query, scores"
 RESOLVE_ENDPOINTS = False
 
 log = logging.getLogger("rollcast.demo")
@@ -94,24 +95,26 @@ def run_pipeline(st: Stack, args: argparse.Namespace) -> None:
     history, live = df.filter(pl.col("ts") <= cut), df.filter(pl.col("ts") > cut)
     speed = replay_job.parse_speed(args.speed)
 
-    step("1/4", f"replaying {history.height} observations of {len(series)} series from {args.dataset}")
+    step("1/5", f"replaying {history.height} observations of {len(series)} series from {args.dataset}")
     replay_job.replay(settings, history, speed=speed)
     if "ingest" in st.jobs:
         wait_for_windows(settings, history, args.timeout_s)
 
     if "train" in available_jobs(settings):
-        step("2/4", "training the first model (rollcast train --once)")
+        step("2/5", "training the first model (rollcast train --once)")
         train = subprocess.run(st.job_argv("train", "--once"), env=st.job_env(), timeout=args.timeout_s)
         if train.returncode != 0:
             raise RollcastError(f"`rollcast train --once` failed with status {train.returncode}")
         st.start_job("train")  # from now on, retraining follows train.every_minutes / after_windows
 
-    step("3/4", f"replaying the last {live.height} observations: forecasts follow every closed window")
+    step("3/5", f"replaying the last {live.height} observations: forecasts follow every closed window")
     replay_job.replay(settings, live, speed=speed)
 
     if "forecast" in st.jobs:
-        step("4/4", f"latest forecasts (rollcast query {' '.join(series[:3])})")
+        step("4/5", f"latest forecasts (rollcast query {' '.join(series[:3])})")
         show_forecasts(settings, series[:3], live, args.timeout_s)
+        step("5/5", f"live accuracy of the served forecasts (rollcast scores --series {' '.join(series[:3])})")
+        show_scores(settings, series[:3])
     print(f"\nMLflow UI: {st.tracking_uri}")
     print(f"  experiment '{settings.mlflow.experiment}': one run per model and cycle, with params, per-epoch")
     print("  losses, holdout metrics against the champion and seasonal naive, and forecast/loss plots;")
@@ -162,3 +165,33 @@ def show_forecasts(settings: Settings, series: list[str], live: pl.DataFrame, ti
             raise RollcastError(f"no forecasts for {sorted(want)} within {timeout_s:g}s; see "
                                 f"{settings.data_dir / 'logs' / 'forecast.log'} and train's output above")
         time.sleep(2.0)
+
+
+SCORES_WAIT_S = 3.0  # the longest the demo waits for the first scores
+
+
+def show_scores(settings: Settings, series: list[str]) -> None:
+    """Print the live accuracy of ``series`` from the scores topic: the forecast job publishes a score once all of a
+    forecast's windows have closed (and saves its scoring state every scoring.checkpoint_s), so the
+    first may come a few seconds after the live replay; waits at most SCORES_WAIT_S for them."""
+    from jobs.query import open_at_beginning, read_to_end
+    from jobs.scores import Scores, format_tables, summarise
+
+    deadline = time.monotonic() + SCORES_WAIT_S
+    while True:
+        scores = Scores(set(series))
+        consumer = open_at_beginning(settings, settings.topics.scores, series)
+        if consumer is not None:
+            try:
+                read_to_end(consumer, 500, scores.add_value)
+            finally:
+                consumer.close()
+        chosen = scores.selected(None)
+        if chosen:
+            print(format_tables(summarise(chosen)), flush=True)
+            return
+        if time.monotonic() > deadline:
+            print(f"no scores on {settings.topics.scores} yet (scoring.enabled = "
+                  f"{str(settings.scoring.enabled).lower()}); `rollcast scores --follow` waits for them", flush=True)
+            return
+        time.sleep(1.0)

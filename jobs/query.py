@@ -15,6 +15,7 @@ import datetime as dt
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,37 +37,71 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stop reading when no record arrived for this long (default 1500)")
 
 
-def read_latest(settings: Settings, series: list[str], idle_ms: int = 1500) -> tuple[dict[str, dict], Any]:
-    """Scan the series' partitions to the current end; return the newest forecast per series and
-    the consumer (positioned at the end, for --follow)."""
+def open_at_beginning(settings: Settings, topic: str, keys: list[str] | None = None) -> Any | None:
+    """A consumer outside any group, assigned at the beginning to the partitions of ``topic`` that
+    ``keys`` hash to (Kafka's murmur2 partitioner; every partition when ``keys`` is None). None when
+    the topic does not exist."""
     from kafka import TopicPartition
 
     from pipeline.kafka import make_consumer
     from pipeline.windows_io import partition_for
 
-    topic = settings.topics.forecasts
     consumer = make_consumer(settings, None)
     parts = sorted(consumer.partitions_for_topic(topic) or [])
     if not parts:
         consumer.close()
+        return None
+    if keys is None:
+        tps = [TopicPartition(topic, p) for p in parts]
+    else:
+        tps = sorted({TopicPartition(topic, partition_for(k, len(parts))) for k in keys})
+    consumer.assign(tps)
+    consumer.seek_to_beginning(*tps)
+    return consumer
+
+
+# the longest read_to_end waits, once quiet, for partitions whose reported end it has not reached
+UNREACHED_END_S = 10.0
+
+
+def read_to_end(consumer: Any, idle_ms: int, on_value: Callable[[bytes], object]) -> None:
+    """Pass the value of every record of the consumer's assigned partitions to ``on_value``, from
+    where it stands to the end: until each partition has been read to the end offset it had when
+    the read began and no record came for ``idle_ms``.
+
+    The end offsets alone would do against Kafka; the idle gap is there because some Kafka-protocol
+    brokers (tansu) report them wrongly when a batch holds several records. An end that is never
+    reached (a broker that reports it too high) is waited for at most ``UNREACHED_END_S`` of quiet.
+    """
+    tps = list(consumer.assignment())
+    ends = consumer.end_offsets(tps) if tps else {}
+    quiet_since = None  # from the end of the first poll: connecting and seeking are not quiet time
+    while True:
+        batch = consumer.poll(timeout_ms=200)
+        now = time.monotonic()
+        if batch or quiet_since is None:
+            quiet_since = now
+        for records in batch.values():
+            for rec in records:
+                on_value(rec.value)
+        quiet_ms = (now - quiet_since) * 1000
+        if quiet_ms >= idle_ms and (quiet_ms >= UNREACHED_END_S * 1000
+                                    or all(consumer.position(tp) >= end for tp, end in ends.items())):
+            return
+
+
+def read_latest(settings: Settings, series: list[str], idle_ms: int = 1500) -> tuple[dict[str, dict], Any]:
+    """Scan the series' partitions to the current end; return the newest forecast per series and
+    the consumer (positioned at the end, for --follow)."""
+    topic = settings.topics.forecasts
+    consumer = open_at_beginning(settings, topic, series)
+    if consumer is None:
         from pipeline.errors import RollcastError
 
         raise RollcastError(f"topic {topic} does not exist on {settings.kafka.bootstrap_servers}")
     wanted = set(series)
-    tps = sorted({TopicPartition(topic, partition_for(s, len(parts))) for s in series})
-    consumer.assign(tps)
-    consumer.seek_to_beginning(*tps)
     latest: dict[str, dict] = {}
-    # Read until the partitions go quiet: the broker's end offset is not trusted here
-    # (some Kafka-protocol brokers report it wrongly), and an idle gap is a safe end.
-    quiet_since = time.monotonic()
-    while (time.monotonic() - quiet_since) * 1000 < idle_ms:
-        batch = consumer.poll(timeout_ms=200)
-        if batch:
-            quiet_since = time.monotonic()
-        for records in batch.values():
-            for rec in records:
-                _keep_newest(latest, rec.value, wanted)
+    read_to_end(consumer, idle_ms, lambda value: _keep_newest(latest, value, wanted))
     return latest, consumer
 
 
@@ -85,7 +120,8 @@ def _keep_newest(latest: dict[str, dict], value: bytes, wanted: set[str]) -> dic
     return None
 
 
-def _iso(ms: int) -> str:
+def iso_utc(ms: int) -> str:
+    """Epoch ms as `YYYY-MM-DD HH:MM:SS` in UTC."""
     return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
@@ -102,14 +138,14 @@ def print_table(latest: dict[str, dict], series: list[str]) -> None:
         qs = list(msg["points"][0]["quantiles"]) if msg["points"] else []
         table = Table(
             title=f"{s} — model {msg['model']['name']} v{msg['model']['version']}, "
-            f"after window ending {_iso(msg['last_window_end'])} UTC"
+            f"after window ending {iso_utc(msg['last_window_end'])} UTC"
         )
         table.add_column("window start (UTC)")
         table.add_column("forecast", justify="right")
         for q in qs:
             table.add_column(f"q{q}", justify="right")
         for p in msg["points"]:
-            table.add_row(_iso(p["ts"]), f"{p['mean']:.4g}", *(f"{p['quantiles'][q]:.4g}" for q in qs))
+            table.add_row(iso_utc(p["ts"]), f"{p['mean']:.4g}", *(f"{p['quantiles'][q]:.4g}" for q in qs))
         console.print(table)
 
 

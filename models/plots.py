@@ -1,5 +1,5 @@
 """Every plot rollcast draws, as PNG files: a training run's losses and holdout forecasts (MLflow
-artifacts), a backtest's forecasts against actuals, and `rollcast query --plot`.
+artifacts), a backtest's forecasts against actuals, `rollcast query --plot` and `rollcast scores --plot`.
 
 matplotlib is imported inside each function, with the non-interactive Agg backend.
 """
@@ -130,4 +130,31 @@ def plot_forecast_message(msg: dict, actual: Any, target: str, path: Path) -> No
     fig.autofmt_xdate()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_live_scores(timeline: dict[str, list[tuple[int, Any]]], nominal: list[float], path: Path) -> None:
+    """PNG of live accuracy over time (`rollcast scores --plot`): for each model version in ``timeline``
+    (label -> ``(last_window_end ms, sums)`` oldest first, the sums a
+    :class:`pipeline.scores_io.LiveTotals` of the forecasts issued after that window), MAE on top and,
+    below, coverage of the served interval (solid) and of the model's own (dotted), with the
+    ``nominal`` coverages as grey lines."""
+    plt = _pyplot()
+    fig, (err, cov) = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
+    for i, (label, points) in enumerate(timeline.items()):
+        times = [datetime.fromtimestamp(end / 1000, tz=UTC) for end, _ in points]
+        color = f"C{i % 10}"
+        err.plot(times, [t.mae for _, t in points], color=color, marker=".", lw=1, label=label)
+        cov.plot(times, [t.coverage for _, t in points], color=color, marker=".", lw=1, label=f"{label} served")
+        cov.plot(times, [t.model_coverage for _, t in points], color=color, ls=":", lw=1,
+                 label=f"{label} model's own")
+    for n in nominal:
+        cov.axhline(n, color="grey", ls="--", lw=1, label=f"nominal {n:.2f}")
+    err.set(title="live accuracy per window (forecasts issued after it)", ylabel="MAE")
+    cov.set(ylabel="interval coverage", xlabel="last window end (UTC)", ylim=(-0.05, 1.05))
+    err.legend(fontsize="small")
+    cov.legend(fontsize="small")
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
     plt.close(fig)
