@@ -21,6 +21,15 @@ span's series matrix; it fine-tunes the champion (a warm cycle) when its type
 and config are unchanged, except every train.full_every-th cycle, which
 retrains from scratch. With train.strategy = "ddp" every process trains and
 only rank 0 scores, logs to MLflow and registers (README: "Training at scale").
+Besides its schedules, the job starts a cycle on drift (:mod:`models.live`): it reads the scores
+topic (group groups.scores) and, once the champion version has train.drift_min_points scored points
+in the last train.drift_windows windows, starts a cycle when their live relative MAE exceeds the
+champion's holdout relative MAE times train.drift_factor or their live coverage falls below
+train.drift_coverage_floor, unless a cycle ended less than train.drift_cooldown_minutes ago. Every
+cycle's runs and versions carry the tag rollcast.trigger (schedule, windows, drift, or manual for
+--once), rollcast.trigger_reason, and for drift the figures (rollcast.drift.*). Every
+train.live_log_s the live metrics (live_mae, live_relative_mae, live_coverage, live_model_coverage,
+live_points) of every version with new scores go to its training run.
 --once runs one cycle and exits (0 also when nothing was promoted).
 SIGTERM or Ctrl-C stops training at the end of the current batch, abandons
 the cycle, and exits 0.
@@ -36,6 +45,8 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter, Gauge
 
+from models import tracking
+from models.live import wait_either
 from models.schedule import Schedule
 from pipeline.config import Settings
 from pipeline.errors import ConfigError, MlflowUnavailable, NotEnoughData, StoreUnavailable
@@ -43,6 +54,7 @@ from pipeline.runtime import Shutdown
 
 if TYPE_CHECKING:
     from models.cycle import CycleResult
+    from models.live import Drift, LiveMonitor
 
 HELP = "retrain the models on a schedule, version them in MLflow, move the champion alias"
 
@@ -64,7 +76,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
-    from models import tracking
     from pipeline.observability import Health, serve_http
     from pipeline.store import HistoryStore
 
@@ -81,7 +92,8 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     if args.once:
         from models.cycle import run_cycle
 
-        result = run_cycle(settings, progress=progress, stop=stop)
+        result = run_cycle(settings, progress=progress, stop=stop,
+                           trigger=trigger_tags(tracking.TRIGGER_MANUAL, "train --once"))
         if result is not None:
             _report(result)
         return 0
@@ -92,37 +104,77 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     store = HistoryStore(settings)
     t = settings.train
     schedule = Schedule(t.every_minutes * 60 if t.every_minutes else None, t.after_windows, store.counter())
-    reason = resume(settings, schedule, store)
-    while not stop.is_set():
-        if reason is not None:
-            log.info("training cycle: %s", reason)
-            schedule.mark()
-            _guarded_cycle(settings, progress, stop, health)
-        health.polled()
-        if stop.wait(args.poll_s):
-            break
-        reason = schedule.due()
+    due = resume(settings, schedule, store)
+    monitor = start_monitor(settings, schedule.last_time)
+    try:
+        while not stop.is_set():
+            if due is not None:
+                log.info("training cycle: %s", due[tracking.TRIGGER_REASON_TAG])
+                schedule.mark()
+                _guarded_cycle(settings, progress, stop, health, due)
+                if monitor is not None:
+                    monitor.cycle_done()
+            health.polled()
+            if wait_either(stop, monitor.wake if monitor is not None else None, args.poll_s):
+                break
+            due = next_trigger(schedule, monitor)
+    finally:
+        if monitor is not None:
+            monitor.stop()
     log.info("train job stopped")
     return 0
 
 
-def resume(settings: Settings, schedule: Schedule, store: Any) -> str | None:
+def trigger_tags(kind: str, reason: str, drift: Drift | None = None) -> dict[str, str]:
+    """The MLflow tags of a cycle's runs and versions that say what started it."""
+    return {tracking.TRIGGER_TAG: kind, tracking.TRIGGER_REASON_TAG: reason, **(drift.tags() if drift else {})}
+
+
+def next_trigger(schedule: Schedule, monitor: LiveMonitor | None) -> dict[str, str] | None:
+    """The tags of the cycle due now (a schedule first, then drift), or None."""
+    found = schedule.trigger()
+    if found is not None:
+        return trigger_tags(*found)
+    drift = monitor.drift() if monitor is not None else None
+    if drift is not None:
+        return trigger_tags(tracking.TRIGGER_DRIFT, drift.reason(), drift)
+    return None
+
+
+def start_monitor(settings: Settings, last_cycle: float) -> LiveMonitor | None:
+    """The live-accuracy monitor of the scores topic (drift trigger, live MLflow metrics), or None when
+    no broker is configured. Under multi-process DDP only global rank 0 reads the scores (and logs live
+    metrics); the drift trigger is off there, since the other ranks could not join a cycle only rank 0
+    decided on."""
+    from models.live import LiveMonitor, process_rank
+
+    if not settings.kafka.bootstrap_servers:
+        log.info("no kafka.bootstrap_servers: no live accuracy, no drift trigger (schedules only)")
+        return None
+    rank, world = process_rank()
+    if rank != 0:
+        return None
+    if world > 1:
+        log.warning("%d training processes: the drift trigger is off (live metrics are still logged)", world)
+    return LiveMonitor(settings, last_cycle, judge_drift=world == 1).start()
+
+
+def resume(settings: Settings, schedule: Schedule, store: Any) -> dict[str, str] | None:
     """Continue the schedule from the last cycle recorded in MLflow (the newest registered version: when
-    it was created, and the windows newer than its data); return why a cycle is due now, or None.
+    it was created, and the windows newer than its data); return the trigger tags of the cycle due now
+    (:func:`trigger_tags`), or None.
 
     A restarted job (a deploy, a crash, ``rollcast up`` after ``train --once``) would otherwise count
     "every T minutes" from its own start and retrain at once, however recent the last model. With no
     version yet, or MLflow unreachable, the first cycle runs at start.
     """
-    from models import tracking
-
     try:
         last = tracking.latest_version(settings)
     except MlflowUnavailable as e:
         log.warning("cannot look up the last cycle (%s); training now", e)
-        return "start-up (the last cycle is unknown)"
+        return trigger_tags(tracking.TRIGGER_SCHEDULE, "start-up (the last cycle is unknown)")
     if last is None:
-        return "start-up (no version yet)"
+        return trigger_tags(tracking.TRIGGER_SCHEDULE, "start-up (no version yet)")
     ago_s = max(0.0, time.time() - last.creation_timestamp / 1000)  # a server clock ahead: as if just now
     data_end = str((last.tags or {}).get(tracking.DATA_END_MS_TAG, ""))
     new_windows = None  # counted only for an after_windows schedule: a filtered read of every file
@@ -132,18 +184,19 @@ def resume(settings: Settings, schedule: Schedule, store: Any) -> str | None:
         except StoreUnavailable as e:
             log.warning("cannot count the windows since the last cycle (%s); counting from now", e)
     schedule.resume(ago_s, new_windows)
-    reason = schedule.due()
+    found = schedule.trigger()
     log.info("last cycle: version %s of %s, %.1f minutes ago; %s", last.version, settings.mlflow.registered_model,
-             ago_s / 60, f"training now: {reason}" if reason else f"next cycle {schedule.next()}")
-    return reason
+             ago_s / 60, f"training now: {found[1]}" if found else f"next cycle {schedule.next()}")
+    return trigger_tags(*found) if found else None
 
 
-def _guarded_cycle(settings: Settings, progress: bool, stop: Shutdown, health: Any) -> None:
+def _guarded_cycle(settings: Settings, progress: bool, stop: Shutdown, health: Any,
+                   trigger: dict[str, str] | None = None) -> None:
     """One cycle of the long-running job: data and MLflow outages are logged, not fatal."""
     from models.cycle import run_cycle
 
     try:
-        result = run_cycle(settings, progress=progress, stop=stop)
+        result = run_cycle(settings, progress=progress, stop=stop, trigger=trigger)
     except NotEnoughData as e:
         CYCLES.labels("not_enough_data").inc()
         log.warning("no cycle: %s", e)

@@ -334,11 +334,14 @@ def run_cycle(
     progress: bool = False,
     stop: threading.Event | None = None,
     on_trained: Callable[[list[Candidate]], None] | None = None,
+    trigger: dict[str, str] | None = None,
 ) -> CycleResult | None:
     """Run one training cycle, retrying while MLflow is unreachable; None if ``stop`` was set.
 
     ``on_trained`` is called once the models are trained and scored, before
     anything is logged (progress reporting; tests use it to stop MLflow).
+    ``trigger``: tags saying what started the cycle (``tracking.TRIGGER_TAG`` and its figures), put on
+    every run and version of the cycle.
     Raises :class:`MlflowUnavailable` when the retries are used up,
     :class:`NotEnoughData` when the history is too short.
     """
@@ -348,7 +351,7 @@ def run_cycle(
     retries, backoff = settings.train.max_retries, settings.train.retry_backoff_s
     for attempt in range(retries + 1):
         try:
-            result = _attempt(settings, state, cycle_id, progress, stop, on_trained)
+            result = _attempt(settings, state, cycle_id, progress, stop, on_trained, trigger)
             if result is not None:
                 result.attempts = attempt + 1
             return result
@@ -373,6 +376,7 @@ def _attempt(
     progress: bool,
     stop: threading.Event,
     on_trained: Callable[[list[Candidate]], None] | None,
+    trigger: dict[str, str] | None = None,
 ) -> CycleResult | None:
     from models import load_model
 
@@ -430,7 +434,7 @@ def _attempt(
         others[f"champion v{state.champion_version}"] = champ_eval
     for c in candidates:
         if c.version is None:  # registered in an earlier attempt: not again
-            tracking.publish(settings, c, data, others, cycle_id, state.incomplete_runs)
+            tracking.publish(settings, c, data, others, cycle_id, state.incomplete_runs, trigger)
     promoted = None
     if best is not None:
         assert best.version is not None

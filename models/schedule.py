@@ -12,6 +12,10 @@ from pipeline.errors import StoreUnavailable
 
 log = logging.getLogger("rollcast.train")
 
+# The values of the tag models.tracking.TRIGGER_TAG that the schedules give (the same strings)
+TRIGGER_SCHEDULE = "schedule"
+TRIGGER_WINDOWS = "windows"
+
 
 class Schedule:
     """When the next cycle is due: every ``every_s`` seconds and/or after ``after_windows`` new windows.
@@ -75,10 +79,16 @@ class Schedule:
 
     def due(self) -> str | None:
         """Why a cycle is due now, or None."""
+        found = self.trigger()
+        return found[1] if found is not None else None
+
+    def trigger(self) -> tuple[str, str] | None:
+        """Which schedule makes a cycle due now, and why in words: ``("schedule", "60 minutes passed")``
+        (train.every_minutes) or ``("windows", "24 new windows")`` (train.after_windows); None if neither."""
         if self.every_s is not None and time.monotonic() - self.last_time >= self.every_s:
-            return f"{self.every_s / 60:g} minutes passed"
+            return TRIGGER_SCHEDULE, f"{self.every_s / 60:g} minutes passed"
         if self.after_windows is not None:
             new = self._new_windows()
             if new is not None and new >= self.after_windows:
-                return f"{new} new windows"
+                return TRIGGER_WINDOWS, f"{new} new windows"
         return None

@@ -78,6 +78,18 @@ RUN_CYCLE_TAG = "rollcast.cycle_id"
 RUN_MODEL_TYPE_TAG = "rollcast.model_type"
 RUN_CODE_VERSION_TAG = "rollcast.code_version"
 RUN_INCOMPLETE_TAG = "rollcast.incomplete"
+# What started a cycle, on its runs and versions: TRIGGER_* (plus rollcast.trigger_reason, in words, and
+# for a drift cycle the figures, rollcast.drift.*: models.live.Drift.tags)
+TRIGGER_TAG = "rollcast.trigger"
+TRIGGER_REASON_TAG = "rollcast.trigger_reason"
+TRIGGER_SCHEDULE = "schedule"  # train.every_minutes passed, or the start-up cycle
+TRIGGER_WINDOWS = "windows"  # train.after_windows new windows
+TRIGGER_DRIFT = "drift"  # the champion's live accuracy (models.live)
+TRIGGER_MANUAL = "manual"  # `rollcast train --once`
+# MLflow 3's UI opens an experiment on the page of its kind; without the tag it guesses, and shows the
+# GenAI overview (traces, tokens). rollcast's runs are model development.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 def configure(settings: Settings) -> MlflowClient:
@@ -312,7 +324,7 @@ def version_tags(cand: Candidate, span: Span, cycle_id: str) -> dict[str, str]:
     if cand.failure:
         tags[VALIDATION_REASON_TAG] = cand.failure
     for k in ("holdout_mae", "holdout_rmse", "holdout_smape", "holdout_mase", "holdout_coverage",
-              "champion_holdout_mae", "seasonal_naive_holdout_mae"):
+              "holdout_rel_mae_seasonal_naive", "champion_holdout_mae", "seasonal_naive_holdout_mae"):
         if k in cand.metrics:
             tags[k] = f"{cand.metrics[k]:.6g}"
     return tags
@@ -347,33 +359,48 @@ def input_example(cand: Candidate, data: CycleData, settings: Settings) -> tuple
 
 
 def publish(settings: Settings, cand: Candidate, data: CycleData, others: dict[str, BacktestResult],
-            cycle_id: str, incomplete_runs: list[str]) -> None:
+            cycle_id: str, incomplete_runs: list[str], trigger: dict[str, str] | None = None) -> None:
     """Log one run with everything, then register its model as a new version (never half-done).
 
+    ``trigger``: what started the cycle (:data:`TRIGGER_TAG` and its figures), tags of both.
     A retry after a failed registration registers the already complete run
     instead of logging it again.
     """
     if cand.model_uri is None:
-        _log_run(settings, cand, data, others, cycle_id, incomplete_runs)
+        _log_run(settings, cand, data, others, cycle_id, incomplete_runs, trigger or {})
     assert cand.run_id is not None and cand.model_uri is not None
-    cand.version = register(settings, cand.model_uri, cand.run_id, version_tags(cand, data.span, cycle_id), model_id=cand.model_id)
+    tags = {**version_tags(cand, data.span, cycle_id), **(trigger or {})}
+    cand.version = register(settings, cand.model_uri, cand.run_id, tags, model_id=cand.model_id)
+
+
+def ensure_experiment(settings: Settings) -> Any:
+    """Set (create if needed) ``mlflow.experiment`` as the active experiment, tagged as model development
+    (:data:`EXPERIMENT_KIND_TAG`) if it is not tagged yet (an experiment created by an older rollcast, or
+    by hand; a kind someone chose is left alone); returns it."""
+    import mlflow
+
+    with mlflow_errors(settings, f"setting the experiment {settings.mlflow.experiment}"):
+        experiment = mlflow.set_experiment(settings.mlflow.experiment)
+        if EXPERIMENT_KIND_TAG not in (experiment.tags or {}):
+            mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return experiment
 
 
 def _log_run(settings: Settings, cand: Candidate, data: CycleData, others: dict[str, BacktestResult],
-             cycle_id: str, incomplete_runs: list[str]) -> None:
+             cycle_id: str, incomplete_runs: list[str], trigger: dict[str, str]) -> None:
     """One finished run with params, metrics, plots and the pyfunc model; sets ``cand.model_uri``."""
     import mlflow
 
     from models import save_model
 
+    experiment = ensure_experiment(settings)
     with mlflow_errors(settings, f"logging the {cand.model_type} run"):
-        experiment = mlflow.set_experiment(settings.mlflow.experiment)
         run = mlflow.start_run(
             experiment_id=experiment.experiment_id,
             run_name=f"{cand.model_type}-{cycle_id}",
             tags={RUN_CYCLE_TAG: cycle_id, RUN_MODEL_TYPE_TAG: cand.model_type,
                   RUN_CODE_VERSION_TAG: code_version(), VALIDATION_TAG: validation_status(cand),
-                  **lineage_tags(cand)},
+                  **lineage_tags(cand), **trigger},
         )
     run_id = run.info.run_id
     incomplete_runs.append(run_id)
@@ -445,6 +472,42 @@ def _requirements() -> list[str]:
         except PackageNotFoundError:
             continue
     return reqs
+
+
+def holdout_relative_mae(settings: Settings, mv: ModelVersion, client: MlflowClient | None = None) -> float | None:
+    """A version's holdout MAE relative to seasonal naive's (run metric ``holdout_rel_mae_seasonal_naive``;
+    the version's tags for versions whose tags carry it, or the ratio of their MAE tags); None if unknown."""
+    tags = mv.tags or {}
+    with contextlib.suppress(ValueError):
+        if "holdout_rel_mae_seasonal_naive" in tags:
+            return float(tags["holdout_rel_mae_seasonal_naive"])
+    if mv.run_id:
+        client = client or configure(settings)
+        with mlflow_errors(settings, f"reading the run of version {mv.version}"):
+            value = client.get_run(mv.run_id).data.metrics.get("holdout_rel_mae_seasonal_naive")
+        if value is not None:
+            return float(value)
+    with contextlib.suppress(KeyError, ValueError, ZeroDivisionError):
+        return float(tags["holdout_mae"]) / float(tags["seasonal_naive_holdout_mae"])
+    return None
+
+
+def version_run_id(settings: Settings, version: str, client: MlflowClient | None = None) -> str | None:
+    """The training run of ``version`` of ``mlflow.registered_model``."""
+    client = client or configure(settings)
+    with mlflow_errors(settings, f"looking up version {version}"):
+        return client.get_model_version(settings.mlflow.registered_model, str(version)).run_id or None
+
+
+def log_live_metrics(settings: Settings, run_id: str, values: dict[str, float], step: int,
+                     client: MlflowClient | None = None) -> None:
+    """Log a version's live metrics (``live_*``, :mod:`models.live`) to its training run, at ``step``."""
+    from mlflow.entities import Metric
+
+    client = client or configure(settings)
+    now = int(time.time() * 1000)
+    with mlflow_errors(settings, f"logging live metrics to run {run_id}"):
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, int(step)) for k, v in values.items()])
 
 
 def mark_incomplete(settings: Settings, run_ids: list[str]) -> None:

@@ -1,7 +1,7 @@
-"""The MLflow UI shows what the train job registered: a real headless Chromium renders the SPA.
+"""The MLflow UI shows what the train job registered and logged: a real headless Chromium renders the SPA.
 
 Needs Debian's chromium at /usr/bin/chromium (`make test` installs it when run
-as root). The screenshot is kept under test-artifacts/ for people to look at.
+as root). The screenshots are kept under test-artifacts/ for people to look at.
 """
 
 from __future__ import annotations
@@ -68,6 +68,45 @@ def test_registered_model_and_champion_render_in_the_mlflow_ui(mlflow_server: st
 
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "mlflow_ui_registered_model.png"
+    shot.unlink(missing_ok=True)
+    proc = chromium(url, tmp_path / "profile2", f"--screenshot={shot}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_experiment_opens_on_its_training_runs_not_the_genai_overview(mlflow_server: str, tmp_path: Path) -> None:
+    """An experiment created before (untagged, as by an older rollcast) gets ``mlflow.experimentKind``
+    from the first cycle, and MLflow 3's UI opens it on the runs table (a run per model of the cycle)
+    instead of the GenAI overview (traces, tokens)."""
+    from mlflow import MlflowClient
+
+    from models import tracking
+
+    s = train_settings(mlflow_server, tmp_path / "data", **WEAK)
+    client = MlflowClient(mlflow_server)
+    experiment_id = client.create_experiment(s.mlflow.experiment)
+    assert tracking.EXPERIMENT_KIND_TAG not in client.get_experiment(experiment_id).tags
+    write_windows(s, drifting_daily_windows(800))
+    result = run_cycle(s)
+    assert client.get_experiment(experiment_id).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    run_name = f"tcn-{result.cycle_id}"
+    url = f"{mlflow_server}/#/experiments/{experiment_id}"
+
+    def rendered() -> str:
+        proc = chromium(url, tmp_path / "profile", "--dump-dom")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return visible_text(proc.stdout)
+
+    text = rendered()
+    if run_name not in text:  # a cold server can answer the SPA's API calls slowly: one more look
+        text = rendered()
+    assert run_name in text, text[:2000]  # the runs table
+    assert s.mlflow.experiment in text
+    for genai in ("Tokens per Request", "Input tokens", "Output tokens"):
+        assert genai not in text, text[:2000]
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "mlflow_ui_experiment_runs.png"
     shot.unlink(missing_ok=True)
     proc = chromium(url, tmp_path / "profile2", f"--screenshot={shot}")
     assert proc.returncode == 0, proc.stderr[-2000:]
