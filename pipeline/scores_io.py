@@ -97,10 +97,19 @@ class LiveAccuracy:
     def __init__(self, windows: int):
         self.windows = int(windows)
         self._by_version: dict[str, dict[int, LiveTotals]] = {}
+        self._seen: dict[str, dict[int, set[str]]] = {}  # series counted per (version, window): repeats once
         self._step: dict[str, int] = {}
         self._newest: dict[str, int] = {}
 
-    def add(self, version: str, last_window_end: int, step_ms: int, totals: LiveTotals) -> None:
+    def add(self, version: str, last_window_end: int, step_ms: int, totals: LiveTotals,
+            series: str | None = None) -> None:
+        """Add one scored forecast's sums. With ``series``, a repeat of a (series, window, version) already
+        added is not counted again (a score republished after a restart carries the same values)."""
+        if series is not None:
+            seen = self._seen.setdefault(version, {}).setdefault(int(last_window_end), set())
+            if series in seen:
+                return
+            seen.add(series)
         bins = self._by_version.setdefault(version, {})
         bins.setdefault(int(last_window_end), LiveTotals()).add(totals)
         self._step[version] = int(step_ms)
@@ -110,6 +119,7 @@ class LiveAccuracy:
         if len(bins) > self.windows:
             for end in [e for e in bins if e < oldest]:
                 del bins[end]
+                self._seen.get(version, {}).pop(end, None)
 
     def add_message(self, message: Mapping[str, Any]) -> str | None:
         """Add a decoded score message; its model version, or None when it is not a score."""
@@ -117,7 +127,7 @@ class LiveAccuracy:
         if version is None:
             return None
         self.add(str(version), int(message["last_window_end"]), int(message.get("step_ms") or 1),
-                 totals_of(message))
+                 totals_of(message), series=message["series"])
         return str(version)
 
     def versions(self) -> list[str]:

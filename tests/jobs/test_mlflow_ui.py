@@ -74,6 +74,7 @@ def test_registered_model_and_champion_render_in_the_mlflow_ui(mlflow_server: st
     assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.skip(reason="written without chromium at hand: not yet run once; enable after a run on a machine with it")
 def test_the_experiment_opens_on_its_training_runs_not_the_genai_overview(mlflow_server: str, tmp_path: Path) -> None:
     """An experiment created before (untagged, as by an older rollcast) gets ``mlflow.experimentKind``
     from the first cycle, and MLflow 3's UI opens it on the runs table (a run per model of the cycle)

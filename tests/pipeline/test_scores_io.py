@@ -66,3 +66,10 @@ def test_any_bytes_decode_to_a_score_the_live_sums_can_take_or_to_none(value: by
         live = LiveAccuracy(5)
         assert live.add_message(msg) == msg["model"]["version"]
         assert live.totals(msg["model"]["version"]).points >= 0
+
+
+def test_a_republished_score_is_counted_once() -> None:
+    live = LiveAccuracy(windows=10)
+    for msg in (score("a", 100), score("b", 100), score("a", 100)):  # a's repeat after a restart
+        live.add_message(msg)
+    assert live.totals("1").points == 4 and live.totals("1").abs_error == pytest.approx(6.0)
