@@ -90,8 +90,10 @@ def _topic_env(suffix: str) -> dict[str, str]:
         "ROLLCAST_TOPICS__DLQ": f"obs-{suffix}.dlq",
         "ROLLCAST_TOPICS__WINDOWS": f"win-{suffix}",
         "ROLLCAST_TOPICS__FORECASTS": f"fc-{suffix}",
+        "ROLLCAST_TOPICS__SCORES": f"scores-{suffix}",
         "ROLLCAST_GROUPS__INGEST": f"ingest-{suffix}",
         "ROLLCAST_GROUPS__FORECAST": f"forecast-{suffix}",
+        "ROLLCAST_GROUPS__SCORES": f"scores-{suffix}",
     }
 
 
@@ -132,7 +134,8 @@ def _with_topics(env: dict[str, str]) -> Iterator[Settings]:
     yield s
     admin = make_admin(s)
     try:
-        admin.delete_topics([s.topics.observations, s.topics.dlq, s.topics.windows, s.topics.forecasts])
+        admin.delete_topics([s.topics.observations, s.topics.dlq, s.topics.windows, s.topics.forecasts,
+                             s.topics.scores])
     except Exception as e:  # noqa: BLE001 - cleanup must not fail the test
         logging.getLogger(__name__).warning("could not delete test topics: %s", e)
     finally:

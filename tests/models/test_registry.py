@@ -196,7 +196,11 @@ def test_tcns_saved_by_earlier_versions_load_and_forecast_the_same(saved: str) -
     assert not any(".net." in k for k in model.state_dict())
     assert model.config.base_lag == 4  # saved as "season": 4, the residual base's old name
     saved_forecast = np.load(directory / "forecast.npz")
-    np.testing.assert_array_equal(predict(model, saved_forecast["context"]), saved_forecast["forecast"])
+    # the same up to float32 rounding: the saved forecast was computed on another CPU, whose kernels
+    # (AVX2 vs AVX-512, oneDNN's choice) may round the last bit differently; a wrongly mapped weight
+    # moves the forecast by whole units
+    np.testing.assert_allclose(predict(model, saved_forecast["context"]), saved_forecast["forecast"],
+                               rtol=1e-5, atol=1e-5)
     # its weights under today's names load into a new model the same way
     rebuilt = create_model("tcn", **model.config.to_dict())
     rebuilt.load_state_dict(model.state_dict())
