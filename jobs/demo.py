@@ -115,9 +115,12 @@ def run_pipeline(st: Stack, args: argparse.Namespace) -> None:
         show_forecasts(settings, series[:3], live, args.timeout_s)
         step("5/5", f"live accuracy of the served forecasts (rollcast scores --series {' '.join(series[:3])})")
         show_scores(settings, series[:3])
+    from models import tracking
+
     print(f"\nMLflow UI: {st.tracking_uri}")
     print(f"  experiment '{settings.mlflow.experiment}': one run per model and cycle, with params, per-epoch")
     print("  losses, holdout metrics against the champion and seasonal naive, and forecast/loss plots;")
+    print(f"  open on its runs at {tracking.experiment_url(settings)}")
     print(f"  Models > '{settings.mlflow.registered_model}': every version, the serving one tagged "
           f"@{settings.mlflow.champion_alias}.")
 

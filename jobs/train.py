@@ -95,7 +95,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         result = run_cycle(settings, progress=progress, stop=stop,
                            trigger=trigger_tags(tracking.TRIGGER_MANUAL, "train --once"))
         if result is not None:
-            _report(result)
+            _report(result, settings)
         return 0
 
     health = Health("train", poll_interval_s=max(120.0, 10 * args.poll_s))
@@ -215,10 +215,10 @@ def _guarded_cycle(settings: Settings, progress: bool, stop: Shutdown, health: A
     champ = result.promoted or result.champion_before
     if champ is not None:
         CHAMPION_VERSION.set(int(champ))
-    _report(result)
+    _report(result, settings)
 
 
-def _report(result: CycleResult) -> None:
+def _report(result: CycleResult, settings: Settings) -> None:
     from models.cycle import iso
 
     s = result.span
@@ -232,3 +232,5 @@ def _report(result: CycleResult) -> None:
         print(f"champion -> version {result.promoted}", flush=True)
     else:
         print(f"champion unchanged ({result.champion_before or 'none yet'})", flush=True)
+    if (settings.mlflow.tracking_uri or "").startswith(("http://", "https://")):
+        print(f"MLflow runs: {tracking.experiment_url(settings)}", flush=True)

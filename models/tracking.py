@@ -86,10 +86,13 @@ TRIGGER_SCHEDULE = "schedule"  # train.every_minutes passed, or the start-up cyc
 TRIGGER_WINDOWS = "windows"  # train.after_windows new windows
 TRIGGER_DRIFT = "drift"  # the champion's live accuracy (models.live)
 TRIGGER_MANUAL = "manual"  # `rollcast train --once`
-# MLflow 3's UI opens an experiment on the page of its kind; without the tag it guesses, and shows the
-# GenAI overview (traces, tokens). rollcast's runs are model development.
+# MLflow 3's UI (3.1-3.16) opens an experiment on the page of its kind; without the tag it guesses, and
+# shows the GenAI overview (traces, tokens). rollcast's runs are model development.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+# MLflow 3.17's UI ignores that tag: a "GenAI / Model training" switch picks the page, from the URL's
+# ``workflowType`` or else the browser's last choice (GenAI at first). The links rollcast prints set it.
+UI_WORKFLOW = "workflowType=machine_learning"
 
 
 def configure(settings: Settings) -> MlflowClient:
@@ -165,6 +168,20 @@ def latest_version(settings: Settings, client: MlflowClient | None = None) -> Mo
     with mlflow_errors(settings, f"looking up the newest version of {name}"):
         found = client.search_model_versions(f"name='{name}'", max_results=1, order_by=["version_number DESC"])
     return found[0] if found else None
+
+
+def experiment_url(settings: Settings) -> str:
+    """The MLflow UI's page of ``mlflow.experiment``, opened on its training runs (the experiments list
+    when the experiment does not exist yet or MLflow does not answer)."""
+    uri = require_tracking_uri(settings).rstrip("/")
+    page = "experiments"
+    try:
+        experiment = configure(settings).get_experiment_by_name(settings.mlflow.experiment)
+        if experiment is not None:
+            page = f"experiments/{experiment.experiment_id}"
+    except Exception as e:  # noqa: BLE001 - a link to print: the list page will do
+        log.debug("cannot look up the experiment %s: %s", settings.mlflow.experiment, e)
+    return f"{uri}/#/{page}?{UI_WORKFLOW}"
 
 
 def cache_dir(settings: Settings) -> Path:

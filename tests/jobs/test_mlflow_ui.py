@@ -74,11 +74,12 @@ def test_registered_model_and_champion_render_in_the_mlflow_ui(mlflow_server: st
     assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.skip(reason="written without chromium at hand: not yet run once; enable after a run on a machine with it")
 def test_the_experiment_opens_on_its_training_runs_not_the_genai_overview(mlflow_server: str, tmp_path: Path) -> None:
     """An experiment created before (untagged, as by an older rollcast) gets ``mlflow.experimentKind``
-    from the first cycle, and MLflow 3's UI opens it on the runs table (a run per model of the cycle)
-    instead of the GenAI overview (traces, tokens)."""
+    from the first cycle (MLflow 3.1-3.16 open it on its runs from that tag), and the link rollcast
+    prints (``tracking.experiment_url``: the train job after a cycle, the demo) opens it in MLflow 3.17's
+    UI on the runs table (a run per model of the cycle) instead of the GenAI overview (traces, tokens),
+    which 3.17 shows by default whatever the tag says."""
     from mlflow import MlflowClient
 
     from models import tracking
@@ -91,7 +92,8 @@ def test_the_experiment_opens_on_its_training_runs_not_the_genai_overview(mlflow
     result = run_cycle(s)
     assert client.get_experiment(experiment_id).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
     run_name = f"tcn-{result.cycle_id}"
-    url = f"{mlflow_server}/#/experiments/{experiment_id}"
+    url = tracking.experiment_url(s)
+    assert url.startswith(f"{mlflow_server}/#/experiments/{experiment_id}?")
 
     def rendered() -> str:
         proc = chromium(url, tmp_path / "profile", "--dump-dom")
