@@ -106,6 +106,8 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="keep an existing store of the same size in --dir")
     parser.add_argument("--keep", action="store_true", help="leave the store and MLflow data behind")
     parser.add_argument("--warm", action="store_true", help="a full cycle, then a warm-start cycle")
+    parser.add_argument("--generate-only", action="store_true",
+                        help="write the store (kept in --dir, for a later --reuse) and run no cycle")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a setting, e.g. train.samples_per_epoch=16384 or model.max_epochs=5")
     parser.add_argument("--seed", type=int, default=0)
@@ -131,6 +133,8 @@ def main() -> None:
         stamp.touch()
         du = subprocess.run(["du", "-sh", str(work / "data" / "history")], capture_output=True, text=True).stdout
         print(json.dumps({"generated_s": round(gen_s, 1), "store": du.split()[0] if du else "?"}), flush=True)
+    if args.generate_only:
+        return
     port = stack.free_port()
     server = stack.start_mlflow(work / "mlflow", port, work / "mlflow", timeout_s=180)
     try:

@@ -118,15 +118,15 @@ def read_history(settings: Settings) -> tuple[SeriesMatrix, int, int, int]:
     from pipeline.store import HistoryStore
 
     store = HistoryStore(settings)
-    ends = store.max_window_end()
-    if not ends:
+    end = store.last_window_end()  # from the newest day's Parquet footers, not a pass over the store
+    if end is None:
         raise NotEnoughData(
             f"the history store {store.location} is empty; run `rollcast ingest` "
             "(and `rollcast replay` a dataset) first"
         )
-    end = max(ends.values())
-    start = end - settings.train.span_windows * settings.window.length_ms
-    matrix, rows, first_start = read_matrix(store, start, end, settings.window.target)
+    step = settings.window.length_ms
+    start = end - settings.train.span_windows * step
+    matrix, rows, first_start = read_matrix(store, start, end, settings.window.target, step_ms=step)
     return matrix, rows, first_start, end
 
 

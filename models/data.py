@@ -13,6 +13,7 @@ splits the time axis into train, validation and holdout target spans.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from models.base import CALENDAR_CHANNELS, ModelConfig
 from pipeline.errors import DatasetError, NotEnoughData
+
+log = logging.getLogger("rollcast.data")
 
 DAY_MS = 86_400_000
 WEEK_MS = 7 * DAY_MS
@@ -246,17 +249,26 @@ def time_split(n_steps: int, context: int, horizon: int, val_fraction: float = 0
 
 
 def read_matrix(store: Any, start_ms: int, end_ms: int, target: str = "mean",
-                batch_rows: int = 1 << 20) -> tuple[SeriesMatrix, int, int]:
+                batch_rows: int = 1 << 20, step_ms: int | None = None) -> tuple[SeriesMatrix, int, int]:
     """The windows of ``store`` with ``start_ms <= window_start < end_ms`` as a :class:`SeriesMatrix`, read in
     bounded memory; returns it with the number of rows read and the first window_start.
 
-    Equal to ``windows_to_matrix(store.read(start_ms=start_ms, end_ms=end_ms), target)``, without the table:
-    one streamed pass over ``series, window_start, window_end`` finds the series and the time grid, a second
-    over ``series, window_start, count, <target>`` scatters each batch of at most ``batch_rows`` rows straight
-    into the preallocated float32 matrix. Memory: the matrix (plus a bool mask of the gaps, if any) and one
-    batch. A window stored twice takes the value read last.
+    Equal to ``windows_to_matrix(store.read(start_ms=start_ms, end_ms=end_ms), target)``, without the table.
+    With ``step_ms`` (the store's window length: ingest writes epoch-aligned windows of
+    ``window.length_ms``) the time grid is known, and one streamed pass over ``series, window_start, count,
+    <target>`` scatters each batch straight into the matrix (:func:`_read_on_grid`); a store whose windows
+    are not on that grid (a changed window length) is read as without it. Without ``step_ms`` a first pass
+    over ``series, window_start, window_end`` finds the series and the grid, a second scatters. Memory:
+    the matrix (plus a bool mask of the gaps, if any) and one batch. A window stored twice takes the
+    value read last.
     """
     import pyarrow.compute as pc
+
+    if step_ms:
+        try:
+            return _read_on_grid(store, start_ms, end_ms, target, batch_rows, int(step_ms))
+        except _OffGrid as e:
+            log.warning("the history store's windows are not on the grid of %d ms (%s): reading it twice", step_ms, e)
 
     names: set[str] = set()
     starts: set[int] = set()
@@ -293,6 +305,117 @@ def read_matrix(store: Any, start_ms: int, end_ms: int, target: str = "mean",
         values[a : a + chunk] = ffill(values[a : a + chunk])
     ends = t0 + np.arange(n_t, dtype=np.int64) * step + _median_length(lengths)
     return SeriesMatrix(series, values, ends, step, None if known.all() else known), rows, t0
+
+
+class _OffGrid(Exception):
+    """A window_start not on the expected grid."""
+
+
+def _read_on_grid(store: Any, start_ms: int, end_ms: int, target: str, batch_rows: int,
+                  step: int) -> tuple[SeriesMatrix, int, int]:
+    """:func:`read_matrix` in one pass, on the grid of epoch-aligned windows of ``step`` ms.
+
+    Rows are allocated for the number of series the newest day holds (``store.newest_day_series``,
+    one day's ``series`` column), grown if more come; ``series`` is read as Parquet's dictionary, so
+    a batch costs a look-up per distinct name, not per row. Untouched cells are never written (no
+    NaN fill of the capacity), and at the end the rows are put in name order and the columns trimmed to
+    the windows read, in place: no second copy of the matrix is made.
+    """
+    origin = -(-int(start_ms) // step) * step  # the first window_start >= start_ms
+    n_t = max(0, -(-(int(end_ms) - origin) // step))
+    cap = max(64, int(store.newest_day_series() * 1.05) + 16)
+    values = np.empty((cap, n_t), dtype=np.float32)
+    known = np.zeros((cap, n_t), dtype=bool)
+    ids: dict[str, int] = {}
+    names: list[str] = []
+    rows, t_lo, t_hi = 0, n_t, -1
+    cols = ["series", "window_start", "count", target]
+    for batch in store.scan(cols, start_ms, end_ms, batch_rows, dictionary_series=True):
+        col = batch.column("series")
+        if not pa.types.is_dictionary(col.type):
+            col = col.dictionary_encode()
+        dictionary = col.dictionary.to_pylist()
+        codes = col.indices.to_numpy(zero_copy_only=False)
+        try:
+            index = np.fromiter(map(ids.__getitem__, dictionary), dtype=np.int64, count=len(dictionary))
+        except KeyError:  # a name not seen yet; a dictionary may also hold names the filter left no row of
+            used = np.bincount(codes, minlength=len(dictionary)) > 0
+            index = np.full(len(dictionary), -1, dtype=np.int64)
+            for j, name in enumerate(dictionary):
+                if name not in ids and used[j]:
+                    ids[name] = len(names)
+                    names.append(name)
+                index[j] = ids.get(name, -1)
+        if len(ids) > cap:  # more series than the newest day has: grow (a copy, the rare case)
+            new_cap = max(len(ids), int(cap * 1.5))
+            values = np.concatenate([values, np.empty((new_cap - cap, n_t), dtype=np.float32)])
+            known = np.concatenate([known, np.zeros((new_cap - cap, n_t), dtype=bool)])
+            cap = new_cap
+        s_idx = index[codes]
+        offset = batch.column("window_start").to_numpy() - origin
+        t_idx = offset // step
+        if (offset - t_idx * step).any():
+            raise _OffGrid(f"window_start {int(offset[(offset % step) != 0][0]) + origin}")
+        y = batch.column(target).cast(pa.float64()).to_numpy(zero_copy_only=False)
+        y = np.where(batch.column("count").to_numpy(zero_copy_only=False) > 0, y, np.nan)  # a gap: no value
+        values[s_idx, t_idx] = y
+        known[s_idx, t_idx] = ~np.isnan(y)
+        rows += batch.num_rows
+        t_lo, t_hi = min(t_lo, int(t_idx.min())), max(t_hi, int(t_idx.max()))
+    n = len(names)
+    if n == 0:
+        raise NotEnoughData("the window table is empty")
+    values, known = values[:n], known[:n]
+    np.copyto(values, np.nan, where=~known)  # windows never written, and gaps
+    w = t_hi - t_lo + 1
+    if w != n_t:  # the columns read, packed at the start of the same buffers
+        values = _pack_columns(values, t_lo, w)
+        known = _pack_columns(known, t_lo, w)
+    order = np.argsort(np.array(names, dtype=object), kind="stable")
+    if not np.array_equal(order, np.arange(n)):
+        _permute_rows(values, order)
+        _permute_rows(known, order)
+        names = [names[i] for i in order]
+    gappy = np.flatnonzero(~known.all(axis=1))
+    chunk = max(1, (1 << 24) // max(w, 1))
+    for a in range(0, len(gappy), chunk):
+        rows_ = gappy[a : a + chunk]
+        values[rows_] = ffill(values[rows_])
+    t0 = origin + t_lo * step
+    ends = t0 + np.arange(w, dtype=np.int64) * step + step
+    return SeriesMatrix(names, values, ends, step, None if len(gappy) == 0 else known), rows, t0
+
+
+def _pack_columns(a: np.ndarray, start: int, width: int) -> np.ndarray:
+    """``a[:, start:start + width]`` as a C-contiguous array in ``a``'s own buffer (rows moved in order:
+    row i's destination never reaches a later row's source)."""
+    n = a.shape[0]
+    flat = a.reshape(-1)
+    for i in range(n):
+        flat[i * width : (i + 1) * width] = a[i, start : start + width].copy()
+    return flat[: n * width].reshape(n, width)
+
+
+def _permute_rows(a: np.ndarray, order: np.ndarray) -> None:
+    """``a[:] = a[order]`` in place, one row of scratch (cycle by cycle)."""
+    done = np.zeros(len(order), dtype=bool)
+    tmp = np.empty(a.shape[1:], dtype=a.dtype)
+    for i in range(len(order)):
+        if done[i]:
+            continue
+        done[i] = True
+        if order[i] == i:
+            continue
+        tmp[...] = a[i]
+        j = i
+        while True:
+            k = int(order[j])
+            done[j] = True
+            if k == i:
+                a[j] = tmp
+                break
+            a[j] = a[k]
+            j = k
 
 
 def _median_length(counts: dict[int, int]) -> int:

@@ -68,6 +68,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -158,10 +159,11 @@ class HistoryStore:
         return pl.from_arrow(table).cast(WINDOW_SCHEMA).sort("series", "window_start")
 
     def scan(self, columns: list[str], start_ms: int | None = None, end_ms: int | None = None,
-             batch_size: int = 1 << 20) -> Iterator[pa.RecordBatch]:
+             batch_size: int = 1 << 20, dictionary_series: bool = False) -> Iterator[pa.RecordBatch]:
         """Stream ``columns`` of the windows with ``start_ms <= window_start < end_ms`` as record batches of
         at most ``batch_size`` rows, in file order (unsorted): memory follows one batch, not the span.
-        For readers that build their own arrays (the train job's series matrix)."""
+        For readers that build their own arrays (the train job's series matrix). ``dictionary_series``:
+        ``series`` comes as a dictionary array, as Parquet stores it (no string per row is built)."""
         flt = None
         if start_ms is not None:
             flt = ds.field("window_start") >= start_ms
@@ -172,7 +174,9 @@ class HistoryStore:
             files = self._files(start_ms, end_ms)
             if not files:
                 return
-            dataset = ds.dataset(files, filesystem=self.fs, format="parquet")
+            fmt = ds.ParquetFileFormat(read_options=ds.ParquetReadOptions(dictionary_columns=["series"])) \
+                if dictionary_series else "parquet"
+            dataset = ds.dataset(files, filesystem=self.fs, format=fmt)
             for batch in dataset.to_batches(columns=columns, filter=flt, batch_size=batch_size):
                 if batch.num_rows:
                     yield batch
@@ -231,6 +235,46 @@ class HistoryStore:
             if path not in rows:
                 rows[path] = pq.read_metadata(path, filesystem=self.fs).num_rows
         return sum(rows[path] for path in files)
+
+    @_io("reading the newest window's end")
+    def last_window_end(self) -> int | None:
+        """End of the newest stored window of any series (None: the store is empty), from the Parquet footers
+        of the newest day directory's files (their statistics; a file without them is read)."""
+        for day in reversed(self._days(None, None)):
+            ends = [self._max_window_end_of(path) for path in self._day_files(day)]
+            ends = [e for e in ends if e is not None]
+            if ends:
+                return max(ends)
+        return None
+
+    def _max_window_end_of(self, path: str) -> int | None:
+        meta = pq.read_metadata(path, filesystem=self.fs)
+        col = meta.schema.to_arrow_schema().get_field_index("window_end")
+        out = None
+        for g in range(meta.num_row_groups):
+            rg = meta.row_group(g)
+            if rg.num_rows == 0:
+                continue
+            st = rg.column(col).statistics
+            if st is None or not st.has_min_max:  # no statistics: read the column
+                ends = pq.read_table(path, columns=["window_end"], filesystem=self.fs).column(0)
+                m = pc.max(ends).as_py()
+                return None if m is None else int(m)
+            out = int(st.max) if out is None else max(out, int(st.max))
+        return out
+
+    @_io("counting the newest day's series")
+    def newest_day_series(self) -> int:
+        """The number of series with a window in the newest day directory (0: none): a cheap estimate of
+        the number of series, from one day's ``series`` column."""
+        days = self._days(None, None)
+        if not days:
+            return 0
+        files = self._day_files(days[-1])
+        if not files:
+            return 0
+        col = ds.dataset(files, filesystem=self.fs, format="parquet").to_table(columns=["series"]).column(0)
+        return len(pc.unique(col))
 
     @_io("reading the series' last windows")
     def max_window_end(self) -> dict[str, int]:

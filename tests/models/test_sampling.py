@@ -135,3 +135,34 @@ def test_reading_the_store_in_batches_equals_the_one_shot_pivot(tmp_path: Path) 
         assert rows == store.read(start_ms=lo, end_ms=hi).height and first == 5 * HOUR
     with pytest.raises(Exception, match="empty"):
         read_matrix(store, 1000 * HOUR, 1001 * HOUR)
+
+
+def test_reading_the_store_on_the_window_grid_in_one_pass_equals_the_one_shot_pivot(tmp_path: Path) -> None:
+    """``step_ms`` (the train cycle's path): one pass, rows grown past the newest day's series count, names
+    sorted (written here in reverse order), columns trimmed to the windows read, gaps as before."""
+    table = _gappy(90)
+    more = pl.concat([table.filter(pl.col("series") == "a").with_columns(pl.lit(f"z{i:03d}").alias("series"))
+                      for i in range(80)])  # 80 series that end before the newest day: more than estimated
+    more = more.filter(pl.col("window_start") < 40 * HOUR)
+    table = pl.concat([table, more]).sort("series", descending=True)
+    store = HistoryStore(tmp_path / "history")
+    for i, part in enumerate((table.filter(pl.col("window_start") < 50 * HOUR), table.filter(pl.col("window_start") >= 50 * HOUR))):
+        store.write_checkpoint("t", i, part, Progress(position=part.height, max_ts=int(part["window_end"].max())))
+    assert store.last_window_end() == 90 * HOUR and store.newest_day_series() == 3
+    for lo, hi in ((5 * HOUR, 85 * HOUR), (-3 * HOUR + 1, 200 * HOUR), (45 * HOUR, 60 * HOUR)):
+        ref = windows_to_matrix(store.read(start_ms=lo, end_ms=hi), "mean")
+        for batch_rows in (7, 1 << 20):
+            got, rows, first = read_matrix(store, lo, hi, "mean", batch_rows=batch_rows, step_ms=HOUR)
+            assert got.series == ref.series and got.step_ms == ref.step_ms and got.values.dtype == np.float32
+            assert got.values.flags.c_contiguous and got.values.shape == ref.values.shape
+            np.testing.assert_array_equal(got.values, ref.values)
+            np.testing.assert_array_equal(got.known, ref.known)
+            np.testing.assert_array_equal(got.window_end_ms, ref.window_end_ms)
+            assert rows == store.read(start_ms=lo, end_ms=hi).height and first == ref.window_end_ms[0] - HOUR
+    # windows not on the grid of step_ms (another window length): read as without it
+    got, _, _ = read_matrix(store, 5 * HOUR, 85 * HOUR, "mean", step_ms=7 * HOUR)
+    ref = windows_to_matrix(store.read(start_ms=5 * HOUR, end_ms=85 * HOUR), "mean")
+    np.testing.assert_array_equal(got.values, ref.values)
+    with pytest.raises(Exception, match="empty"):
+        read_matrix(store, 1000 * HOUR, 1001 * HOUR, step_ms=HOUR)
+    assert HistoryStore(tmp_path / "none").last_window_end() is None
