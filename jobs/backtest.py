@@ -3,9 +3,13 @@
 Each model is fitted on the data before the first test origin (refitted every
 --refit-every origins if given), then forecasts H steps at every origin, H
 steps apart, through the last --test-windows * H steps, through the same
-predict path as the live forecast job. Prints a table of MAE, RMSE, sMAPE,
-MASE, interval coverage and MAE relative to naive and seasonal naive, and
-writes metrics.csv plus one PNG of forecasts vs actuals per model to --out.
+predict path as the live forecast job. The quantiles are also calibrated
+online, origin after origin, as the forecast job serves them (quantile tracking
+with the calibration.* settings; models.backtest.calibrate_sequentially), unless
+--no-calibration or calibration.enabled (or scoring.enabled) is false. Prints a
+table of MAE, RMSE, sMAPE, MASE, coverage of the model's outer interval and of
+the calibrated one, and MAE relative to naive and seasonal naive, and writes
+metrics.csv plus one PNG of forecasts vs actuals per model to --out.
 Input is a long-format CSV/Parquet file (resampled onto a --step grid) or a
 directory of window Parquet files (the history store).
 """
@@ -44,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-epochs", type=int, help="training epochs (default: model.max_epochs)")
     parser.add_argument("--last", type=int, help="use only the last N steps of every series")
     parser.add_argument("--out", type=Path, help="output directory (default: DATA_DIR/backtests/<source>)")
+    parser.add_argument("--no-calibration", action="store_true",
+                        help="do not calibrate the quantiles online (default: calibrate as the forecast job does, "
+                        "with calibration.learning_rate and calibration.max_offset, when calibration.enabled)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -108,6 +115,15 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         console = Console(width=160)  # logs and pipes: never truncate the table
     console.print(f"{source_name}: {len(data.series)} series x {data.values.shape[1]} steps, target {target}, "
                   f"L={context}, H={horizon}, m={season}, {args.test_windows} test windows")
+    # the forecast job calibrates when it scores (scoring.enabled) and calibration.enabled
+    calibration = settings.calibration if (settings.scoring.enabled and settings.calibration.enabled
+                                           and not args.no_calibration) else None
+    if calibration is not None:
+        console.print(f"calibration: online, as the forecast job (learning rate "
+                      f"{calibration.learning_rate:g}, offsets within +-{calibration.max_offset:g} widths, "
+                      f"on_new_champion={calibration.on_new_champion}), from 0 at the first origin")
+    else:
+        console.print("calibration: off")
 
     results = []
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
@@ -121,7 +137,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
                 name, data, n_origins=args.test_windows, season=season, config=config,
                 refit_every=args.refit_every, max_epochs=args.max_epochs or ms.max_epochs,
                 batch_size=ms.batch_size, seed=ms.seed,
-                on_origin=lambda _i: bar.advance(task),
+                on_origin=lambda _i: bar.advance(task), calibration=calibration,
             ))
     _print_table(console, results)
     _write_csv(out / "metrics.csv", results)
@@ -131,19 +147,30 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-METRIC_COLUMNS = ("mae", "rmse", "smape", "mase", "coverage", "rel_mae_naive", "rel_mae_seasonal_naive")
+METRIC_COLUMNS = ("mae", "rmse", "smape", "mase", "coverage", "calibrated_coverage", "rel_mae_naive",
+                  "rel_mae_seasonal_naive")
 
 
 def _print_table(console: Any, results: list[Any]) -> None:
     from rich.table import Table
 
-    table = Table(title="rolling-origin backtest")
+    title = "rolling-origin backtest"
+    if results:
+        qs = results[0].quantiles
+        title += f" (interval q{qs[0]:g}-q{qs[-1]:g}, nominal coverage {qs[-1] - qs[0]:.2g})"
+    table = Table(title=title)
     table.add_column("model", no_wrap=True)
-    for col in ("MAE", "RMSE", "sMAPE %", "MASE", "coverage", "rel. MAE naive", "rel. MAE s-naive"):
+    for col in ("MAE", "RMSE", "sMAPE %", "MASE", "coverage", "calibrated coverage", "rel. MAE naive",
+                "rel. MAE s-naive"):
         table.add_column(col, justify="right")
     for r in results:
-        table.add_row(r.model, *(_fmt(r.metrics[c]) for c in METRIC_COLUMNS))
+        table.add_row(r.model, *("off" if c not in r.metrics else _fmt(r.metrics[c]) for c in METRIC_COLUMNS))
     console.print(table)
+
+
+def _metric(result: Any, column: str) -> float:
+    """A metric of ``result``; NaN for calibrated coverage when calibration is off."""
+    return result.metrics.get(column, float("nan"))
 
 
 def _fmt(v: float) -> str:
@@ -151,5 +178,5 @@ def _fmt(v: float) -> str:
 
 
 def _write_csv(path: Path, results: list[Any]) -> None:
-    rows = [{"model": r.model, **{c: r.metrics[c] for c in METRIC_COLUMNS}} for r in results]
+    rows = [{"model": r.model, **{c: _metric(r, c) for c in METRIC_COLUMNS}} for r in results]
     pl.DataFrame(rows).write_csv(path)

@@ -6,6 +6,12 @@ Origins are spaced H steps apart through the last ``n_origins * H`` steps; at
 each one the model forecasts the next H steps from the true history up to the
 origin. Metrics are averaged over all origins and series; relative MAE divides
 by the MAE of naive and seasonal-naive forecasts at the same origins.
+
+With calibration settings (``rollcast backtest`` passes ``settings.calibration``), the quantiles are also
+calibrated online as the forecast job serves them (:func:`calibrate_sequentially`, the
+:class:`~models.calibration.QuantileTracker` of the live job, same learning rate and offset bound), origin
+after origin, and ``calibrated_coverage`` is the coverage of the served outer interval next to
+``coverage``, the model's own. The median, so every point metric, is the same either way.
 """
 
 from __future__ import annotations
@@ -18,10 +24,12 @@ import numpy as np
 
 from models import metrics as M
 from models.base import ForecastModel
+from models.calibration import QuantileTracker
 from models.data import SeriesMatrix, known_any, make_samples, time_split
 from models.io import predict
 from models.registry import create_model
 from models.training import FitResult, fit
+from pipeline.config import CalibrationSettings
 from pipeline.errors import NotEnoughData
 
 BASELINES = ("naive", "seasonal_naive")
@@ -40,6 +48,9 @@ class BacktestResult:
     series: list[str]
     fits: list[FitResult] = field(default_factory=list)
     forecastable: np.ndarray | None = None  # (S, n_origins): the context had a known value; None: all
+    # (S, n_origins, H, Q): the quantiles as the forecast job would have served them (calibrated online,
+    # :func:`calibrate_sequentially`); None: not calibrated
+    calibrated: np.ndarray | None = None
 
 
 def origins_for(n_steps: int, context: int, horizon: int, n_origins: int) -> np.ndarray:
@@ -82,10 +93,13 @@ def rolling_origin(
     patience: int = 5,
     on_origin: Callable[[int], None] | None = None,
     train_stride: int = 1,
+    calibration: CalibrationSettings | None = None,
 ) -> BacktestResult:
     """Backtest model ``name`` (built with ``config`` through the registry) on ``data``.
 
     ``train_stride`` > 1 keeps every ``train_stride``-th training sample (cheaper epochs on long series).
+    ``calibration``: calibrate the quantiles online over the origins as the forecast job does (see
+    :func:`evaluate`); a refitted model is a new champion from its first origin on.
     """
     config = dict(config or {})
     probe = create_model(name, **config)
@@ -93,17 +107,20 @@ def rolling_origin(
     origins = origins_for(data.values.shape[1], L, H, n_origins)
     fits: list[FitResult] = []
     per_origin: list[np.ndarray] = []
+    versions = np.zeros(len(origins), dtype=np.int64)  # which fit made each origin's forecasts
     model = probe
     for i, origin in enumerate(origins):
         if probe.trainable and (i == 0 or (refit_every and i % refit_every == 0)):
             model = create_model(name, **config)
             fits.append(_fit_before(model, data, int(origin), max_epochs, batch_size, seed, val_fraction, patience,
                                     train_stride))
+        versions[i] = len(fits)
         per_origin.append(forecast_at(model, data, origins[i : i + 1]))
         if on_origin is not None:
             on_origin(i)
     forecasts = np.concatenate(per_origin, axis=1)
-    return evaluate(probe, data, origins, season, forecasts=forecasts, name=name, fits=fits)
+    return evaluate(probe, data, origins, season, forecasts=forecasts, name=name, fits=fits,
+                    calibration=calibration, versions=versions)
 
 
 def evaluate(
@@ -115,6 +132,8 @@ def evaluate(
     forecasts: np.ndarray | None = None,
     name: str | None = None,
     fits: list[FitResult] | None = None,
+    calibration: CalibrationSettings | None = None,
+    versions: np.ndarray | None = None,
 ) -> BacktestResult:
     """Score ``model`` at ``origins`` against the actuals, with MAE relative to naive and seasonal
     naive (season ``season``) forecast at the same origins: the evaluation of `rollcast backtest` and of
@@ -122,6 +141,11 @@ def evaluate(
 
     ``forecasts`` ``(S, n_origins, H, Q)``: the model's forecasts when the caller made them (a backtest
     that refits between origins); by default they are made here from the true history before each origin.
+
+    ``calibration`` (enabled): the quantiles are also calibrated online, origin after origin, as the
+    forecast job serves them (:func:`calibrate_sequentially`; ``versions`` as there); the result holds them
+    (``calibrated``) and the metrics add ``calibrated_coverage``, the coverage of their outer interval
+    (``coverage`` stays the model's own). The median is not moved: every other metric is unchanged.
     """
     cfg = model.config
     H, qs = cfg.horizon, tuple(cfg.quantiles)
@@ -131,8 +155,88 @@ def evaluate(
     baselines = {base: forecast_at(baseline(base, cfg.context, H, qs, season), data, origins) for base in BASELINES}
     insample = data.values[:, : int(origins[0])]
     scores = score(forecasts, actuals, insample, season, cfg.median_index, baselines)
+    calibrated = None
+    if calibration is not None and calibration.enabled:
+        # live, a gap window settles nothing (its value is NaN); the actuals here carry the last value
+        # forward across gaps, so the tracker sees NaN there instead
+        settled = actuals if data.known is None else np.where(
+            np.stack([data.known[:, o : o + H] for o in origins], axis=1), actuals, np.nan)
+        calibrated = calibrate_sequentially(forecasts, settled, origins, qs, calibration, versions)
+        scores["calibrated_coverage"] = M.coverage(actuals, calibrated[..., 0], calibrated[..., -1])
     return BacktestResult(name if name is not None else getattr(model, "name", ""), scores, forecasts, actuals,
-                          origins, qs, data.series, list(fits or []), forecastable(data, origins, cfg.context))
+                          origins, qs, data.series, list(fits or []), forecastable(data, origins, cfg.context),
+                          calibrated)
+
+
+def calibrate_sequentially(
+    forecasts: np.ndarray,
+    actuals: np.ndarray,
+    origins: np.ndarray,
+    quantiles: tuple[float, ...] | list[float],
+    calibration: CalibrationSettings,
+    versions: np.ndarray | None = None,
+) -> np.ndarray:
+    """The quantiles the forecast job would have served ``(S, n_origins, H, Q)`` (float32, as it sends
+    them), for the model's ``forecasts`` ``(S, n_origins, H, Q)`` made at ``origins`` (strictly increasing
+    time indices), with ``actuals`` ``(S, n_origins, H)`` (NaN: a gap, which settles nothing).
+
+    One :class:`~models.calibration.QuantileTracker` (row = series) with ``calibration``'s learning rate
+    and offset bound, as in :mod:`models.scoring`. Step ``h`` (0-based) of the forecast made at origin
+    ``o`` is the value at time index ``o + h``: the window that settles it. Time runs window by window:
+    window ``t`` settles every forecast step ``(o, h)`` with ``o + h == t``, and a forecast at origin
+    ``o'`` is served after window ``o' - 1`` has been settled (its context ends there). So the rule is:
+
+        the quantiles served at origin o' are the model's plus the offsets after every settlement
+        (o, h) with o + h < o', applied in the order of o + h, and no other.
+
+    With origins at least H apart, every step of an origin has settled before the next origin; closer
+    together, only the steps that have closed by then (the rest settle later, in time order). Each
+    settlement uses the quantiles served for it, as live. ``versions`` ``(n_origins,)``: the model that
+    made each origin's forecasts (a refit); from an origin whose version differs from the previous one,
+    after the windows before it have settled, only that version's forecasts update the offsets, and
+    ``calibration.on_new_champion == "reset"`` starts them at 0, as when the forecast job swaps champions.
+    """
+    forecasts = np.asarray(forecasts)
+    S, n_origins, H, _ = forecasts.shape
+    origins = np.asarray(origins, dtype=np.int64)
+    if len(origins) != n_origins or (n_origins > 1 and (np.diff(origins) <= 0).any()):
+        raise ValueError("origins must be strictly increasing, one per forecast origin")
+    versions = np.zeros(n_origins, dtype=np.int64) if versions is None else np.asarray(versions)
+    tracker = QuantileTracker(list(quantiles), H, calibration.learning_rate, calibration.max_offset, rows=S)
+    rows = np.arange(S)
+    served = np.empty(forecasts.shape, dtype=np.float32)
+    # every forecast step (origin i, step h) and the time index that settles it, in time order
+    event_i, event_h = np.divmod(np.arange(n_origins * H), H)
+    event_t = origins[event_i] + event_h
+    order = np.argsort(event_t, kind="stable")
+    event_i, event_h, event_t = event_i[order], event_h[order], event_t[order]
+    done = 0  # events[:done] are settled
+    for i, origin in enumerate(origins):
+        upto = int(np.searchsorted(event_t, origin, side="left"))  # settled by now: t < origin
+        ei, eh = event_i[done:upto], event_h[done:upto]
+        done = upto
+        if i > 0:
+            own = versions[ei] == versions[i - 1]  # forecasts of the model serving while they settle
+            _settle(tracker, rows, ei[own], eh[own], served, actuals)
+            if versions[i] != versions[i - 1] and calibration.on_new_champion == "reset":
+                tracker.reset()
+        served[:, i] = tracker.apply(rows, forecasts[:, i]).astype(np.float32)
+    return served
+
+
+def _settle(tracker: QuantileTracker, rows: np.ndarray, ei: np.ndarray, eh: np.ndarray, served: np.ndarray,
+            actuals: np.ndarray) -> None:
+    """Update ``tracker`` with the settled forecast steps ``(ei, eh)`` of every series: those whose windows
+    closed between two consecutive origins. Origins are strictly increasing, so each step ``h`` settles
+    at most one origin there (an update must not add two settlements of one offset before clipping),
+    and the offsets of different steps are independent: one update is the same as one per window."""
+    if not len(ei):
+        return
+    assert len(np.unique(eh)) == len(eh), "one settlement per horizon step between two origins"
+    S, n = len(rows), len(ei)
+    tracker.update(np.tile(rows, n), np.repeat(eh, S),
+                   served[:, ei, eh].transpose(1, 0, 2).reshape(n * S, -1).astype(np.float64),
+                   actuals[:, ei, eh].T.reshape(n * S))
 
 
 def baseline(name: str, context: int, horizon: int, quantiles: tuple[float, ...] | list[float],

@@ -101,6 +101,10 @@ def plot_backtest(path: Path, result: BacktestResult, data: Any) -> None:
         if q_ > 1:
             ax.fill_between(t, fc[i, :, 0], fc[i, :, -1], color="tab:blue", alpha=0.2,
                             label=f"{result.quantiles[0]:g}-{result.quantiles[-1]:g}")
+            if result.calibrated is not None:
+                cal = result.calibrated.reshape(s_, o_ * h_, q_)
+                ax.plot(t, cal[i, :, 0], color="tab:orange", lw=0.8, ls="--", label="calibrated (served)")
+                ax.plot(t, cal[i, :, -1], color="tab:orange", lw=0.8, ls="--")
         for o in result.origins:
             ax.axvline(o, color="0.85", lw=0.5)
         ax.set_title(f"{result.model}: {result.series[i]}", fontsize=9)

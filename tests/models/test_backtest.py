@@ -1,4 +1,5 @@
-"""Rolling-origin backtests on a tiny synthetic set, and `rollcast backtest` end to end."""
+"""Rolling-origin backtests on a tiny synthetic set, their online calibration (against the live scorer and a
+hand-written reference), and `rollcast backtest` end to end."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ import numpy as np
 import polars as pl
 import pytest
 
-from models.backtest import origins_for, rolling_origin
+from models import metrics as M
+from models.backtest import baseline, calibrate_sequentially, evaluate, origins_for, rolling_origin
+from models.calibration import calibrate
 from models.data import SeriesMatrix
+from models.scoring import ModelRef, Scorer
+from pipeline.config import load_settings
 from pipeline.errors import NotEnoughData
 from tests.support import rollcast
 
@@ -63,9 +68,11 @@ def test_cli_backtest_on_a_bundled_dataset(tmp_path: Path) -> None:
                  "--no-progress", "--out", str(out), env={"ROLLCAST_DATA_DIR": str(tmp_path)}, timeout=180)
     assert r.returncode == 0, r.stderr
     assert "seasonal_naive" in r.stdout and "MASE" in r.stdout
+    assert "calibrated coverage" in r.stdout and "learning rate 0.05" in r.stdout, r.stdout
     table = pl.read_csv(out / "metrics.csv")
     assert table["model"].to_list() == ["lstm", "naive", "seasonal_naive"]
     assert table.filter(pl.col("model") == "naive")["rel_mae_naive"].item() == pytest.approx(1.0)
+    assert all(0 <= c <= 1 for c in table["calibrated_coverage"].to_list())
     assert all((out / f"forecast_{m}.png").stat().st_size > 1000 for m in table["model"])
 
 
@@ -85,8 +92,182 @@ def test_cli_backtest_reads_a_window_store_and_reports_errors(tmp_path: Path) ->
     assert r.returncode == 0, r.stderr
     assert pl.read_csv(tmp_path / "o" / "metrics.csv")["mae"].to_list()[1] == pytest.approx(0, abs=1e-5)
     assert "1 series" in r.stdout, r.stdout
+    off = rollcast("backtest", str(tmp_path / "history"), "--models", "naive", "--context", "48", "--horizon", "24",
+                   "--test-windows", "2", "--no-calibration", "--no-progress", "--out", str(tmp_path / "off"))
+    assert off.returncode == 0, off.stderr
+    assert "calibration: off" in off.stdout, off.stdout
+    table = pl.read_csv(tmp_path / "off" / "metrics.csv")
+    assert table["calibrated_coverage"].is_nan().all() and table["coverage"].is_finite().all()
     bad = rollcast("backtest", str(tmp_path / "history"), "--models", "nope", "--no-progress")
     assert bad.returncode == 1 and "known models" in bad.stderr and "Traceback" not in bad.stderr
     short = rollcast("backtest", str(tmp_path / "history"), "--models", "naive", "--test-windows", "50",
                      "--no-progress")
     assert short.returncode == 1 and "too few" in short.stderr and "Traceback" not in short.stderr
+
+
+# ---------------------------------------------------------------- online calibration over the origins
+
+CAL_Q = (0.1, 0.5, 0.9)
+
+
+def _calibration(**env: str):
+    return load_settings(env={f"ROLLCAST_CALIBRATION__{k}": v for k, v in env.items()}).calibration
+
+
+def _stream(spacing: int, n_origins: int = 12, H: int = 4, S: int = 3, seed: int = 0):
+    """Values ``(S, T)`` (one gap), origins ``spacing`` apart and too narrow float32 forecasts at each."""
+    rng = np.random.default_rng(seed)
+    origins = 5 + spacing * np.arange(n_origins)
+    y = rng.normal(size=(S, int(origins[-1]) + H + 1)).astype(np.float32).astype(np.float64)
+    y[1, int(origins[2]) + 1] = np.nan  # a gap window: settles nothing
+    mid = rng.normal(0, 0.2, (S, n_origins, H, 1))
+    fc = np.sort(mid + np.array(CAL_Q) - 0.5 + rng.normal(0, 0.05, (S, n_origins, H, 3)), axis=-1).astype(np.float32)
+    fc[..., 1] = mid[..., 0]
+    actuals = np.stack([y[:, o : o + H] for o in origins], axis=1)
+    return y, origins, fc, actuals
+
+
+def _reference(fc, actuals, origins, cal, versions):
+    """Served quantiles by walking time window by window, one scalar offset at a time: at time t, first
+    the forecast of origin t is served (its context ends at t - 1), then the window t closes and settles
+    step t - o of every earlier origin o (of the serving model)."""
+    S, n_origins, H, Q = fc.shape
+    c = np.zeros((S, H, Q))
+    served = np.full(fc.shape, np.nan, dtype=np.float32)
+    current = versions[0]
+    for t in range(int(origins[0]), int(origins[-1]) + 1):
+        if t in origins:
+            i = int(np.flatnonzero(origins == t)[0])
+            if versions[i] != current:
+                current = versions[i]
+                if cal.on_new_champion == "reset":
+                    c[:] = 0
+            served[:, i] = calibrate(fc[:, i].astype(np.float64), c.copy(), 1).astype(np.float32)
+        for j in range(n_origins):
+            h = t - int(origins[j])
+            if not (0 <= h < H) or versions[j] != current:
+                continue
+            for s in range(S):
+                y = actuals[s, j, h]
+                if np.isnan(y):
+                    continue
+                for q in (0, 2):
+                    below = float(y <= float(served[s, j, h, q]))
+                    c[s, h, q] = np.clip(c[s, h, q] + cal.learning_rate * (CAL_Q[q] - below),
+                                         -cal.max_offset, cal.max_offset)
+    return served
+
+
+@pytest.mark.parametrize("spacing", [1, 2, 4, 7])
+def test_calibration_over_origins_serves_what_the_live_scorer_serves(spacing: int) -> None:
+    """The forecast job's own Scorer, fed the same windows one at a time and issuing at the same origins,
+    serves exactly these quantiles: origins closer than H (1, 2), H apart (4) and further (7)."""
+    H, step = 4, 10
+    y, origins, fc, actuals = _stream(spacing, H=H)
+    S = len(y)
+    ours = calibrate_sequentially(fc, actuals, origins, CAL_Q, _calibration())
+    scorer = Scorer(load_settings(env={}), ModelRef("m", "1", list(CAL_Q)), H, step)
+    live = np.full_like(ours, np.nan)
+    names = [f"s{k}" for k in range(S)]
+    for t in range(int(origins[0]) - 1, int(origins[-1])):  # window t; a forecast at t + 1 if it is an origin
+        i = np.flatnonzero(origins == t + 1)
+        preds = fc[:, i[0]] if len(i) else np.zeros((0, H, 3), np.float32)
+        out = scorer.run(names, np.full(S, 1000 + t * step), y[:, t], np.zeros(S, np.int32),
+                         np.arange(S) if len(i) else np.arange(0), preds, np.zeros((len(preds), H)), issued_at=t)
+        for g in out.issued:
+            live[g.index, i[0]] = g.served
+    assert np.isfinite(live).all()
+    np.testing.assert_array_equal(ours, live)
+    assert not np.array_equal(ours, fc)  # it did calibrate
+
+
+@pytest.mark.parametrize("spacing", [1, 3, 4, 6])
+@pytest.mark.parametrize("policy", ["keep", "reset"])
+def test_calibration_over_origins_matches_a_window_by_window_reference(spacing: int, policy: str) -> None:
+    _, origins, fc, actuals = _stream(spacing, n_origins=10)
+    cal = _calibration(ON_NEW_CHAMPION=policy, LEARNING_RATE="0.3", MAX_OFFSET="0.5")  # the clip is reached
+    versions = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 2])  # refits at origins 4 and 7
+    ours = calibrate_sequentially(fc, actuals, origins, CAL_Q, cal, versions)
+    np.testing.assert_array_equal(ours, _reference(fc, actuals, origins, cal, versions))
+    if policy == "reset":  # a refit starts from the model's own quantiles
+        np.testing.assert_allclose(ours[:, 4], fc[:, 4])
+    else:
+        assert not np.allclose(ours[:, 4], fc[:, 4])
+
+
+@pytest.mark.parametrize("spacing", [2, 4])
+def test_calibration_uses_no_actual_before_its_window_has_closed(spacing: int) -> None:
+    """Served quantiles at origin k do not move whatever the actuals at or after it are; the actual of
+    the window just before it (closed) does move them."""
+    _, origins, fc, actuals = _stream(spacing, n_origins=10)
+    cal = _calibration()
+    base = calibrate_sequentially(fc, actuals, origins, CAL_Q, cal)
+    k = 6
+    when = origins[:, None] + np.arange(4)[None, :]  # (O, H): the time index of each actual
+    future = np.where(when >= origins[k], -np.sign(actuals) * 1e6, actuals)  # every one flips its side
+    peek = calibrate_sequentially(fc, future, origins, CAL_Q, cal)
+    np.testing.assert_array_equal(peek[:, : k + 1], base[:, : k + 1])
+    assert not np.array_equal(peek[:, k + 1 :], base[:, k + 1 :])
+    just_closed = np.where(when == origins[k] - 1, -np.sign(actuals) * 1e6, actuals)
+    moved = calibrate_sequentially(fc, just_closed, origins, CAL_Q, cal)
+    np.testing.assert_array_equal(moved[:, :k], base[:, :k])
+    assert not np.array_equal(moved[:, k], base[:, k])
+
+
+def _noise(S: int = 8, T: int = 2000, seed: int = 3) -> SeriesMatrix:
+    rng = np.random.default_rng(seed)
+    t = np.arange(T)
+    return SeriesMatrix([f"n{k}" for k in range(S)], (10 + rng.normal(size=(S, T))).astype(np.float32),
+                        (t + 1) * HOUR, HOUR)
+
+
+def test_an_overconfident_model_is_calibrated_to_nominal_coverage() -> None:
+    """Quantiles 10 +- 0.5 claim 80% of N(10, 1) noise and cover 38%; calibrated over the origins, the
+    served interval covers 80% once the offsets have settled, and the whole backtest's far more than 38%."""
+    data, H = _noise(), 4
+    model = baseline("naive", 8, H, list(CAL_Q), 2)  # its config only: the forecasts are given
+    origins = origins_for(data.values.shape[1], 8, H, 450)
+    fc = np.broadcast_to(np.array([9.5, 10.0, 10.5], np.float32), (len(data.series), len(origins), H, 3))
+    r = evaluate(model, data, origins, 2, forecasts=fc, calibration=_calibration())
+    assert r.metrics["coverage"] < 0.45
+    assert r.metrics["calibrated_coverage"] > 0.7
+    later = slice(150, None)  # after the offsets' burn-in (~0.8 widths at 0.045 a step: 20-40 origins)
+    settled = M.coverage(r.actuals[:, later], r.calibrated[:, later, :, 0], r.calibrated[:, later, :, -1])
+    assert abs(settled - 0.8) < 0.03
+    assert M.coverage(r.actuals[:, later], fc[:, later, :, 0], fc[:, later, :, -1]) < 0.45
+
+
+def test_calibration_leaves_the_median_and_every_point_metric_unchanged() -> None:
+    data = _seasonal()
+    kw = {"n_origins": 6, "season": 8, "config": {"context": 16, "horizon": 4}}
+    plain = rolling_origin("naive", data, **kw)
+    cal = rolling_origin("naive", data, calibration=_calibration(LEARNING_RATE="0.5"), **kw)
+    assert plain.calibrated is None and "calibrated_coverage" not in plain.metrics
+    np.testing.assert_array_equal(cal.calibrated[..., 1], cal.forecasts[..., 1])
+    np.testing.assert_array_equal(cal.forecasts, plain.forecasts)
+    assert not np.allclose(cal.calibrated[..., [0, 2]], cal.forecasts[..., [0, 2]])  # the outer ones moved
+    assert {k: v for k, v in cal.metrics.items() if k != "calibrated_coverage"} == plain.metrics
+    assert cal.metrics["calibrated_coverage"] != plain.metrics["coverage"]
+    off = rolling_origin("naive", data, calibration=_calibration(ENABLED="false"), **kw)
+    assert off.calibrated is None and off.metrics == plain.metrics
+
+
+def test_a_gap_window_settles_nothing_as_live() -> None:
+    """A window with no observations carries the last value forward in the matrix (the actual scored),
+    but live its value is NaN and settles nothing: the calibration skips it too."""
+    data = _noise(S=2, T=200)
+    known = np.ones_like(data.values, dtype=bool)
+    origins = origins_for(200, 8, 4, 20)
+    gap = int(origins[3]) + 1
+    known[0, gap] = False
+    values = data.values.copy()
+    values[0, gap] = values[0, gap - 1] + 50  # far above every quantile: it would move the offsets
+    gappy = SeriesMatrix(data.series, values, data.window_end_ms, data.step_ms, known)
+    model = baseline("naive", 8, 4, list(CAL_Q), 2)
+    r = evaluate(model, gappy, origins, 2, calibration=_calibration())
+    settled = r.actuals.astype(np.float64)
+    settled[0, 3, 1] = np.nan
+    np.testing.assert_array_equal(r.calibrated, calibrate_sequentially(r.forecasts, settled, origins, CAL_Q,
+                                                                       _calibration()))
+    assert not np.array_equal(r.calibrated, calibrate_sequentially(r.forecasts, r.actuals, origins, CAL_Q,
+                                                                   _calibration()))
