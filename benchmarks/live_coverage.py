@@ -91,6 +91,8 @@ def main() -> None:
                                capture_output=True, text=True)
         if train.returncode != 0:
             sys.exit(f"train --once failed:\n{train.stderr[-3000:]}")
+        if "champion -> version" not in train.stdout:  # nothing to serve: the forecast job would wait
+            sys.exit(f"train --once promoted no champion (try a larger --train-fraction):\n{train.stdout[-3000:]}")
         st.start_job("forecast")
         replay_job.replay(settings, live)
         wait_for_windows(settings, live, args.timeout_s)
