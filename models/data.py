@@ -316,66 +316,73 @@ def _read_on_grid(store: Any, start_ms: int, end_ms: int, target: str, batch_row
     """:func:`read_matrix` in one pass, on the grid of epoch-aligned windows of ``step`` ms.
 
     Rows are allocated for the number of series the newest day holds (``store.newest_day_series``,
-    one day's ``series`` column), grown if more come; ``series`` is read as Parquet's dictionary, so
-    a batch costs a look-up per distinct name, not per row. Untouched cells are never written (no
-    NaN fill of the capacity), and at the end the rows are put in name order and the columns trimmed to
-    the windows read, in place: no second copy of the matrix is made.
+    one day's ``series`` column), grown if more come. ``series`` is read as Parquet's dictionary and each
+    distinct dictionary is mapped to row numbers once (a store's files of one source partition share
+    them), so a file costs a look-up, not one per name or row, and its rows are scattered into the
+    NaN-filled matrix by flat index. At the end the rows are put in name order and the columns trimmed to the windows read, in place: no
+    second copy of the matrix is made.
     """
     origin = -(-int(start_ms) // step) * step  # the first window_start >= start_ms
     n_t = max(0, -(-(int(end_ms) - origin) // step))
     cap = max(64, int(store.newest_day_series() * 1.05) + 16)
-    values = np.empty((cap, n_t), dtype=np.float32)
-    known = np.zeros((cap, n_t), dtype=bool)
+    values = np.full((cap, n_t), np.nan, dtype=np.float32)
     ids: dict[str, int] = {}
     names: list[str] = []
+    maps: dict[tuple, np.ndarray] = {}  # dictionary content -> row of each of its names
     rows, t_lo, t_hi = 0, n_t, -1
+    flat = values.reshape(-1)
+
+    def row_index(dictionary: pa.Array, codes: np.ndarray) -> np.ndarray:
+        key = (dictionary.offset, len(dictionary), *(b.to_pybytes() for b in dictionary.buffers()[1:] if b is not None))
+        index = maps.get(key)
+        if index is None:
+            used = np.bincount(codes, minlength=len(dictionary)) > 0  # the filter may leave a name no row
+            index = np.full(len(dictionary), -1, dtype=np.int64)
+            for j, name in enumerate(dictionary.to_pylist()):
+                if name not in ids and used[j]:
+                    ids[name] = len(names)
+                    names.append(name)
+                index[j] = ids.get(name, -1)
+            if (index < 0).any():  # a name without rows here may have rows in the next file: no caching
+                return index
+            if len(maps) >= 4096:
+                maps.clear()
+            maps[key] = index
+        return index
+
     cols = ["series", "window_start", "count", target]
     for batch in store.scan(cols, start_ms, end_ms, batch_rows, dictionary_series=True):
         col = batch.column("series")
         if not pa.types.is_dictionary(col.type):
             col = col.dictionary_encode()
-        dictionary = col.dictionary.to_pylist()
         codes = col.indices.to_numpy(zero_copy_only=False)
-        try:
-            index = np.fromiter(map(ids.__getitem__, dictionary), dtype=np.int64, count=len(dictionary))
-        except KeyError:  # a name not seen yet; a dictionary may also hold names the filter left no row of
-            used = np.bincount(codes, minlength=len(dictionary)) > 0
-            index = np.full(len(dictionary), -1, dtype=np.int64)
-            for j, name in enumerate(dictionary):
-                if name not in ids and used[j]:
-                    ids[name] = len(names)
-                    names.append(name)
-                index[j] = ids.get(name, -1)
-        if len(ids) > cap:  # more series than the newest day has: grow (a copy, the rare case)
-            new_cap = max(len(ids), int(cap * 1.5))
-            values = np.concatenate([values, np.empty((new_cap - cap, n_t), dtype=np.float32)])
-            known = np.concatenate([known, np.zeros((new_cap - cap, n_t), dtype=bool)])
-            cap = new_cap
-        s_idx = index[codes]
-        offset = batch.column("window_start").to_numpy() - origin
-        t_idx = offset // step
-        if (offset - t_idx * step).any():
-            raise _OffGrid(f"window_start {int(offset[(offset % step) != 0][0]) + origin}")
-        y = batch.column(target).cast(pa.float64()).to_numpy(zero_copy_only=False)
-        y = np.where(batch.column("count").to_numpy(zero_copy_only=False) > 0, y, np.nan)  # a gap: no value
-        values[s_idx, t_idx] = y
-        known[s_idx, t_idx] = ~np.isnan(y)
+        s_idx = row_index(col.dictionary, codes)[codes]
+        if len(names) > cap:  # more series than the newest day has: grow (a copy, the rare case)
+            new_cap = max(len(names), int(cap * 1.5))
+            values = np.concatenate([values, np.full((new_cap - cap, n_t), np.nan, dtype=np.float32)])
+            flat, cap = values.reshape(-1), new_cap
+        t_idx, off_grid = np.divmod(batch.column("window_start").to_numpy() - origin, step)
+        if off_grid.any():
+            raise _OffGrid(f"window_start {int(origin + (t_idx * step + off_grid)[off_grid != 0][0])}")
+        y = batch.column(target).to_numpy(zero_copy_only=False).astype(np.float32)
+        y[batch.column("count").to_numpy(zero_copy_only=False) <= 0] = np.nan  # a gap: no value
+        s_idx *= n_t
+        s_idx += t_idx
+        flat[s_idx] = y
         rows += batch.num_rows
         t_lo, t_hi = min(t_lo, int(t_idx.min())), max(t_hi, int(t_idx.max()))
     n = len(names)
     if n == 0:
         raise NotEnoughData("the window table is empty")
-    values, known = values[:n], known[:n]
-    np.copyto(values, np.nan, where=~known)  # windows never written, and gaps
+    values = values[:n]
     w = t_hi - t_lo + 1
-    if w != n_t:  # the columns read, packed at the start of the same buffers
+    if w != n_t:  # the columns read, packed at the start of the same buffer
         values = _pack_columns(values, t_lo, w)
-        known = _pack_columns(known, t_lo, w)
     order = np.argsort(np.array(names, dtype=object), kind="stable")
     if not np.array_equal(order, np.arange(n)):
         _permute_rows(values, order)
-        _permute_rows(known, order)
         names = [names[i] for i in order]
+    known = ~np.isnan(values)  # windows with a value: not a gap, not missing
     gappy = np.flatnonzero(~known.all(axis=1))
     chunk = max(1, (1 << 24) // max(w, 1))
     for a in range(0, len(gappy), chunk):
