@@ -1,15 +1,18 @@
 """Rolling-origin backtest of forecasting models on a dataset file or a history store.
 
 Each model is fitted on the data before the first test origin (refitted every
---refit-every origins if given), then forecasts H steps at every origin, H
-steps apart, through the last --test-windows * H steps, through the same
-predict path as the live forecast job. The quantiles are also calibrated
-online, origin after origin, as the forecast job serves them (quantile tracking
-with the calibration.* settings; models.backtest.calibrate_sequentially), unless
---no-calibration or calibration.enabled (or scoring.enabled) is false. Prints a
-table of MAE, RMSE, sMAPE, MASE, coverage of the model's outer interval and of
-the calibrated one, and MAE relative to naive and seasonal naive, and writes
-metrics.csv plus one PNG of forecasts vs actuals per model to --out.
+--refit-every origins if given), then forecasts H steps at each of
+--test-windows origins, --origin-every steps apart (default H: the forecasts
+tile the last --test-windows * H steps; 1: an origin every window, as the live
+forecast job forecasts), through the same predict path as the live forecast
+job. The quantiles are also calibrated online, origin after origin, as the
+forecast job serves them (quantile tracking with the calibration.* settings;
+models.backtest.calibrate_sequentially), unless --no-calibration or
+calibration.enabled (or scoring.enabled) is false. Prints a table of MAE, RMSE,
+sMAPE, MASE, coverage of the model's outer interval and of the calibrated one
+(both without the first --burn-in origins), and MAE relative to naive and
+seasonal naive (over all origins), and writes metrics.csv plus one PNG of
+forecasts vs actuals per model to --out.
 Input is a long-format CSV/Parquet file (resampled onto a --step grid) or a
 directory of window Parquet files (the history store).
 """
@@ -43,8 +46,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context", type=int, help="L: context windows (default: model.context)")
     parser.add_argument("--horizon", type=int, help="H: steps forecast (default: model.horizon)")
     parser.add_argument("--season", type=int, help="m for seasonal naive and MASE (default: model.season)")
-    parser.add_argument("--test-windows", type=int, default=10, help="origins, H steps apart (default: 10)")
-    parser.add_argument("--refit-every", type=int, help="refit the model every K origins (default: never)")
+    parser.add_argument("--test-windows", type=_positive, default=10,
+                        help="number of origins, the last one H steps before the end (default: 10)")
+    parser.add_argument("--origin-every", type=_positive, metavar="K",
+                        help="steps between origins (default: H, forecasts tiling the test span; 1: an origin "
+                        "every window, as the forecast job forecasts). Closer than H, forecasts overlap: every "
+                        "metric averages all origins' forecasts, so a step counts once per forecast covering it; "
+                        "the plots draw only forecasts of origins at least H apart")
+    parser.add_argument("--burn-in", type=_non_negative, default=0, metavar="N",
+                        help="leave the first N origins' forecasts out of coverage and calibrated coverage (they "
+                        "still feed the calibration; the offsets start from 0 at the first origin); MAE, RMSE, "
+                        "sMAPE, MASE and relative MAE stay over all origins (default: 0, every origin counts)")
+    parser.add_argument("--refit-every", type=_positive,
+                        help="refit the model every K origins, i.e. every K * --origin-every steps (default: never)")
     parser.add_argument("--max-epochs", type=int, help="training epochs (default: model.max_epochs)")
     parser.add_argument("--last", type=int, help="use only the last N steps of every series")
     parser.add_argument("--out", type=Path, help="output directory (default: DATA_DIR/backtests/<source>)")
@@ -52,6 +66,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="do not calibrate the quantiles online (default: calibrate as the forecast job does, "
                         "with calibration.learning_rate and calibration.max_offset, when calibration.enabled)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
 
 
 def read_windows(args: argparse.Namespace, settings: Settings) -> tuple[pl.DataFrame, str]:
@@ -93,7 +121,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     from models.data import windows_to_matrix
     from models.plots import plot_backtest
     from models.registry import config_from_settings
-    from pipeline.errors import ModelConfigError
+    from pipeline.errors import ModelConfigError, NotEnoughData
 
     ms = settings.model
     names = args.models.split(",") if args.models else [*ms.types, *BASELINES]
@@ -102,6 +130,9 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     if unknown:
         raise ModelConfigError(f"unknown model(s) {unknown}; known models: {', '.join(available_models())}")
     context, horizon = args.context or ms.context, args.horizon or ms.horizon
+    if args.burn_in >= args.test_windows:
+        raise NotEnoughData(f"--burn-in {args.burn_in} leaves none of the {args.test_windows} origins "
+                            "(--test-windows) to measure coverage on")
     season = args.season or ms.season
     target = args.target or settings.window.target
     windows, source_name = read_windows(args, settings)
@@ -113,8 +144,10 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     console = Console()
     if not console.is_terminal:
         console = Console(width=160)  # logs and pipes: never truncate the table
+    every = args.origin_every or horizon
     console.print(f"{source_name}: {len(data.series)} series x {data.values.shape[1]} steps, target {target}, "
-                  f"L={context}, H={horizon}, m={season}, {args.test_windows} test windows")
+                  f"L={context}, H={horizon}, m={season}, {args.test_windows} test windows "
+                  f"(origins {every} step(s) apart), burn-in {args.burn_in} origin(s)")
     # the forecast job calibrates when it scores (scoring.enabled) and calibration.enabled
     calibration = settings.calibration if (settings.scoring.enabled and settings.calibration.enabled
                                            and not args.no_calibration) else None
@@ -138,9 +171,10 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
                 refit_every=args.refit_every, max_epochs=args.max_epochs or ms.max_epochs,
                 batch_size=ms.batch_size, seed=ms.seed,
                 on_origin=lambda _i: bar.advance(task), calibration=calibration,
+                origin_every=every, burn_in=args.burn_in,
             ))
     _print_table(console, results)
-    _write_csv(out / "metrics.csv", results)
+    _write_csv(out / "metrics.csv", results, every)
     for r in results:
         plot_backtest(out / f"forecast_{r.model}.png", r, data)
     console.print(f"wrote {out / 'metrics.csv'} and {len(results)} plot(s) to {out}")
@@ -149,6 +183,9 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
 
 METRIC_COLUMNS = ("mae", "rmse", "smape", "mase", "coverage", "calibrated_coverage", "rel_mae_naive",
                   "rel_mae_seasonal_naive")
+# metrics.csv also has, after these: origins (their number), origin_every (steps between them) and
+# coverage_burn_in_origins (how many of the first origins coverage and calibrated coverage leave out; the
+# point metrics count every origin)
 
 
 def _print_table(console: Any, results: list[Any]) -> None:
@@ -156,8 +193,13 @@ def _print_table(console: Any, results: list[Any]) -> None:
 
     title = "rolling-origin backtest"
     if results:
-        qs = results[0].quantiles
-        title += f" (interval q{qs[0]:g}-q{qs[-1]:g}, nominal coverage {qs[-1] - qs[0]:.2g})"
+        r = results[0]
+        qs, n = r.quantiles, len(r.origins)
+        title += f" (interval q{qs[0]:g}-q{qs[-1]:g}, nominal coverage {qs[-1] - qs[0]:.2g}"
+        if r.burn_in:
+            title += (f"; coverage and calibrated coverage over origins {r.burn_in + 1}-{n}, the first "
+                      f"{r.burn_in} (burn-in) excluded; other metrics over all {n} origins")
+        title += ")"
     table = Table(title=title)
     table.add_column("model", no_wrap=True)
     for col in ("MAE", "RMSE", "sMAPE %", "MASE", "coverage", "calibrated coverage", "rel. MAE naive",
@@ -177,6 +219,7 @@ def _fmt(v: float) -> str:
     return "nan" if math.isnan(v) else f"{v:.4g}"
 
 
-def _write_csv(path: Path, results: list[Any]) -> None:
-    rows = [{"model": r.model, **{c: _metric(r, c) for c in METRIC_COLUMNS}} for r in results]
+def _write_csv(path: Path, results: list[Any], every: int) -> None:
+    rows = [{"model": r.model, **{c: _metric(r, c) for c in METRIC_COLUMNS}, "origins": len(r.origins),
+             "origin_every": every, "coverage_burn_in_origins": r.burn_in} for r in results]
     pl.DataFrame(rows).write_csv(path)

@@ -2,16 +2,21 @@
 
 The model is fitted on the steps before the first test origin (optionally
 refitted every ``refit_every`` origins on everything before that origin).
-Origins are spaced H steps apart through the last ``n_origins * H`` steps; at
-each one the model forecasts the next H steps from the true history up to the
-origin. Metrics are averaged over all origins and series; relative MAE divides
-by the MAE of naive and seasonal-naive forecasts at the same origins.
+Origins are spaced ``origin_every`` steps apart (default H: their forecasts tile
+the last ``n_origins * H`` steps; 1: an origin every window, as the forecast job
+forecasts), the last one H steps before the end; at each one the model forecasts
+the next H steps from the true history up to the origin. Metrics are averaged
+over all origins' forecasts and series (closer than H apart, forecasts overlap
+and a time step counts once per forecast covering it); relative MAE divides by
+the MAE of naive and seasonal-naive forecasts at the same origins. Inference is
+batched over origins (:func:`forecast_at`).
 
 With calibration settings (``rollcast backtest`` passes ``settings.calibration``), the quantiles are also
 calibrated online as the forecast job serves them (:func:`calibrate_sequentially`, the
 :class:`~models.calibration.QuantileTracker` of the live job, same learning rate and offset bound), origin
 after origin, and ``calibrated_coverage`` is the coverage of the served outer interval next to
-``coverage``, the model's own. The median, so every point metric, is the same either way.
+``coverage``, the model's own. The median, so every point metric, is the same either way. ``burn_in``
+origins (the first ones) are left out of both coverages, not of the calibration nor of the point metrics.
 """
 
 from __future__ import annotations
@@ -51,25 +56,49 @@ class BacktestResult:
     # (S, n_origins, H, Q): the quantiles as the forecast job would have served them (calibrated online,
     # :func:`calibrate_sequentially`); None: not calibrated
     calibrated: np.ndarray | None = None
+    burn_in: int = 0  # the first origins, left out of coverage and calibrated coverage (not of point metrics)
 
 
-def origins_for(n_steps: int, context: int, horizon: int, n_origins: int) -> np.ndarray:
-    """Time indices of the origins: every H steps through the last ``n_origins * H`` steps."""
-    first = n_steps - n_origins * horizon
+def origins_for(n_steps: int, context: int, horizon: int, n_origins: int, every: int | None = None) -> np.ndarray:
+    """Time indices of the origins: ``every`` steps apart (default ``horizon``: every H steps through the
+    last ``n_origins * H`` steps), the last one ``horizon`` steps before the end."""
+    every = horizon if every is None else int(every)
+    if every < 1:
+        raise ValueError(f"origins must be at least 1 step apart, got {every}")
+    first = n_steps - horizon - (n_origins - 1) * every
     if n_origins < 1 or first < context + horizon:
         raise NotEnoughData(
-            f"{n_steps} steps per series are too few for {n_origins} test window(s) of {horizon} steps "
-            f"after a context of {context} and some training data; use fewer --test-windows or a "
-            "shorter --context/--horizon"
+            f"{n_steps} steps per series are too few for {n_origins} test window(s) of {horizon} steps, "
+            f"origins {every} step(s) apart, after a context of {context} and some training data; use fewer "
+            "--test-windows, a smaller --origin-every or a shorter --context/--horizon"
         )
-    return first + horizon * np.arange(n_origins)
+    return first + every * np.arange(n_origins)
+
+
+# contexts (series x origins) per predict call of forecast_at: bounded memory (``L`` float64 values and
+# window ends each), large enough that a model is not called once per origin
+FORECAST_ROWS = 16384
 
 
 def forecast_at(model: ForecastModel, data: SeriesMatrix, origins: np.ndarray) -> np.ndarray:
-    """Forecasts ``(S, n_origins, H, Q)`` from the true history before each origin."""
-    L = model.config.context
-    out = [predict(model, data.contexts(o - L, o), data.window_end_ms[o - L : o]) for o in origins]
-    return np.stack(out, axis=1)
+    """Forecasts ``(S, n_origins, H, Q)`` from the true history before each origin.
+
+    The contexts of every series at many origins go through one :func:`~models.io.predict` call (up to
+    :data:`FORECAST_ROWS` contexts at a time): each context is forecast on its own, the batch only
+    saves calls (200 origins of an untrained TCN on 2 series, L=96: 13 s one call per origin, 0.3 s
+    batched, on the 2-core sandbox)."""
+    L, H, Q = model.config.context, model.config.horizon, len(model.config.quantiles)
+    S = len(data.series)
+    origins = np.asarray(origins, dtype=np.int64)
+    out = np.empty((S, len(origins), H, Q), dtype=np.float32)
+    per_call = max(1, FORECAST_ROWS // max(S, 1))
+    for a in range(0, len(origins), per_call):
+        chunk = origins[a : a + per_call]
+        contexts = np.concatenate([data.contexts(int(o) - L, int(o)) for o in chunk])  # (n * S, L), origin-major
+        ends = np.repeat(np.stack([data.window_end_ms[o - L : o] for o in chunk]), S, axis=0)
+        fc = predict(model, contexts, ends)
+        out[:, a : a + len(chunk)] = fc.reshape(len(chunk), S, H, Q).transpose(1, 0, 2, 3)
+    return out
 
 
 def forecastable(data: SeriesMatrix, origins: np.ndarray, context: int) -> np.ndarray:
@@ -94,33 +123,56 @@ def rolling_origin(
     on_origin: Callable[[int], None] | None = None,
     train_stride: int = 1,
     calibration: CalibrationSettings | None = None,
+    origin_every: int | None = None,
+    burn_in: int = 0,
 ) -> BacktestResult:
     """Backtest model ``name`` (built with ``config`` through the registry) on ``data``.
 
+    ``origin_every``: steps between origins (default H; :func:`origins_for`). ``refit_every`` counts
+    origins, so a refit every ``refit_every * origin_every`` steps.
     ``train_stride`` > 1 keeps every ``train_stride``-th training sample (cheaper epochs on long series).
     ``calibration``: calibrate the quantiles online over the origins as the forecast job does (see
-    :func:`evaluate`); a refitted model is a new champion from its first origin on.
+    :func:`evaluate`); a refitted model is a new champion from its first origin on. ``burn_in``: the first
+    origins left out of the coverages (:func:`evaluate`).
     """
+    if refit_every is not None and refit_every < 0:
+        raise ValueError(f"refit_every must be at least 1 (or 0/None: never), got {refit_every}")
     config = dict(config or {})
     probe = create_model(name, **config)
     L, H = probe.config.context, probe.config.horizon
-    origins = origins_for(data.values.shape[1], L, H, n_origins)
+    origins = origins_for(data.values.shape[1], L, H, n_origins, origin_every)
+    _check_burn_in(burn_in, len(origins))
     fits: list[FitResult] = []
-    per_origin: list[np.ndarray] = []
+    forecasts = np.empty((len(data.series), len(origins), H, len(probe.config.quantiles)), dtype=np.float32)
     versions = np.zeros(len(origins), dtype=np.int64)  # which fit made each origin's forecasts
+    # the origins each model serves: one segment without refits, else one per refit
+    starts = [0]
+    if probe.trainable and refit_every:
+        starts = list(range(0, len(origins), refit_every))
     model = probe
-    for i, origin in enumerate(origins):
-        if probe.trainable and (i == 0 or (refit_every and i % refit_every == 0)):
+    for a, b in zip(starts, [*starts[1:], len(origins)], strict=True):
+        if probe.trainable:
             model = create_model(name, **config)
-            fits.append(_fit_before(model, data, int(origin), max_epochs, batch_size, seed, val_fraction, patience,
-                                    train_stride))
-        versions[i] = len(fits)
-        per_origin.append(forecast_at(model, data, origins[i : i + 1]))
-        if on_origin is not None:
-            on_origin(i)
-    forecasts = np.concatenate(per_origin, axis=1)
+            fits.append(_fit_before(model, data, int(origins[a]), max_epochs, batch_size, seed, val_fraction,
+                                    patience, train_stride))
+        versions[a:b] = len(fits)
+        for c in range(a, b, PROGRESS_ORIGINS):  # batched, in pieces so that a progress bar moves
+            d = min(b, c + PROGRESS_ORIGINS)
+            forecasts[:, c:d] = forecast_at(model, data, origins[c:d])
+            if on_origin is not None:
+                for i in range(c, d):
+                    on_origin(i)
     return evaluate(probe, data, origins, season, forecasts=forecasts, name=name, fits=fits,
-                    calibration=calibration, versions=versions)
+                    calibration=calibration, versions=versions, burn_in=burn_in)
+
+
+PROGRESS_ORIGINS = 256  # origins forecast between two calls of rolling_origin's on_origin
+
+
+def _check_burn_in(burn_in: int, n_origins: int) -> None:
+    if not 0 <= burn_in < n_origins:
+        raise NotEnoughData(f"a burn-in of {burn_in} origin(s) leaves none of the {n_origins} origin(s) to measure "
+                            "coverage on; use a burn-in of 0 to fewer than --test-windows")
 
 
 def evaluate(
@@ -134,6 +186,7 @@ def evaluate(
     fits: list[FitResult] | None = None,
     calibration: CalibrationSettings | None = None,
     versions: np.ndarray | None = None,
+    burn_in: int = 0,
 ) -> BacktestResult:
     """Score ``model`` at ``origins`` against the actuals, with MAE relative to naive and seasonal
     naive (season ``season``) forecast at the same origins: the evaluation of `rollcast backtest` and of
@@ -146,6 +199,10 @@ def evaluate(
     forecast job serves them (:func:`calibrate_sequentially`; ``versions`` as there); the result holds them
     (``calibrated``) and the metrics add ``calibrated_coverage``, the coverage of their outer interval
     (``coverage`` stays the model's own). The median is not moved: every other metric is unchanged.
+
+    ``burn_in``: the first ``burn_in`` origins' forecasts are left out of ``coverage`` and
+    ``calibrated_coverage`` (they still feed the calibration); every point metric (MAE, ..., relative
+    MAE) stays over all origins. 0: every origin counts in both.
     """
     cfg = model.config
     H, qs = cfg.horizon, tuple(cfg.quantiles)
@@ -154,7 +211,11 @@ def evaluate(
     actuals = np.stack([data.values[:, o : o + H] for o in origins], axis=1)
     baselines = {base: forecast_at(baseline(base, cfg.context, H, qs, season), data, origins) for base in BASELINES}
     insample = data.values[:, : int(origins[0])]
+    _check_burn_in(burn_in, len(origins))
     scores = score(forecasts, actuals, insample, season, cfg.median_index, baselines)
+    measured = slice(burn_in, None)  # the origins the coverages count
+    scores["coverage"] = M.coverage(actuals[:, measured], forecasts[:, measured, :, 0],
+                                    forecasts[:, measured, :, -1])
     calibrated = None
     if calibration is not None and calibration.enabled:
         # live, a gap window settles nothing (its value is NaN); the actuals here carry the last value
@@ -162,10 +223,11 @@ def evaluate(
         settled = actuals if data.known is None else np.where(
             np.stack([data.known[:, o : o + H] for o in origins], axis=1), actuals, np.nan)
         calibrated = calibrate_sequentially(forecasts, settled, origins, qs, calibration, versions)
-        scores["calibrated_coverage"] = M.coverage(actuals, calibrated[..., 0], calibrated[..., -1])
+        scores["calibrated_coverage"] = M.coverage(actuals[:, measured], calibrated[:, measured, :, 0],
+                                                   calibrated[:, measured, :, -1])
     return BacktestResult(name if name is not None else getattr(model, "name", ""), scores, forecasts, actuals,
                           origins, qs, data.series, list(fits or []), forecastable(data, origins, cfg.context),
-                          calibrated)
+                          calibrated, burn_in)
 
 
 def calibrate_sequentially(

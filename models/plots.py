@@ -82,32 +82,68 @@ def plot_forecasts(
     return paths
 
 
+MAX_ORIGIN_LINES = 100  # a backtest plot marks its drawn origins with vertical lines up to this many
+
+
+def plotted_origins(origins: Any, horizon: int) -> Any:
+    """Indices of the origins whose forecasts a backtest plot draws: the first, then each next one at
+    least ``horizon`` steps after the last drawn, so the drawn forecasts never overlap (origins H apart:
+    all of them; an origin every window: every H-th)."""
+    import numpy as np
+
+    keep: list[int] = []
+    for i, o in enumerate(origins):
+        if not keep or o - origins[keep[-1]] >= horizon:
+            keep.append(i)
+    return np.asarray(keep, dtype=np.int64)
+
+
 def plot_backtest(path: Path, result: BacktestResult, data: Any) -> None:
+    """Actuals over the test span with the median and outer interval of the forecasts of
+    :func:`plotted_origins` (the model's and, calibrated, the served one), for the first 4 series; the
+    burn-in origins (left out of coverage) shaded."""
     plt = _pyplot()
     import numpy as np
 
     n_series = min(4, len(result.series))
     fig, axes = plt.subplots(n_series, 1, figsize=(10, 2.6 * n_series), squeeze=False)
     s_, o_, h_, q_ = result.forecasts.shape
-    fc = result.forecasts.reshape(s_, o_ * h_, q_)  # origins are H apart: forecasts tile the test span
-    act = result.actuals.reshape(s_, o_ * h_)
-    t = np.arange(result.origins[0], result.origins[0] + o_ * h_)
+    origins = np.asarray(result.origins)
+    start, stop = int(origins[0]), int(origins[-1]) + h_
+    t = np.arange(start, stop)
+    drawn = plotted_origins(origins, h_)
+
+    def spread(forecasts: np.ndarray) -> np.ndarray:
+        """``(S, stop - start, Q)``: the drawn origins' forecasts at their steps, NaN (a break) elsewhere."""
+        out = np.full((s_, stop - start, q_), np.nan, dtype=np.float64)
+        for i in drawn:
+            out[:, origins[i] - start : origins[i] - start + h_] = forecasts[:, i]
+        return out
+
+    fc = spread(result.forecasts)
+    cal = spread(result.calibrated) if result.calibrated is not None else None
     mid = result.quantiles.index(0.5)
+    note = ""
+    if len(drawn) < o_:
+        note = f" (forecasts of {len(drawn)} of {o_} origins, none overlapping)"
     for i, ax in enumerate(axes[:, 0]):
-        start = max(0, result.origins[0] - h_)
-        ax.plot(np.arange(start, result.origins[0]), data.values[i, start : result.origins[0]], color="0.5", lw=1)
-        ax.plot(t, act[i], color="black", lw=1, label="actual")
+        before = max(0, start - h_)
+        ax.plot(np.arange(before, start), data.values[i, before:start], color="0.5", lw=1)
+        ax.plot(t, data.values[i, start:stop], color="black", lw=1, label="actual")
         ax.plot(t, fc[i, :, mid], color="tab:blue", lw=1, label="median forecast")
         if q_ > 1:
             ax.fill_between(t, fc[i, :, 0], fc[i, :, -1], color="tab:blue", alpha=0.2,
                             label=f"{result.quantiles[0]:g}-{result.quantiles[-1]:g}")
-            if result.calibrated is not None:
-                cal = result.calibrated.reshape(s_, o_ * h_, q_)
+            if cal is not None:
                 ax.plot(t, cal[i, :, 0], color="tab:orange", lw=0.8, ls="--", label="calibrated (served)")
                 ax.plot(t, cal[i, :, -1], color="tab:orange", lw=0.8, ls="--")
-        for o in result.origins:
-            ax.axvline(o, color="0.85", lw=0.5)
-        ax.set_title(f"{result.model}: {result.series[i]}", fontsize=9)
+        if result.burn_in:
+            ax.axvspan(start, origins[result.burn_in], color="0.9", zorder=0,
+                       label=f"burn-in: {result.burn_in} origins, not in coverage")
+        if len(drawn) <= MAX_ORIGIN_LINES:  # more would grey the whole plot
+            for o in origins[drawn]:
+                ax.axvline(o, color="0.85", lw=0.5)
+        ax.set_title(f"{result.model}: {result.series[i]}{note}", fontsize=9)
     axes[0, 0].legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=90)

@@ -9,11 +9,23 @@ import numpy as np
 import polars as pl
 import pytest
 
+import models.backtest as B
 from models import metrics as M
-from models.backtest import baseline, calibrate_sequentially, evaluate, origins_for, rolling_origin
+from models.backtest import (
+    baseline,
+    calibrate_sequentially,
+    evaluate,
+    forecast_at,
+    origins_for,
+    rolling_origin,
+)
 from models.calibration import calibrate
-from models.data import SeriesMatrix
+from models.data import SeriesMatrix, windows_to_matrix
+from models.io import predict
+from models.plots import plot_backtest, plotted_origins
+from models.registry import create_model
 from models.scoring import ModelRef, Scorer
+from models.training import FitResult
 from pipeline.config import load_settings
 from pipeline.errors import NotEnoughData
 from tests.support import rollcast
@@ -31,6 +43,48 @@ def test_origins_are_h_apart_at_the_end() -> None:
     assert origins_for(100, context=10, horizon=5, n_origins=3).tolist() == [85, 90, 95]
     with pytest.raises(NotEnoughData, match="test window"):
         origins_for(30, context=10, horizon=5, n_origins=4)
+
+
+def test_origins_every_k_steps_end_h_steps_before_the_end() -> None:
+    assert origins_for(100, context=10, horizon=5, n_origins=3, every=5).tolist() == [85, 90, 95]  # the default
+    assert origins_for(100, context=10, horizon=5, n_origins=3, every=1).tolist() == [93, 94, 95]
+    assert origins_for(100, context=10, horizon=5, n_origins=3, every=7).tolist() == [81, 88, 95]
+    assert origins_for(100, context=10, horizon=5, n_origins=81, every=1)[0] == 15  # context + horizon: the least
+    with pytest.raises(NotEnoughData, match="test window"):
+        origins_for(100, context=10, horizon=5, n_origins=82, every=1)
+    with pytest.raises(ValueError, match="at least 1 step"):
+        origins_for(100, context=10, horizon=5, n_origins=3, every=0)
+
+
+def test_default_spacing_is_h_and_counts_every_origin() -> None:
+    data = _seasonal()
+    kw = {"n_origins": 5, "season": 8, "config": {"context": 16, "horizon": 4}, "calibration": _calibration()}
+    default = rolling_origin("naive", data, **kw)
+    spaced = rolling_origin("naive", data, origin_every=4, burn_in=0, **kw)
+    assert default.origins.tolist() == [380, 384, 388, 392, 396] == spaced.origins.tolist()
+    assert default.burn_in == 0 and default.metrics == spaced.metrics
+    np.testing.assert_array_equal(default.calibrated, spaced.calibrated)
+    fc, cal = default.forecasts, default.calibrated
+    assert default.metrics["coverage"] == M.coverage(default.actuals, fc[..., 0], fc[..., -1])
+    assert default.metrics["calibrated_coverage"] == M.coverage(default.actuals, cal[..., 0], cal[..., -1])
+
+
+def test_forecasts_at_many_origins_are_each_origins_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """forecast_at puts many origins' contexts in one predict call, in pieces of FORECAST_ROWS rows: each
+    origin's forecasts are still those of a predict call on its own context (gaps and calendar included)."""
+    data = _noise(S=3, T=120)
+    known = np.ones_like(data.values, dtype=bool)
+    known[1, 60:64] = False  # a gap inside some contexts
+    data = SeriesMatrix(data.series, data.values, data.window_end_ms, data.step_ms, known)
+    model = create_model("tcn", context=16, horizon=4, channels_hidden=8, calendar=True)
+    origins = origins_for(120, 16, 4, 30, every=1)
+    monkeypatch.setattr(B, "FORECAST_ROWS", 7)  # 2 origins (6 contexts) a call: 15 calls
+    ours = forecast_at(model, data, origins)
+    alone = np.stack([predict(model, data.contexts(o - 16, o), data.window_end_ms[o - 16 : o]) for o in origins],
+                     axis=1)
+    assert ours.shape == (3, 30, 4, 3)
+    np.testing.assert_allclose(ours, alone, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(ours[:, 1:], ours[:, :-1])  # the origins differ: a mix-up would show
 
 
 def test_seasonal_naive_is_exact_on_a_pure_season() -> None:
@@ -76,13 +130,16 @@ def test_cli_backtest_on_a_bundled_dataset(tmp_path: Path) -> None:
     assert all((out / f"forecast_{m}.png").stat().st_size > 1000 for m in table["model"])
 
 
+def _window_frame(v: np.ndarray, name: str = "s") -> pl.DataFrame:
+    t = np.arange(len(v)) * HOUR
+    return pl.DataFrame({"series": [name] * len(v), "window_start": t, "window_end": t + HOUR,
+                         "count": [1] * len(v), "first": v, "last": v, "min": v, "max": v, "mean": v, "sum": v})
+
+
 def test_cli_backtest_reads_a_window_store_and_reports_errors(tmp_path: Path) -> None:
     store = tmp_path / "history" / "part=0"
     store.mkdir(parents=True)
-    t = np.arange(200) * HOUR
-    v = 10 + np.sin(2 * np.pi * np.arange(200) / 24)
-    frame = pl.DataFrame({"series": ["s"] * 200, "window_start": t, "window_end": t + HOUR, "count": [1] * 200,
-                          "first": v, "last": v, "min": v, "max": v, "mean": v, "sum": v})
+    frame = _window_frame(10 + np.sin(2 * np.pi * np.arange(200) / 24))
     frame.write_parquet(store / "a.parquet")
     staged = tmp_path / "history" / "_pending" / "obs-0" / "ckpt"  # an unfinished ingest checkpoint: hidden
     staged.mkdir(parents=True)
@@ -90,8 +147,12 @@ def test_cli_backtest_reads_a_window_store_and_reports_errors(tmp_path: Path) ->
     r = rollcast("backtest", str(tmp_path / "history"), "--models", "naive,seasonal_naive", "--context", "48",
                  "--horizon", "24", "--test-windows", "2", "--no-progress", "--out", str(tmp_path / "o"))
     assert r.returncode == 0, r.stderr
-    assert pl.read_csv(tmp_path / "o" / "metrics.csv")["mae"].to_list()[1] == pytest.approx(0, abs=1e-5)
-    assert "1 series" in r.stdout, r.stdout
+    default = pl.read_csv(tmp_path / "o" / "metrics.csv")
+    assert default["mae"].to_list()[1] == pytest.approx(0, abs=1e-5)
+    assert default["origin_every"].to_list() == [24, 24] and default["coverage_burn_in_origins"].to_list() == [0, 0]
+    assert default["origins"].to_list() == [2, 2]
+    assert "1 series" in r.stdout and "(origins 24 step(s) apart), burn-in 0" in r.stdout, r.stdout
+    assert "excluded" not in r.stdout
     off = rollcast("backtest", str(tmp_path / "history"), "--models", "naive", "--context", "48", "--horizon", "24",
                    "--test-windows", "2", "--no-calibration", "--no-progress", "--out", str(tmp_path / "off"))
     assert off.returncode == 0, off.stderr
@@ -271,3 +332,139 @@ def test_a_gap_window_settles_nothing_as_live() -> None:
                                                                        _calibration()))
     assert not np.array_equal(r.calibrated, calibrate_sequentially(r.forecasts, r.actuals, origins, CAL_Q,
                                                                    _calibration()))
+
+
+# ---------------------------------------------------------------- an origin every window, a burn-in
+
+
+def test_an_origin_every_window_serves_what_the_live_scorer_serves() -> None:
+    """`rollcast backtest --origin-every 1` end to end (origins, forecasts, gaps, calibration): the forecast
+    job's Scorer, fed the same windows one at a time and issuing the backtest's forecast at every window,
+    serves exactly the backtest's calibrated quantiles."""
+    H, step = 4, 10
+    data = _noise(S=3, T=160)
+    known = np.ones_like(data.values, dtype=bool)
+    known[1, 120] = known[2, 131:133] = False  # gaps in the test span: they settle nothing, live or here
+    data = SeriesMatrix(data.series, data.values, data.window_end_ms, data.step_ms, known)
+    r = rolling_origin("naive", data, n_origins=60, season=2, config={"context": 8, "horizon": H},
+                       origin_every=1, calibration=_calibration())
+    assert np.diff(r.origins).tolist() == [1] * 59 and r.origins[-1] == 160 - H
+    S = len(data.series)
+    scorer = Scorer(load_settings(env={}), ModelRef("m", "1", list(r.quantiles)), H, step)
+    live = np.full_like(r.calibrated, np.nan)
+    values = np.where(known, data.values, np.nan)  # live, a gap window has no value
+    for i, origin in enumerate(r.origins):  # window origin - 1 closes, then the forecast at origin is issued
+        t = int(origin) - 1
+        out = scorer.run(data.series, np.full(S, 1000 + t * step), values[:, t], np.zeros(S, np.int32),
+                         np.arange(S), r.forecasts[:, i], np.zeros((S, H)), issued_at=t)
+        for g in out.issued:
+            live[g.index, i] = g.served
+    assert np.isfinite(live).all()
+    np.testing.assert_array_equal(r.calibrated, live)
+    assert not np.array_equal(r.calibrated, r.forecasts)  # it did calibrate
+
+
+def _alternating(n_origins: int = 30, burn_in: int = 0, calibration: bool = True):
+    """evaluate() of forecasts that cover every actual at every third origin and none elsewhere."""
+    data, H = _noise(S=2, T=200), 4
+    model = baseline("naive", 8, H, list(CAL_Q), 2)  # its config only: the forecasts are given
+    origins = origins_for(200, 8, H, n_origins, every=1)
+    wide = np.arange(n_origins) % 3 == 0
+    half = np.where(wide, 100.0, 1e-3)[None, :, None]
+    fc = np.stack([10 - half, np.full_like(half, 10.0), 10 + half], axis=-1)
+    fc = np.broadcast_to(fc, (2, n_origins, H, 3)).astype(np.float32)
+    return evaluate(model, data, origins, 2, forecasts=fc, calibration=_calibration() if calibration else None,
+                    burn_in=burn_in)
+
+
+@pytest.mark.parametrize("burn_in", [1, 7, 11])
+def test_burn_in_leaves_exactly_the_first_origins_out_of_both_coverages(burn_in: int) -> None:
+    full, r = _alternating(), _alternating(burn_in=burn_in)
+    def cover(band: np.ndarray, start: int) -> float:
+        return M.coverage(r.actuals[:, start:], band[:, start:, :, 0], band[:, start:, :, -1])
+    for key, band in (("coverage", r.forecasts), ("calibrated_coverage", r.calibrated)):
+        assert r.metrics[key] == cover(band, burn_in)
+        assert cover(band, burn_in - 1) != r.metrics[key] != cover(band, burn_in + 1)  # one origin more or less shows
+    assert r.burn_in == burn_in and full.burn_in == 0
+    np.testing.assert_array_equal(r.calibrated, full.calibrated)  # the burn-in origins still calibrated
+    assert full.metrics["coverage"] == cover(r.forecasts, 0)
+    points = ("mae", "rmse", "smape", "mase", "rel_mae_naive", "rel_mae_seasonal_naive")
+    assert {k: r.metrics[k] for k in points} == {k: full.metrics[k] for k in points}  # over every origin
+    with pytest.raises(NotEnoughData, match="burn-in"):
+        _alternating(n_origins=30, burn_in=30)
+    with pytest.raises(NotEnoughData, match="burn-in"):
+        _alternating(burn_in=-1)
+
+
+def test_refits_with_an_origin_every_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--refit-every counts origins whatever their spacing: each model forecasts only the origins from its
+    fit to the next, fitted on the data before its first one, and is a new champion for the calibration."""
+    fitted: list[tuple[int, int]] = []  # (model id, origin it was fitted before)
+    calls: list[tuple[int, list[int]]] = []
+    monkeypatch.setattr(B, "_fit_before", lambda model, data, origin, *a: fitted.append((id(model), origin))
+                        or FitResult(epochs=1))
+    real = B.forecast_at
+    monkeypatch.setattr(B, "forecast_at", lambda model, data, origins: calls.append((id(model), origins.tolist()))
+                        or real(model, data, origins))
+    monkeypatch.setattr(B, "PROGRESS_ORIGINS", 3)
+    seen: list[int] = []
+    r = rolling_origin("tcn", _seasonal(), n_origins=12, season=8, refit_every=5, origin_every=1,
+                       config={"context": 16, "horizon": 4, "channels_hidden": 8}, on_origin=seen.append,
+                       calibration=_calibration(ON_NEW_CHAMPION="reset"))
+    o = r.origins.tolist()
+    assert [origin for _, origin in fitted] == [o[0], o[5], o[10]] and len(r.fits) == 3
+    by_model = {m: [] for m, _ in fitted}
+    for m, batch in calls:
+        if m in by_model:  # not a baseline
+            by_model[m] += batch
+    assert list(by_model.values()) == [o[0:5], o[5:10], o[10:12]]
+    assert seen == list(range(12))
+    cal, settled = _calibration(ON_NEW_CHAMPION="reset"), r.actuals.astype(np.float64)
+    swaps = calibrate_sequentially(r.forecasts, settled, r.origins, r.quantiles, cal, np.repeat([1, 2, 3], [5, 5, 2]))
+    np.testing.assert_array_equal(r.calibrated, swaps)  # a new champion at each refit
+    assert not np.array_equal(r.calibrated, calibrate_sequentially(r.forecasts, settled, r.origins, r.quantiles, cal))
+
+
+def test_plots_draw_forecasts_of_origins_at_least_h_apart(tmp_path: Path) -> None:
+    assert plotted_origins(np.arange(100, 112), 4).tolist() == [0, 4, 8]
+    assert plotted_origins(np.arange(100, 140, 4), 4).tolist() == list(range(10))  # H apart: all
+    assert plotted_origins(np.arange(0, 60, 5), 24).tolist() == [0, 5, 10]  # 0, 25, 50
+    assert plotted_origins(np.arange(0, 60, 30), 24).tolist() == [0, 1]
+    r = _alternating(burn_in=7)
+    for every in (1, 3, 6):  # overlapping, not dividing H, further than H
+        data = _noise(S=2, T=200)
+        res = rolling_origin("naive", data, n_origins=20, season=2, config={"context": 8, "horizon": 4},
+                             origin_every=every, burn_in=5, calibration=_calibration())
+        plot_backtest(tmp_path / f"p{every}.png", res, data)
+        assert (tmp_path / f"p{every}.png").stat().st_size > 1000
+    plot_backtest(tmp_path / "alt.png", r, _noise(S=2, T=200))
+
+
+def test_cli_backtest_origins_every_window_after_a_burn_in(tmp_path: Path) -> None:
+    store = tmp_path / "history"
+    store.mkdir()
+    rng = np.random.default_rng(5)
+    v = 10 + np.sin(2 * np.pi * np.arange(300) / 24) + rng.normal(0, 0.3, 300)
+    frame = _window_frame(v)
+    frame.write_parquet(store / "a.parquet")
+    flags = ["--context", "48", "--horizon", "6", "--season", "24", "--test-windows", "80", "--no-progress"]
+    r = rollcast("backtest", str(store), "--models", "naive,seasonal_naive", *flags, "--origin-every", "1",
+                 "--burn-in", "20", "--out", str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr
+    assert "80 test windows (origins 1 step(s) apart), burn-in 20 origin(s)" in r.stdout, r.stdout
+    assert "over origins 21-80, the first 20 (burn-in) excluded; other metrics over all 80 origins" in \
+        " ".join(r.stdout.split()), r.stdout
+    table = pl.read_csv(tmp_path / "o" / "metrics.csv")
+    assert table["origins"].to_list() == [80, 80] and table["origin_every"].to_list() == [1, 1]
+    assert table["coverage_burn_in_origins"].to_list() == [20, 20]
+    data = windows_to_matrix(frame, "mean")
+    for row in table.iter_rows(named=True):
+        ours = rolling_origin(row["model"], data, n_origins=80, season=24, origin_every=1, burn_in=20,
+                              config={"context": 48, "horizon": 6, "season": 24},
+                              calibration=load_settings(env={}).calibration)
+        for key in ("mae", "coverage", "calibrated_coverage"):
+            assert row[key] == pytest.approx(ours.metrics[key], rel=1e-9), key
+    short = rollcast("backtest", str(store), "--models", "naive", *flags, "--burn-in", "80")
+    assert short.returncode == 1 and "leaves none" in short.stderr and "Traceback" not in short.stderr
+    zero = rollcast("backtest", str(store), "--models", "naive", *flags, "--origin-every", "0")
+    assert zero.returncode == 2 and "at least 1" in zero.stderr
