@@ -8,9 +8,10 @@ in MLflow, producing one JSON forecast per (series, window) to the forecasts
 topic through librdkafka (:class:`~pipeline.kafka.BulkProducer`; thousands of
 messages per batch). Offsets of the windows topic are committed only after the
 broker has acknowledged the forecasts for them. The alias is checked every
-forecast.champion_poll_s; a new champion is swapped in between batches. With
-no champion yet the job waits; if MLflow is unreachable it keeps serving the
-model it has.
+forecast.champion_poll_s; a new champion is loaded off the loop ("champion
+moved: ...") and swapped in between batches ("serving version N (...)": the
+batches after that line are forecast with it). With no champion yet the job
+waits; if MLflow is unreachable it keeps serving the model it has.
 """
 
 from __future__ import annotations
@@ -108,6 +109,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     MODEL_VERSION.set(float(model.version) if model.version.isdigit() else -1)
     health.facts.update(waiting_for=None, model=model.name, model_version=model.version)
+    log.info("serving version %s (%s)", model.version, model.name)
 
     forecaster = Forecaster(settings, model)
     forecaster.rebuild()
@@ -182,6 +184,10 @@ def _serve(settings: Settings, args: argparse.Namespace, forecaster: Forecaster,
                     freeze_heap()
                     MODEL_VERSION.set(float(new.version) if new.version.isdigit() else -1)
                     health.facts.update(model=new.name, model_version=new.version)
+                    # the watcher's "champion moved" comes earlier, when it has loaded the version: a batch
+                    # polled meanwhile is still forecast with the old one. From this line on, every batch
+                    # is forecast with the new version.
+                    log.info("serving version %s (%s)", new.version, new.name)
         checkpoint.flush()
         clean = True
     finally:

@@ -194,8 +194,15 @@ def test_the_monitor_judges_the_champion_on_its_own_scores_only(tmp_path: Path) 
 
 def shifted_windows(hours: int, shift_at: int, n_series: int = 3, seed: int = 1) -> pl.DataFrame:
     """:func:`drifting_daily_windows` until hour ``shift_at``; from then on each series follows a new
-    daily profile (a random shape of +-15 around its level, repeated every day, plus noise 0.3): the
-    models trained before have never seen it, while seasonal naive is nearly exact a day after."""
+    daily profile (a random shape of +-15, repeated every day) on a level that goes on drifting (a random
+    walk of 0.5 per hour from the last value), plus noise 0.3. The models trained before have never seen
+    the profile and forecast far worse than seasonal naive; a model retrained on the new windows takes
+    the profile from a day ago, as seasonal naive does, and corrects it by the level's drift since, as
+    version 1 learned to on the old pattern, so it clearly beats seasonal naive (holdout relative MAE
+    0.73 here). With a flat level instead, seasonal naive is nearly exact, no epoch beats the untrained
+    model on validation, and the drift cycle's version is its seasonal-naive base itself: it tied with
+    seasonal naive (0.99999994) and was promoted only by float rounding, which a data seed or a CPU
+    could turn the other way."""
     before = drifting_daily_windows(hours, n_series)
     rng = np.random.default_rng(seed)
     out = []
@@ -203,27 +210,30 @@ def shifted_windows(hours: int, shift_at: int, n_series: int = 3, seed: int = 1)
         y = part["mean"].to_numpy().copy()
         profile = rng.uniform(-15, 15, 24)
         t = np.arange(shift_at, hours)
-        y[shift_at:] = y[shift_at - 1] + profile[t % 24] + rng.normal(0, 0.3, t.size)
+        level = y[shift_at - 1] + np.cumsum(rng.normal(0, 0.5, t.size))
+        y[shift_at:] = level + profile[t % 24] + rng.normal(0, 0.3, t.size)
         out.append(part.with_columns(*(pl.Series(c, y) for c in ("first", "last", "min", "max", "mean", "sum"))))
     return pl.concat(out).sort("series", "window_start")
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="passed 3 of 4 runs (46-50 s); one failure not yet understood: kept out of CI until it is")
 def test_a_new_daily_pattern_mid_stream_makes_the_train_job_retrain_and_live_accuracy_recover(
         settings: Settings, test_env: dict[str, str], mlflow_server: str, tmp_path: Path) -> None:
     """The whole loop with the forecast job's own scores: the test writes windows as ingest's checkpoint
     does (the history store, then the windows topic); the forecast job forecasts and scores them with
     champion version 1; from hour 800 the series follow a new daily pattern, version 1's live relative
     MAE soars, the train job starts a ``drift`` cycle, the new version is promoted, the forecast job
-    swaps it in, and the new version's live relative MAE is far below version 1's."""
+    swaps it in, and the new version's live relative MAE is far below version 1's.
+
+    Training weighs the newest windows (``train.recency_half_life_windows`` 24), as a job that retrains
+    on drift would: the drift cycle's span still holds 500 hours of the old pattern."""
     from tests.jobs.forecast_support import produce_windows
 
     env = {**test_env, **drift_env(settings.kafka.bootstrap_servers, mlflow_server, Path(test_env["ROLLCAST_DATA_DIR"]),
                                    ROLLCAST_TRAIN__DRIFT_WINDOWS="24", ROLLCAST_TRAIN__DRIFT_MIN_POINTS="200",
                                    ROLLCAST_TRAIN__DRIFT_COOLDOWN_MINUTES="0.2", ROLLCAST_TRAIN__FULL_EVERY="1",
                                    ROLLCAST_MODEL__MAX_EPOCHS="3", ROLLCAST_FORECAST__CHAMPION_POLL_S="1",
-                                   ROLLCAST_SCORING__CHECKPOINT_S="1")}
+                                   ROLLCAST_SCORING__CHECKPOINT_S="1", ROLLCAST_TRAIN__RECENCY_HALF_LIFE_WINDOWS="24")}
     s = load_settings(env=env)
     ensure_topics(s, [s.topics.scores])
     windows = shifted_windows(1200, 800)
@@ -244,11 +254,19 @@ def test_a_new_daily_pattern_mid_stream_makes_the_train_job_retrain_and_live_acc
         store.write_checkpoint("ingest", 0, part[1], Progress(2, int(part[1]["window_end"].max())))
         produce_windows(s, part[1])
         wait_for(lambda: "training cycle: drift of version 1" in t_log.read_text(), 120, "a drift cycle")
-        wait_for(lambda: re.search(r"champion -> version [2-9]", t_log.read_text()), 120, "a new champion")
-        new = re.search(r"champion -> version ([2-9])", t_log.read_text()).group(1)
+
+        def promoted() -> list[str]:  # the train job's own "champion -> version N" lines, after version 1
+            return [v for v in re.findall(r"^champion -> version (\d+)$", t_log.read_text(), re.M) if v != "1"]
+
+        new = wait_for(promoted, 120, "a new champion")[0]
         v = client.get_model_version(name, new)
         assert v.tags["rollcast.trigger"] == "drift" and v.tags["rollcast.drift.version"] == "1"
-        wait_for(lambda: f"-> {new}" in f_log.read_text(), 60, "the forecast job to serve the new champion")
+        # Not the watcher's "champion moved: version 1 -> N": that comes when the new version is loaded,
+        # before the loop swaps it in between batches; windows produced right after it can still be
+        # polled in the loop's current iteration and forecast with version 1 (part[2] fits one batch:
+        # then the new version never forecasts at all). After "serving version N", every batch is its.
+        wait_for(lambda: f"serving version {new} (" in f_log.read_text(), 60,
+                 "the forecast job to serve the new champion")
         store.write_checkpoint("ingest", 0, part[2], Progress(3, int(part[2]["window_end"].max())))
         produce_windows(s, part[2])
         live = LiveAccuracy(24)
@@ -260,7 +278,12 @@ def test_a_new_daily_pattern_mid_stream_makes_the_train_job_retrain_and_live_acc
                     live.add_message(msg)
             return live.totals(new).points >= 200
 
-        wait_for(judged, 90, f"scores of version {new}", interval=1.0)
+        try:
+            wait_for(judged, 90, f"scores of version {new}", interval=1.0)
+        except AssertionError as e:  # which versions forecast the windows produced after the swap
+            after = {m["model"]["version"] for m in (json.loads(r.value) for r in read_topic(s, s.topics.forecasts))
+                     if m["last_window_end"] > int(part[1]["window_end"].max())}
+            raise AssertionError(f"{e}; the windows after the swap were forecast by versions {sorted(after)}") from None
     finally:
         for proc in (forecast, train):
             if proc is not None:
