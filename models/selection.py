@@ -62,6 +62,12 @@ def validation_failure(cand: Candidate) -> str | None:
     return None
 
 
+# MAEs equal up to float rounding are a tie, and a tie keeps the incumbent: a model that learned nothing
+# (no epoch beat its untrained start) forecasts seasonal naive itself, and which of the two MAEs comes out
+# lower in the 8th digit depends on the CPU's rounding.
+TIE_TOLERANCE = 1e-6
+
+
 def decide(
     candidates: list[Candidate],
     baseline_mae: float,
@@ -71,15 +77,16 @@ def decide(
     """Set every candidate's ``decision``; return the one to promote (the lowest eligible MAE), if any.
 
     Eligible: passed validation, MAE below the seasonal-naive MAE, and (when a
-    champion was scored) MAE below ``champion_mae * (1 - min_improvement)``.
+    champion was scored) MAE below ``champion_mae * (1 - min_improvement)``; "below" by more than
+    :data:`TIE_TOLERANCE` (relative) in both.
     """
     eligible = []
     for c in candidates:
         if c.failure:
             c.decision = f"not promoted: failed validation ({c.failure})"
-        elif not c.mae < baseline_mae:
+        elif not c.mae < baseline_mae * (1 - TIE_TOLERANCE):
             c.decision = f"not promoted: MAE {c.mae:.6g} does not beat seasonal naive {baseline_mae:.6g}"
-        elif champion_mae is not None and not c.mae < champion_mae * (1 - min_improvement):
+        elif champion_mae is not None and not c.mae < champion_mae * (1 - max(min_improvement, TIE_TOLERANCE)):
             c.decision = (f"not promoted: MAE {c.mae:.6g} does not beat the champion's {champion_mae:.6g} "
                           f"by the margin {min_improvement:g}")
         else:

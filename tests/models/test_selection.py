@@ -23,3 +23,17 @@ def test_decide_promotes_at_most_the_best_eligible_candidate() -> None:
     assert decide([a], baseline_mae=0.75, champion_mae=None, min_improvement=0.0) is None
     assert "seasonal naive" in a.decision
     assert decide([_candidate("tcn", math.nan)], baseline_mae=1.0, champion_mae=None, min_improvement=0.0) is None
+
+
+def test_a_tie_up_to_float_rounding_keeps_the_incumbent() -> None:
+    """A model that learned nothing forecasts seasonal naive itself: its MAE differs from naive's in the
+    8th digit, lower or higher by the CPU's rounding. Neither wins a tie, whichever way it rounds."""
+    naive = 0.3234347661
+    untrained = _candidate("tcn", 0.3234347478)  # 0.99999994 x naive's (a drift test's version 2, measured)
+    assert decide([untrained], baseline_mae=naive, champion_mae=None, min_improvement=0.0) is None
+    assert "does not beat seasonal naive" in untrained.decision
+    same = _candidate("tcn", 0.5 * (1 - 1e-8))  # a full retrain from the same seed and data
+    assert decide([same], baseline_mae=1.0, champion_mae=0.5, min_improvement=0.0) is None
+    assert "does not beat the champion" in same.decision
+    better = _candidate("tcn", 0.5 * (1 - 1e-4))  # a real improvement, however small, still wins
+    assert decide([better], baseline_mae=1.0, champion_mae=0.5, min_improvement=0.0) is better
