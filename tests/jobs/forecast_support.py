@@ -70,25 +70,15 @@ def produce_windows(settings: Settings, windows: pl.DataFrame) -> None:
 
 def collect_forecasts(settings: Settings, expected: set[tuple[str, int]], timeout: float) -> dict:
     """All forecast messages, by (series, last_window_end), read until every ``expected`` one is there."""
-    seen: dict[tuple[str, int], list[dict]] = {}
-    read = [0]
-
-    def covered(records: list) -> bool:
-        for rec in records[read[0]:]:
-            msg = json.loads(rec.value)
-            assert rec.key.decode() == msg["series"]
-            seen.setdefault((msg["series"], msg["last_window_end"]), []).append(msg)
-        read[0] = len(records)
-        return expected <= seen.keys()
-
-    read_topic(settings, settings.topics.forecasts, covered, timeout=timeout)
-    missing = expected - seen.keys()
-    assert not missing, f"timed out after {timeout:g}s: forecasts missing for {sorted(missing)[:10]}"
-    return seen
+    return _collect(settings, settings.topics.forecasts, "forecasts", expected, timeout)
 
 
 def collect_scores(settings: Settings, expected: set[tuple[str, int]], timeout: float) -> dict:
     """All score messages, by (series, last_window_end), read until every ``expected`` one is there."""
+    return _collect(settings, settings.topics.scores, "scores", expected, timeout)
+
+
+def _collect(settings: Settings, topic: str, what: str, expected: set[tuple[str, int]], timeout: float) -> dict:
     seen: dict[tuple[str, int], list[dict]] = {}
     read = [0]
 
@@ -100,9 +90,9 @@ def collect_scores(settings: Settings, expected: set[tuple[str, int]], timeout: 
         read[0] = len(records)
         return expected <= seen.keys()
 
-    read_topic(settings, settings.topics.scores, covered, timeout=timeout)
+    read_topic(settings, topic, covered, timeout=timeout)
     missing = expected - seen.keys()
-    assert not missing, f"timed out after {timeout:g}s: scores missing for {sorted(missing)[:10]}"
+    assert not missing, f"timed out after {timeout:g}s: {what} missing for {sorted(missing)[:10]}"
     return seen
 
 

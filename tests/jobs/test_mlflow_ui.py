@@ -41,6 +41,28 @@ def chromium(url: str, profile: Path, *mode: str, budget_ms: int = 20_000) -> su
     )
 
 
+def rendered_text(url: str, profile: Path, waiting_for: str) -> str:
+    """The page's visible text; a second look when ``waiting_for`` is not there yet (a cold server can
+    answer the SPA's API calls slowly)."""
+    for _ in range(2):
+        proc = chromium(url, profile, "--dump-dom")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        text = visible_text(proc.stdout)
+        if waiting_for in text:
+            break
+    return text
+
+
+def screenshot(url: str, profile: Path, name: str) -> None:
+    """A PNG of the page under test-artifacts/, for people to look at."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / name
+    shot.unlink(missing_ok=True)
+    proc = chromium(url, profile, f"--screenshot={shot}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def visible_text(dom: str) -> str:
     text = re.sub(r"<(script|style)\b.*?</\1>", " ", dom, flags=re.S)
     return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", text)).split())
@@ -54,24 +76,11 @@ def test_registered_model_and_champion_render_in_the_mlflow_ui(mlflow_server: st
     name, alias = s.mlflow.registered_model, s.mlflow.champion_alias
     url = f"{mlflow_server}/#/models/{name}"
 
-    def rendered() -> str:
-        proc = chromium(url, tmp_path / "profile", "--dump-dom")
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        return visible_text(proc.stdout)
-
-    text = rendered()
-    if "Version 1" not in text:  # a cold server can answer the SPA's API calls slowly: one more look
-        text = rendered()
+    text = rendered_text(url, tmp_path / "profile", "Version 1")
     assert name in text
     assert "Version 1" in text
     assert re.search(rf"@\s*{alias}", text), text[:2000]
-
-    ARTIFACTS.mkdir(exist_ok=True)
-    shot = ARTIFACTS / "mlflow_ui_registered_model.png"
-    shot.unlink(missing_ok=True)
-    proc = chromium(url, tmp_path / "profile2", f"--screenshot={shot}")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    screenshot(url, tmp_path / "profile2", "mlflow_ui_registered_model.png")
 
 
 def test_the_experiment_opens_on_its_training_runs_not_the_genai_overview(mlflow_server: str, tmp_path: Path) -> None:
@@ -95,22 +104,9 @@ def test_the_experiment_opens_on_its_training_runs_not_the_genai_overview(mlflow
     url = tracking.experiment_url(s)
     assert url.startswith(f"{mlflow_server}/#/experiments/{experiment_id}?")
 
-    def rendered() -> str:
-        proc = chromium(url, tmp_path / "profile", "--dump-dom")
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        return visible_text(proc.stdout)
-
-    text = rendered()
-    if run_name not in text:  # a cold server can answer the SPA's API calls slowly: one more look
-        text = rendered()
+    text = rendered_text(url, tmp_path / "profile", run_name)
     assert run_name in text, text[:2000]  # the runs table
     assert s.mlflow.experiment in text
     for genai in ("Tokens per Request", "Input tokens", "Output tokens"):
         assert genai not in text, text[:2000]
-
-    ARTIFACTS.mkdir(exist_ok=True)
-    shot = ARTIFACTS / "mlflow_ui_experiment_runs.png"
-    shot.unlink(missing_ok=True)
-    proc = chromium(url, tmp_path / "profile2", f"--screenshot={shot}")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    screenshot(url, tmp_path / "profile2", "mlflow_ui_experiment_runs.png")
