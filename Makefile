@@ -6,6 +6,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.rollcast-installed
 PYTEST_ARGS ?=
+# pytest-xdist workers: most tests wait on real processes (group joins, restarts, MLflow), so two
+# workers on two cores roughly halve the wall time; 0 runs in this process (needed for -s output)
+TEST_WORKERS ?= 2
 
 .PHONY: test demo up lint format bench clean browser fuzz
 
@@ -19,7 +22,7 @@ $(STAMP): $(PY) pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP) browser
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 # Debian's chromium for the MLflow UI browser test, installed when we are root.
 browser:
