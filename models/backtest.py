@@ -212,10 +212,8 @@ def evaluate(
     baselines = {base: forecast_at(baseline(base, cfg.context, H, qs, season), data, origins) for base in BASELINES}
     insample = data.values[:, : int(origins[0])]
     _check_burn_in(burn_in, len(origins))
-    scores = score(forecasts, actuals, insample, season, cfg.median_index, baselines)
+    scores = score(forecasts, actuals, insample, season, cfg.median_index, baselines, burn_in)
     measured = slice(burn_in, None)  # the origins the coverages count
-    scores["coverage"] = M.coverage(actuals[:, measured], forecasts[:, measured, :, 0],
-                                    forecasts[:, measured, :, -1])
     calibrated = None
     if calibration is not None and calibration.enabled:
         # live, a gap window settles nothing (its value is NaN); the actuals here carry the last value
@@ -325,8 +323,10 @@ def score(
     season: int,
     median_index: int,
     baselines: dict[str, np.ndarray] | None = None,
+    burn_in: int = 0,
 ) -> dict[str, float]:
-    """Metrics of ``forecasts (S, O, H, Q)`` against ``actuals (S, O, H)``, averaged over origins and series.
+    """Metrics of ``forecasts (S, O, H, Q)`` against ``actuals (S, O, H)``, averaged over origins and series
+    (coverage without the first ``burn_in`` origins).
 
     MASE is averaged over series, each scaled by its own in-sample seasonal-naive MAE.
     """
@@ -338,7 +338,7 @@ def score(
         "mase": float(np.nanmean([
             M.mase(actuals[s], point[s], insample[s], season) for s in range(len(actuals))
         ])),
-        "coverage": M.coverage(actuals, forecasts[..., 0], forecasts[..., -1]),
+        "coverage": M.coverage(actuals[:, burn_in:], forecasts[:, burn_in:, :, 0], forecasts[:, burn_in:, :, -1]),
     }
     for base, fc in (baselines or {}).items():
         base_mae = M.mae(actuals, fc[..., median_index])

@@ -300,11 +300,19 @@ def read_matrix(store: Any, start_ms: int, end_ms: int, target: str = "mean",
         values[s_idx, t_idx] = y
         known[s_idx, t_idx] = ~np.isnan(y)
         rows += batch.num_rows
-    chunk = max(1, (1 << 24) // max(n_t, 1))  # forward-fill in row chunks: ffill's index array stays small
-    for a in range(0, len(series), chunk):
-        values[a : a + chunk] = ffill(values[a : a + chunk])
     ends = t0 + np.arange(n_t, dtype=np.int64) * step + _median_length(lengths)
-    return SeriesMatrix(series, values, ends, step, None if known.all() else known), rows, t0
+    return SeriesMatrix(series, values, ends, step, _fill_forward(values, known)), rows, t0
+
+
+def _fill_forward(values: np.ndarray, known: np.ndarray) -> np.ndarray | None:
+    """Forward-fill, in place, the rows of ``values`` with a window not ``known``, in row chunks (ffill's
+    index array stays small); the mask for :class:`SeriesMatrix`: ``known``, or None when all are."""
+    gappy = np.flatnonzero(~known.all(axis=1))
+    chunk = max(1, (1 << 24) // max(values.shape[1], 1))
+    for a in range(0, len(gappy), chunk):
+        rows = gappy[a : a + chunk]
+        values[rows] = ffill(values[rows])
+    return None if len(gappy) == 0 else known
 
 
 class _OffGrid(Exception):
@@ -319,8 +327,8 @@ def _read_on_grid(store: Any, start_ms: int, end_ms: int, target: str, batch_row
     one day's ``series`` column), grown if more come. ``series`` is read as Parquet's dictionary and each
     distinct dictionary is mapped to row numbers once (a store's files of one source partition share
     them), so a file costs a look-up, not one per name or row, and its rows are scattered into the
-    NaN-filled matrix by flat index. At the end the rows are put in name order and the columns trimmed to the windows read, in place: no
-    second copy of the matrix is made.
+    NaN-filled matrix by flat index. At the end the rows are put in name order and the columns trimmed
+    to the windows read, in place: no second copy of the matrix is made.
     """
     origin = -(-int(start_ms) // step) * step  # the first window_start >= start_ms
     n_t = max(0, -(-(int(end_ms) - origin) // step))
@@ -383,14 +391,9 @@ def _read_on_grid(store: Any, start_ms: int, end_ms: int, target: str, batch_row
         _permute_rows(values, order)
         names = [names[i] for i in order]
     known = ~np.isnan(values)  # windows with a value: not a gap, not missing
-    gappy = np.flatnonzero(~known.all(axis=1))
-    chunk = max(1, (1 << 24) // max(w, 1))
-    for a in range(0, len(gappy), chunk):
-        rows_ = gappy[a : a + chunk]
-        values[rows_] = ffill(values[rows_])
     t0 = origin + t_lo * step
     ends = t0 + np.arange(w, dtype=np.int64) * step + step
-    return SeriesMatrix(names, values, ends, step, None if len(gappy) == 0 else known), rows, t0
+    return SeriesMatrix(names, values, ends, step, _fill_forward(values, known)), rows, t0
 
 
 def _pack_columns(a: np.ndarray, start: int, width: int) -> np.ndarray:
