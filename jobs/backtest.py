@@ -117,11 +117,11 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from models import available_models
-    from models.backtest import BASELINES, rolling_origin
+    from models.backtest import BASELINES, check_burn_in, rolling_origin
     from models.data import windows_to_matrix
     from models.plots import plot_backtest
     from models.registry import config_from_settings
-    from pipeline.errors import ModelConfigError, NotEnoughData
+    from pipeline.errors import ModelConfigError
 
     ms = settings.model
     names = args.models.split(",") if args.models else [*ms.types, *BASELINES]
@@ -130,9 +130,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     if unknown:
         raise ModelConfigError(f"unknown model(s) {unknown}; known models: {', '.join(available_models())}")
     context, horizon = args.context or ms.context, args.horizon or ms.horizon
-    if args.burn_in >= args.test_windows:
-        raise NotEnoughData(f"--burn-in {args.burn_in} leaves none of the {args.test_windows} origins "
-                            "(--test-windows) to measure coverage on")
+    check_burn_in(args.burn_in, args.test_windows)
     season = args.season or ms.season
     target = args.target or settings.window.target
     windows, source_name = read_windows(args, settings)

@@ -141,7 +141,7 @@ def rolling_origin(
     probe = create_model(name, **config)
     L, H = probe.config.context, probe.config.horizon
     origins = origins_for(data.values.shape[1], L, H, n_origins, origin_every)
-    _check_burn_in(burn_in, len(origins))
+    check_burn_in(burn_in, len(origins))
     fits: list[FitResult] = []
     forecasts = np.empty((len(data.series), len(origins), H, len(probe.config.quantiles)), dtype=np.float32)
     versions = np.zeros(len(origins), dtype=np.int64)  # which fit made each origin's forecasts
@@ -169,7 +169,9 @@ def rolling_origin(
 PROGRESS_ORIGINS = 256  # origins forecast between two calls of rolling_origin's on_origin
 
 
-def _check_burn_in(burn_in: int, n_origins: int) -> None:
+def check_burn_in(burn_in: int, n_origins: int) -> None:
+    """Raise :class:`NotEnoughData` unless ``0 <= burn_in < n_origins``: some origin is left to measure
+    coverage on (``rollcast backtest`` checks it before reading the data, so it is the first error given)."""
     if not 0 <= burn_in < n_origins:
         raise NotEnoughData(f"a burn-in of {burn_in} origin(s) leaves none of the {n_origins} origin(s) to measure "
                             "coverage on; use a burn-in of 0 to fewer than --test-windows")
@@ -211,7 +213,7 @@ def evaluate(
     actuals = np.stack([data.values[:, o : o + H] for o in origins], axis=1)
     baselines = {base: forecast_at(baseline(base, cfg.context, H, qs, season), data, origins) for base in BASELINES}
     insample = data.values[:, : int(origins[0])]
-    _check_burn_in(burn_in, len(origins))
+    check_burn_in(burn_in, len(origins))
     scores = score(forecasts, actuals, insample, season, cfg.median_index, baselines, burn_in)
     measured = slice(burn_in, None)  # the origins the coverages count
     calibrated = None
