@@ -189,16 +189,23 @@ class HistoryStore:
 
         Memory follows the result, not the history: one pass over two columns counts the windows of
         every series, then the day directories are read newest first, each for the series still
-        short of their windows, until every series has its ``min(n, windows)``.
+        short of their windows, until every series has its ``min(n, windows)``. Both passes read the
+        files listed once, at the start: ingest may add files meanwhile, and a count taken before they
+        came, applied to the windows after, would leave out the oldest of the last ``n`` (a hole in a
+        forecast job's contexts).
         """
-        stats = self._series_stats(series)
+        files = self._files(None, None)
+        stats = self._series_stats(series, files)
         need = stats.select("series", pl.min_horizontal(pl.col("windows"), n).cast(pl.Int64).alias("need"))
         need = need.filter(pl.col("need") > 0)
+        by_day: dict[str, list[str]] = {}
+        for path in files:  # a day directory's files, as listed
+            by_day.setdefault(path.rsplit("/", 1)[0], []).append(path)
         frames = []
-        for day in reversed(self._days(None, None)):
+        for day in sorted(by_day, reverse=True):
             if need.height == 0:
                 break
-            day_windows = self._read_files(self._day_files(day), need["series"].to_list())
+            day_windows = self._read_files(by_day[day], need["series"].to_list())
             if day_windows.height == 0:
                 continue
             got = (day_windows.join(need, on="series")
@@ -282,11 +289,12 @@ class HistoryStore:
         stats = self._series_stats()
         return dict(zip(stats["series"].to_list(), stats["last_end"].to_list(), strict=True))
 
-    def _series_stats(self, series: str | list[str] | None = None) -> pl.DataFrame:
+    def _series_stats(self, series: str | list[str] | None = None, files: list[str] | None = None) -> pl.DataFrame:
         """``series, windows, last_end`` of every stored series (or of ``series``), from one streamed
-        pass over two columns: memory follows the number of series, not of windows."""
+        pass over two columns of ``files`` (default: every file now): memory follows the number of
+        series, not of windows."""
         stats = pl.DataFrame(schema={"series": pl.String, "windows": pl.Int64, "last_end": pl.Int64})
-        files = self._files(None, None)
+        files = self._files(None, None) if files is None else files
         if not files:
             return stats
         parts = [stats]
