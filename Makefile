@@ -38,15 +38,15 @@ up: $(STAMP)
 	$(VENV)/bin/rollcast up
 
 # Coverage-guided fuzzing of the decoder (atheris): new inputs go to $(FUZZ_DIR)/corpus, a crashing
-# one to $(FUZZ_DIR)/crash-*; copy those into tests/pipeline/fuzz_corpus/regressions/ (replayed by make test).
+# one to $(FUZZ_DIR)/crash-*; copy those into tests/pipeline/ingest/fuzz_corpus/regressions/ (replayed by make test).
 # fuzz_corpus/seeds/ is the minimised corpus of the long runs recorded in BENCHMARKS.md (also replayed).
 FUZZ_SECONDS ?= 600
 FUZZ_DIR ?= .rollcast/fuzz
 fuzz: $(STAMP)
 	mkdir -p $(FUZZ_DIR)/corpus
-	PYTHONPATH=$(CURDIR) RUST_BACKTRACE=0 nice -n 19 $(PY) tests/pipeline/fuzz_decode.py -max_total_time=$(FUZZ_SECONDS) \
+	PYTHONPATH=$(CURDIR) RUST_BACKTRACE=0 nice -n 19 $(PY) tests/support/fuzz_decode.py -max_total_time=$(FUZZ_SECONDS) \
 	  -max_len=4096 -len_control=0 -timeout=30 -rss_limit_mb=6000 -artifact_prefix=$(FUZZ_DIR)/ \
-	  $(FUZZ_DIR)/corpus tests/pipeline/fuzz_corpus/seeds tests/pipeline/fuzz_corpus/regressions
+	  $(FUZZ_DIR)/corpus tests/pipeline/ingest/fuzz_corpus/seeds tests/pipeline/ingest/fuzz_corpus/regressions
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pipeline models jobs tests benchmarks

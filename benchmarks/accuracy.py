@@ -17,8 +17,8 @@ import time
 from typing import Any, NamedTuple
 
 from models import available_models
-from models.backtest import rolling_origin
 from models.data import windows_to_matrix
+from models.train.backtest import rolling_origin
 from pipeline.datasets import ColumnMap, load_observations, observations_to_windows, resolve_dataset
 
 

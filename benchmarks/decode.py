@@ -1,4 +1,4 @@
-"""Decoder cost alone (no Kafka): :meth:`pipeline.decode.Decoder.decode` on polls of valid input.
+"""Decoder cost alone (no Kafka): :meth:`pipeline.ingest.decode.Decoder.decode` on polls of valid input.
 
     python benchmarks/decode.py --polls 200 --poll-records 400 --arrow-rows 100000 --repeat 7
 
@@ -18,7 +18,8 @@ from types import SimpleNamespace
 
 from benchmarks.ingest import observations
 from pipeline.config import FieldSettings
-from pipeline.decode import ARROW_CONTENT_TYPE, Decoder
+from pipeline.ingest.decode import Decoder
+from pipeline.kafka.headers import ARROW_CONTENT_TYPE
 from pipeline.windows_io import encode_windows
 
 

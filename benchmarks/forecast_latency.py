@@ -54,7 +54,7 @@ import polars as pl
 import models
 from jobs import stack
 from pipeline.config import Settings, load_settings
-from pipeline.kafka import ensure_topics, make_producer
+from pipeline.kafka.clients import ensure_topics, make_producer
 from pipeline.runtime import freeze_heap
 from pipeline.store import HistoryStore, Progress
 from pipeline.windows import WINDOW_SCHEMA

@@ -15,7 +15,7 @@ Every ingest run ends with a final checkpoint (store write, produce, commit)
 inside the timed span. kafka-python verifies the CRC32C of every record batch,
 in pure Python unless the ``crc32c`` package is importable; the output says which.
 The process runs with the GIL switch interval ``rollcast ingest`` sets
-(:data:`pipeline.ingestor.GIL_SWITCH_INTERVAL_S`, 0.5 ms), for both loops alike;
+(:data:`pipeline.ingest.ingestor.GIL_SWITCH_INTERVAL_S`, 0.5 ms), for both loops alike;
 ``--switch-interval-ms 5`` measures with CPython's default instead.
 """
 
@@ -36,12 +36,13 @@ import polars as pl
 
 from jobs import stack
 from pipeline.config import Settings, load_settings
-from pipeline.decode import ARROW_CONTENT_TYPE
-from pipeline.ingest_session import Totals, consume_session
-from pipeline.ingestor import GIL_SWITCH_INTERVAL_S
-from pipeline.kafka import ensure_topics, make_consumer, make_producer
+from pipeline.ingest.ingestor import GIL_SWITCH_INTERVAL_S
+from pipeline.ingest.session import Totals, consume_session
+from pipeline.kafka.clients import ensure_topics, make_consumer, make_producer
+from pipeline.kafka.headers import ARROW_CONTENT_TYPE
+from pipeline.kafka.partitioning import partition_for
 from pipeline.store import HistoryStore
-from pipeline.windows_io import encode_windows, partition_for
+from pipeline.windows_io import encode_windows
 
 
 def observations(n: int, series: int, seed: int = 0) -> pl.DataFrame:
@@ -103,7 +104,7 @@ def crc_impl() -> str:
 
 
 def ingest(s: Settings, n_messages: int, n_rows: int) -> float:
-    """The session ``rollcast ingest`` runs (:func:`pipeline.ingest_session.consume_session`) until all
+    """The session ``rollcast ingest`` runs (:func:`pipeline.ingest.session.consume_session`) until all
     ``n_messages`` are polled, then its final checkpoint; observations per second from the first poll
     that returned records."""
     polled, t0 = [0], [None]

@@ -29,16 +29,17 @@ import polars as pl
 from jobs import replay as replay_job
 from jobs.demo import wait_for_windows
 from jobs.up import start_services
+from models.scoring.accuracy import LiveTotals, totals_of
 from pipeline.config import load_settings
 from pipeline.datasets import ColumnMap, load_observations, resolve_dataset
-from pipeline.scores_io import LiveTotals, decode_score, totals_of
+from pipeline.scores_io import decode_score
 
 
 def read_scores(settings, quiet_s: float) -> list[dict]:
     """Every score message, from the beginning, until none came for ``quiet_s``."""
     from kafka.structs import TopicPartition
 
-    from pipeline.kafka import make_consumer
+    from pipeline.kafka.clients import make_consumer
 
     consumer = make_consumer(settings, None)
     topic = settings.topics.scores

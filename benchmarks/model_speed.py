@@ -18,7 +18,7 @@ import torch
 
 from models import available_models, create_model, predict
 from models.data import Samples
-from models.training import fit
+from models.train.fit import fit
 from pipeline.runtime import keep_freed_heap
 
 L, H, SERIES = 96, 24, 1000

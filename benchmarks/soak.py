@@ -4,7 +4,7 @@
 
 Starts its own tansu broker (unless --bootstrap), a producer thread sending
 JSON observations at --rate obs/s with advancing event time, and the ingest
-session of `rollcast ingest` (:func:`pipeline.ingest_session.consume_session`) in this process; prints RSS and open windows every --sample-s.
+session of `rollcast ingest` (:func:`pipeline.ingest.session.consume_session`) in this process; prints RSS and open windows every --sample-s.
 Open state should stay flat (series x open windows), not grow with messages.
 """
 
@@ -22,8 +22,8 @@ from pathlib import Path
 
 from jobs import stack
 from pipeline.config import load_settings
-from pipeline.ingest_session import Totals, consume_session
-from pipeline.kafka import ensure_topics, make_producer
+from pipeline.ingest.session import Totals, consume_session
+from pipeline.kafka.clients import ensure_topics, make_producer
 
 
 def rss_mb() -> float:

@@ -4,7 +4,7 @@ Builds a history store of ``--series`` series x ``--windows`` hourly windows (a 
 weekly cycle with per-series amplitudes and phases, a slow random walk and noise: learnable patterns),
 written through ``HistoryStore.write_checkpoint`` in chunks of series so generation stays bounded in
 memory. Starts a real local MLflow server (``jobs.stack.start_mlflow``, SQLite store), then runs
-``models.cycle.run_cycle`` with the default settings (plus ``--set key=value`` overrides) in a child
+``models.train.cycle.run_cycle`` with the default settings (plus ``--set key=value`` overrides) in a child
 process and reports the child's peak RSS (``ru_maxrss``), the cycle's wall time and its holdout metrics.
 ``--warm`` runs a full cycle, then a second cycle on the same store, which fine-tunes the champion
 (``train.full_every`` permitting), and reports both. Prints one JSON line per cycle.
@@ -38,7 +38,7 @@ CHILD = """
 import json, resource, sys, time
 from pipeline.config import load_settings
 from pipeline.logs import setup_logging
-from models.cycle import run_cycle
+from models.train.cycle import run_cycle
 settings = load_settings(env=json.loads(sys.argv[1]))
 setup_logging(settings.observability)
 t = time.perf_counter()

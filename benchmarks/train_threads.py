@@ -15,7 +15,7 @@ import torch
 
 from models import create_model
 from models.data import SeriesMatrix
-from models.sampling import WindowSamples
+from models.train.sampling import WindowSamples
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ tile the last --test-windows * H steps; 1: an origin every window, as the live
 forecast job forecasts), through the same predict path as the live forecast
 job. The quantiles are also calibrated online, origin after origin, as the
 forecast job serves them (quantile tracking with the calibration.* settings;
-models.backtest.calibrate_sequentially), unless --no-calibration or
+models.train.backtest.calibrate_sequentially), unless --no-calibration or
 calibration.enabled (or scoring.enabled) is false. Prints a table of MAE, RMSE,
 sMAPE, MASE, coverage of the model's outer interval and of the calibrated one
 (both without the first --burn-in origins), and MAE relative to naive and
@@ -117,10 +117,10 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from models import available_models
-    from models.backtest import BASELINES, check_burn_in, rolling_origin
     from models.data import windows_to_matrix
     from models.plots import plot_backtest
     from models.registry import config_from_settings
+    from models.train.backtest import BASELINES, check_burn_in, rolling_origin
     from pipeline.errors import ModelConfigError
 
     ms = settings.model

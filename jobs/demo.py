@@ -177,8 +177,8 @@ def show_scores(settings: Settings, series: list[str]) -> None:
     """Print the live accuracy of ``series`` from the scores topic: the forecast job publishes a score once all of a
     forecast's windows have closed (and saves its scoring state every scoring.checkpoint_s), so the
     first may come a few seconds after the live replay; waits at most SCORES_WAIT_S for them."""
-    from jobs.query import open_at_beginning, read_to_end
     from jobs.scores import Scores, format_tables, summarise
+    from pipeline.kafka.readers import open_at_beginning, read_to_end
 
     deadline = time.monotonic() + SCORES_WAIT_S
     while True:

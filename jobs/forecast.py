@@ -5,7 +5,7 @@ each series in memory (rebuilt from the history store on start, so it can
 forecast at once), and for every batch of closed windows runs one batched
 inference in plain PyTorch with the model that carries the `champion` alias
 in MLflow, producing one JSON forecast per (series, window) to the forecasts
-topic through librdkafka (:class:`~pipeline.kafka.BulkProducer`; thousands of
+topic through librdkafka (:class:`~pipeline.kafka.clients.BulkProducer`; thousands of
 messages per batch). Offsets of the windows topic are committed only after the
 broker has acknowledged the forecasts for them. The alias is checked every
 forecast.champion_poll_s; a new champion is loaded off the loop ("champion
@@ -25,16 +25,16 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 from prometheus_client import Counter, Gauge, Histogram
 
+from models.scoring.accuracy import LiveAccuracy
+from models.serving.checkpoint import ScoringCheckpoint
 from pipeline.config import Settings
 from pipeline.errors import BrokerUnavailable, StoreUnavailable
 from pipeline.runtime import Shutdown
-from pipeline.scores_io import LiveAccuracy
-from pipeline.scoring_checkpoint import ScoringCheckpoint
 from pipeline.windows_io import complete_batch, decode_windows
 
 if TYPE_CHECKING:
-    from models.serving import Forecaster, LoadedModel
-    from pipeline.kafka import BulkProducer
+    from models.serving.forecaster import Forecaster, LoadedModel
+    from pipeline.kafka.producer import BulkProducer
 
 HELP = "publish rolling forecasts from the champion model for every closed window"
 
@@ -81,10 +81,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(settings: Settings, args: argparse.Namespace) -> int:
     from kafka.errors import KafkaError
 
-    from models import tracking
-    from models.serving import Forecaster, load_saved_model
+    from models.serving import watcher as champion_watch
+    from models.serving.forecaster import Forecaster, load_saved_model
     from pipeline.config import require_bootstrap
-    from pipeline.kafka import ensure_topics, make_consumer
+    from pipeline.kafka.clients import ensure_topics, make_consumer
     from pipeline.observability import BrokerProbe, Health, serve_http
     from pipeline.runtime import freeze_heap, keep_freed_heap, retry_sessions
 
@@ -104,7 +104,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     if args.model_dir:
         model: LoadedModel | None = load_saved_model(args.model_dir, "local")
     else:
-        model = tracking.wait_for_champion(settings, shutdown, health, on_reachable=MLFLOW_UP.set)
+        model = champion_watch.wait_for_champion(settings, shutdown, health, on_reachable=MLFLOW_UP.set)
     if model is None:
         return 0
     MODEL_VERSION.set(float(model.version) if model.version.isdigit() else -1)
@@ -114,7 +114,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     forecaster = Forecaster(settings, model)
     forecaster.rebuild()
     log.debug("%d start-up objects exempt from garbage collection", freeze_heap())
-    watcher = None if args.model_dir else tracking.ChampionWatcher(settings, model, MLFLOW_UP.set).start()
+    watcher = None if args.model_dir else champion_watch.ChampionWatcher(settings, model, MLFLOW_UP.set).start()
     # The consumer is kept across sessions (it rejoins its group by itself; a failed batch is rewound, so
     # windows whose forecasts were not acknowledged are read again); each session has a new producer (an
     # idempotent one is refused by a broker that lost its producer id). The in-memory context is kept:
@@ -146,7 +146,8 @@ def _serve(settings: Settings, args: argparse.Namespace, forecaster: Forecaster,
     """One producer session: poll windows, forecast and score, commit, swap in a new champion."""
     from kafka.errors import KafkaError
 
-    from pipeline.kafka import BulkProducer, poll_promptly
+    from pipeline.kafka.clients import poll_promptly
+    from pipeline.kafka.producer import BulkProducer
     from pipeline.observability import LagTracker
     from pipeline.runtime import freeze_heap
 
@@ -196,8 +197,8 @@ def _serve(settings: Settings, args: argparse.Namespace, forecaster: Forecaster,
 
 def _assignment_log(forecaster: Forecaster, checkpoint: ScoringCheckpoint) -> Any:
     """A rebalance listener that logs the partitions the job gains and loses, tells ``forecaster``
-    which it gained (:meth:`~models.serving.Forecaster.assigned`), and saves and loads their scoring
-    state (:class:`~pipeline.scoring_checkpoint.ScoringCheckpoint`)."""
+    which it gained (:meth:`~models.serving.forecaster.Forecaster.assigned`), and saves and loads their scoring
+    state (:class:`~models.serving.checkpoint.ScoringCheckpoint`)."""
     from kafka import ConsumerRebalanceListener
 
     class _AssignmentLog(ConsumerRebalanceListener):
@@ -218,10 +219,10 @@ def _assignment_log(forecaster: Forecaster, checkpoint: ScoringCheckpoint) -> An
 def process_batch(batch: dict, forecaster: Forecaster, producer: BulkProducer, checkpoint: ScoringCheckpoint,
                   settings: Settings, live: LiveAccuracy | None = None) -> None:
     """Windows of one poll -> forecasts and scores acknowledged by the broker -> offsets committed (after
-    the scoring state they cover is saved: :class:`~pipeline.scoring_checkpoint.ScoringCheckpoint`)."""
+    the scoring state they cover is saved: :class:`~models.serving.checkpoint.ScoringCheckpoint`)."""
     from kafka import OffsetAndMetadata
 
-    from models.serving import SERIES, SKIPPED, STAGE_S
+    from models.serving.forecaster import SERIES, SKIPPED, STAGE_S
 
     t_start, wall_start = time.perf_counter(), time.time()
     keys: list[tuple[str, int]] = []

@@ -37,13 +37,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(settings: Settings, args: argparse.Namespace) -> int:
     from kafka.errors import KafkaError
 
-    from pipeline import metrics
-    from pipeline.checkpoint import CheckpointError
     from pipeline.config import require_bootstrap
     from pipeline.errors import BrokerUnavailable, StoreUnavailable
-    from pipeline.ingest_session import Totals, consume_session
-    from pipeline.ingestor import GIL_SWITCH_INTERVAL_S
-    from pipeline.kafka import ensure_topics
+    from pipeline.ingest import telemetry as metrics
+    from pipeline.ingest.checkpoint import CheckpointError
+    from pipeline.ingest.ingestor import GIL_SWITCH_INTERVAL_S
+    from pipeline.ingest.session import Totals, consume_session
+    from pipeline.kafka.clients import ensure_topics
     from pipeline.observability import BrokerProbe, Health, LagTracker, serve_http
     from pipeline.runtime import retry_sessions
 

@@ -24,9 +24,10 @@ import pyarrow as pa
 from pipeline.config import Settings
 from pipeline.datasets import ColumnMap, load_observations, resolve_dataset
 from pipeline.errors import DatasetError
+from pipeline.kafka.headers import ARROW_HEADERS
 
 HELP = "produce a CSV or Parquet dataset into the observations topic"
-ARROW_CONTENT_TYPE = "application/vnd.apache.arrow.stream"
+
 
 log = logging.getLogger("rollcast.replay")
 
@@ -94,8 +95,8 @@ def replay(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from pipeline.kafka import make_producer
-    from pipeline.windows_io import partition_for
+    from pipeline.kafka.clients import make_producer
+    from pipeline.kafka.partitioning import partition_for
 
     topic = topic or settings.topics.observations
     producer = make_producer(settings)
@@ -121,7 +122,7 @@ def replay(
                 )
                 for (p,), rows in parts.group_by("_p", maintain_order=True):
                     producer.send(topic, arrow_message(rows.drop("_p"), settings), partition=int(p),
-                                  headers=[("content-type", ARROW_CONTENT_TYPE.encode())])
+                                  headers=ARROW_HEADERS)
             else:
                 for key, value in zip(part["series"].to_list(), json_messages(part, settings), strict=True):
                     producer.send(topic, value, key=key.encode())

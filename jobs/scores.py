@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from models.scoring.accuracy import LiveTotals, totals_of
 from pipeline.config import Settings
-from pipeline.scores_io import LiveTotals, decode_score, totals_of
+from pipeline.scores_io import decode_score
 
 HELP = "print live accuracy per series and model version from the scores topic"
 
@@ -222,9 +223,9 @@ def report(scores: Scores, args: argparse.Namespace) -> bool:
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
-    from jobs.query import open_at_beginning, read_to_end
     from pipeline.errors import ConfigError
-    from pipeline.kafka import poll_promptly
+    from pipeline.kafka.clients import poll_promptly
+    from pipeline.kafka.readers import open_at_beginning, read_to_end
     from pipeline.runtime import Shutdown
 
     if args.last_windows is not None and args.last_windows < 1:

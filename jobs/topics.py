@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
-    from pipeline.kafka import ensure_topics, make_consumer
+    from pipeline.kafka.clients import ensure_topics, make_consumer
 
     ensure_topics(settings, partitions=args.partitions)
     consumer = make_consumer(settings, None)

@@ -1,12 +1,12 @@
 """Retrain the configured models on a schedule, version each in MLflow, and move `champion`.
 
-One cycle (:func:`models.cycle.run_cycle`) reads the last train.span_windows
+One cycle (:func:`models.train.cycle.run_cycle`) reads the last train.span_windows
 windows per series from the history store, trains every type in model.types,
 scores each on the same holdout as the current champion and seasonal naive,
 logs one MLflow run and one registered version per model, and moves the alias
 mlflow.champion_alias to the best new version only if its holdout MAE beats
 seasonal naive and the champion's by the margin train.min_improvement
-(:func:`models.selection.decide`); a version with a non-finite loss or metric
+(:func:`models.train.selection.decide`); a version with a non-finite loss or metric
 is tagged validation_status=failed and never promoted.
 
 Cycles run every train.every_minutes, after train.after_windows new windows
@@ -21,7 +21,7 @@ span's series matrix; it fine-tunes the champion (a warm cycle) when its type
 and config are unchanged, except every train.full_every-th cycle, which
 retrains from scratch. With train.strategy = "ddp" every process trains and
 only rank 0 scores, logs to MLflow and registers (README: "Training at scale").
-Besides its schedules, the job starts a cycle on drift (:mod:`models.live`): it reads the scores
+Besides its schedules, the job starts a cycle on drift (:mod:`models.scoring.drift`): it reads the scores
 topic (group groups.scores) and, once the champion version has train.drift_min_points scored points
 in the last train.drift_windows windows, starts a cycle when their live relative MAE exceeds the
 champion's holdout relative MAE times train.drift_factor or their live coverage falls below
@@ -46,15 +46,15 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import Counter, Gauge
 
 from models import tracking
-from models.live import wait_either
-from models.schedule import Schedule
+from models.scoring.drift import wait_either
+from models.train.schedule import Schedule
 from pipeline.config import Settings
 from pipeline.errors import ConfigError, MlflowUnavailable, NotEnoughData, StoreUnavailable
 from pipeline.runtime import Shutdown
 
 if TYPE_CHECKING:
-    from models.cycle import CycleResult
-    from models.live import Drift, LiveMonitor
+    from models.scoring.drift import Drift, LiveMonitor
+    from models.train.cycle import CycleResult
 
 HELP = "retrain the models on a schedule, version them in MLflow, move the champion alias"
 
@@ -90,7 +90,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     progress = sys.stderr.isatty() and not args.no_progress
 
     if args.once:
-        from models.cycle import run_cycle
+        from models.train.cycle import run_cycle
 
         result = run_cycle(settings, progress=progress, stop=stop,
                            trigger=trigger_tags(tracking.TRIGGER_MANUAL, "train --once"))
@@ -146,7 +146,7 @@ def start_monitor(settings: Settings, last_cycle: float) -> LiveMonitor | None:
     no broker is configured. Under multi-process DDP only global rank 0 reads the scores (and logs live
     metrics); the drift trigger is off there, since the other ranks could not join a cycle only rank 0
     decided on."""
-    from models.live import LiveMonitor, process_rank
+    from models.scoring.drift import LiveMonitor, process_rank
 
     if not settings.kafka.bootstrap_servers:
         log.info("no kafka.bootstrap_servers: no live accuracy, no drift trigger (schedules only)")
@@ -193,7 +193,7 @@ def resume(settings: Settings, schedule: Schedule, store: Any) -> dict[str, str]
 def _guarded_cycle(settings: Settings, progress: bool, stop: Shutdown, health: Any,
                    trigger: dict[str, str] | None = None) -> None:
     """One cycle of the long-running job: data and MLflow outages are logged, not fatal."""
-    from models.cycle import run_cycle
+    from models.train.cycle import run_cycle
 
     try:
         result = run_cycle(settings, progress=progress, stop=stop, trigger=trigger)
@@ -219,7 +219,7 @@ def _guarded_cycle(settings: Settings, progress: bool, stop: Shutdown, health: A
 
 
 def _report(result: CycleResult, settings: Settings) -> None:
-    from models.cycle import iso
+    from models.tracking.runs import iso
 
     s = result.span
     print(f"cycle {result.cycle_id}: {s.series} series, windows {iso(s.start_ms)} .. {iso(s.end_ms)}", flush=True)

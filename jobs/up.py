@@ -126,7 +126,7 @@ def start_services(settings: Settings, config_path: str | None) -> Stack:
             )
             st.tracking_uri = f"http://127.0.0.1:{port}"
         resolved = settings.replace(**{"kafka.bootstrap_servers": st.bootstrap_servers})
-        from pipeline.kafka import ensure_topics
+        from pipeline.kafka.clients import ensure_topics
 
         ensure_topics(resolved)
         stack_file(settings).write_text(

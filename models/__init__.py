@@ -6,8 +6,8 @@ The public surface other jobs use:
 - :func:`save_model` / :func:`load_model` — ``config.json`` + ``weights.pt`` directories;
 - :func:`predict` — batched plain-PyTorch inference, ``(B, L)`` values -> ``(B, H, Q)``;
 - :func:`make_inputs` — the ``(B, L, C)`` model input with calendar features when configured;
-- submodules :mod:`models.data`, :mod:`models.training`, :mod:`models.metrics`,
-  :mod:`models.backtest`.
+- submodules :mod:`models.data`, :mod:`models.train.fit`, :mod:`models.metrics`,
+  :mod:`models.train.backtest`.
 """
 
 from __future__ import annotations

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from models.backtest import BacktestResult
-    from models.cycle import CycleData
-    from models.selection import Candidate
+    from models.train.backtest import BacktestResult
+    from models.train.cycle import CycleData
+    from models.train.selection import Candidate
 
 PLOTTED_SERIES = 3  # series plotted per training run
 

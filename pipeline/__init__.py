@@ -9,10 +9,12 @@ The names most users need::
 
 from pipeline.aggregators import Aggregator
 from pipeline.config import Settings, load_settings
-from pipeline.decode import ARROW_CONTENT_TYPE, Decoder
+from pipeline.ingest.decode import Decoder
+from pipeline.kafka.headers import ARROW_CONTENT_TYPE
+from pipeline.kafka.partitioning import partition_for
 from pipeline.store import HistoryStore
 from pipeline.windows import WINDOW_SCHEMA, TumblingWindow, WindowState
-from pipeline.windows_io import decode_windows, encode_windows, partition_for
+from pipeline.windows_io import decode_windows, encode_windows
 
 __all__ = [
     "ARROW_CONTENT_TYPE",

@@ -21,7 +21,7 @@ import polars as pl
 
 
 class ModelId(Protocol):
-    """What a forecast message says of the model that made it (a :class:`models.serving.LoadedModel`)."""
+    """What a forecast message says of the model that made it (a :class:`models.serving.forecaster.LoadedModel`)."""
 
     name: str
     version: str

@@ -87,7 +87,7 @@ def retry_sessions(
     (its last work could not be made durable: a restart redoes it), True otherwise.
     """
     from pipeline.errors import StoreUnavailable
-    from pipeline.kafka import Backoff
+    from pipeline.kafka.clients import Backoff
 
     logger = logging.getLogger(f"rollcast.{job}")
     backoff, failing = Backoff(), False

@@ -28,19 +28,14 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
-from kafka.partitioner.default import murmur2
 
-from pipeline.decode import ARROW_CONTENT_TYPE
+from pipeline.kafka.headers import ARROW_HEADERS
+from pipeline.kafka.partitioning import partition_for
 
 log = logging.getLogger("rollcast.forecast")
 
-HEADERS = [("content-type", ARROW_CONTENT_TYPE.encode())]
+HEADERS = ARROW_HEADERS
 BATCH_HEADER = "rollcast-batch"
-
-
-def partition_for(series: str, partitions: int) -> int:
-    """The partition kafka-python's DefaultPartitioner picks for key ``series``."""
-    return (murmur2(series.encode()) & 0x7FFFFFFF) % partitions
 
 
 def encode_windows(table: pa.Table | pl.DataFrame) -> bytes:
@@ -135,7 +130,7 @@ def complete_batch(consumer: Any, batch: dict, wait_s: float, waits: Any = None)
     to ``wait_s``. A checkpoint's partitions often land in different fetches; forecasting each fetch on its
     own runs the inference and the messages twice and delays the second half by the first."""
 
-    from pipeline.kafka import poll_promptly
+    from pipeline.kafka.clients import poll_promptly
 
     def extend(more: dict) -> None:
         for tp, records in more.items():

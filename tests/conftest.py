@@ -25,6 +25,7 @@ import pytest
 
 from jobs import stack
 from pipeline.config import Settings, load_settings
+from tests.support.s3 import S3_BUCKET, S3_KEYS, create_bucket
 
 logging.getLogger("kafka").setLevel(logging.CRITICAL)
 
@@ -47,19 +48,6 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     child = stack.start_mlflow(root, port, root / "logs", timeout_s=180)
     yield f"http://127.0.0.1:{port}"
     child.stop()
-
-
-S3_BUCKET = "rollcast-test"
-S3_KEYS = "rollcast:rollcast-secret"  # access key and secret; moto accepts any
-
-
-def create_bucket(server: str, bucket: str) -> None:
-    """Create ``bucket`` on the moto S3 server at ``server`` (``host:port``)."""
-    import pyarrow.fs as pafs
-
-    access, secret = S3_KEYS.split(":")
-    pafs.S3FileSystem(access_key=access, secret_key=secret, region="us-east-1", scheme="http",
-                      endpoint_override=server, allow_bucket_creation=True).create_dir(bucket)
 
 
 @pytest.fixture(scope="session")
@@ -127,7 +115,7 @@ def settings3(test_env: dict[str, str]) -> Iterator[Settings]:
 
 
 def _with_topics(env: dict[str, str]) -> Iterator[Settings]:
-    from pipeline.kafka import ensure_topics, make_admin
+    from pipeline.kafka.clients import ensure_topics, make_admin
 
     s = load_settings(env=env)
     ensure_topics(s)

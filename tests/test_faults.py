@@ -29,13 +29,13 @@ import models
 from jobs import stack
 from jobs.stack import Child
 from pipeline.config import Settings, load_settings
-from pipeline.kafka import ensure_topics
+from pipeline.kafka.clients import ensure_topics
 from pipeline.store import HistoryStore
 from pipeline.windows import WINDOW_SCHEMA
 from pipeline.windows_io import decode_windows
-from tests.conftest import S3_KEYS, create_bucket
-from tests.jobs.forecast_support import H, L, produce_windows
-from tests.jobs.ingest_support import (
+from tests.support import healthz, metric, read_topic, wait_for
+from tests.support.forecast import H, L, produce_windows
+from tests.support.ingest import (
     INGEST_ENV,
     assert_frames_equal,
     checkpoints,
@@ -51,8 +51,8 @@ from tests.jobs.ingest_support import (
     start_job,
     window_faults,
 )
-from tests.jobs.train_helpers import WEAK, drifting_daily_windows, train_env, write_windows
-from tests.support import healthz, metric, read_topic, wait_for
+from tests.support.s3 import S3_KEYS, create_bucket
+from tests.support.train import WEAK, drifting_daily_windows, train_env, write_windows
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault]
 
@@ -346,8 +346,8 @@ def test_broker_restart_mid_stream(private_broker, test_env, tmp_path, model_dir
 
 def _regression_records() -> list[tuple[bytes | None, bytes | None, list, list[str]]]:
     """The records of every fuzzer regression case, each with the reasons the decoder alone gives it."""
-    from pipeline.decode import Decoder
-    from tests.pipeline.fuzz_decode import MAX_TS, MIN_TS, build_case
+    from pipeline.ingest.decode import Decoder
+    from tests.support.fuzz_decode import MAX_TS, MIN_TS, build_case
 
     out = []
     for path in sorted(FUZZ_REGRESSIONS.iterdir()):
@@ -367,7 +367,7 @@ def _regression_records() -> list[tuple[bytes | None, bytes | None, list, list[s
     return out
 
 
-FUZZ_REGRESSIONS = Path(__file__).parent / "pipeline" / "fuzz_corpus" / "regressions"
+FUZZ_REGRESSIONS = Path(__file__).parent / "pipeline" / "ingest" / "fuzz_corpus" / "regressions"
 BURST_T0 = 4_000_000_000_000  # after any event of a regression case (checked), before window.max_ts_ms
 
 

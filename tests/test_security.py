@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 from types import SimpleNamespace
 
-from models.cycle import Span
-from models.selection import Candidate
-from models.tracking import run_params
+from models.tracking.runs import run_params
+from models.train.cycle import Span
+from models.train.selection import Candidate
 from pipeline.config import load_settings
-from pipeline.kafka import _admin_keys, _consumer_keys, _producer_keys, client_kwargs, rdkafka_config
+from pipeline.kafka.clients import _admin_keys, _consumer_keys, _producer_keys, client_kwargs
+from pipeline.kafka.producer import rdkafka_config
 
 SECURE = {
     "ROLLCAST_KAFKA__BOOTSTRAP_SERVERS": "kafka-1:9093,kafka-2:9093",

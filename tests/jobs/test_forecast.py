@@ -13,12 +13,13 @@ import polars as pl
 import pytest
 
 import models
+from models.scoring.accuracy import LiveAccuracy
 from pipeline.config import Settings
-from pipeline.kafka import make_producer
-from pipeline.scores_io import LiveAccuracy
+from pipeline.kafka.clients import make_producer
 from pipeline.store import HistoryStore, Progress
 from pipeline.windows_io import HEADERS
-from tests.jobs.forecast_support import (
+from tests.support import rollcast, start_rollcast, wait_for
+from tests.support.forecast import (
     STEP,
     H,
     L,
@@ -29,7 +30,6 @@ from tests.jobs.forecast_support import (
     offline_scores,
     produce_windows,
 )
-from tests.support import rollcast, start_rollcast, wait_for
 
 # ----------------------------------------------------------------------------- pure logic
 
@@ -235,8 +235,8 @@ def test_query_prints_the_latest_forecast(settings: Settings, test_env: dict[str
 def test_a_new_champion_is_picked_up_without_restart(
     settings: Settings, test_env: dict[str, str], mlflow_server: str, tmp_path: Path
 ) -> None:
-    from models.cycle import run_cycle
-    from tests.jobs.train_helpers import HOUR_MS, WEAK, drifting_daily_windows, train_env, write_windows
+    from models.train.cycle import run_cycle
+    from tests.support.train import HOUR_MS, WEAK, drifting_daily_windows, train_env, write_windows
 
     env = {**train_env(mlflow_server, Path(test_env["ROLLCAST_DATA_DIR"]), **WEAK), **test_env,
            "ROLLCAST_FORECAST__CHAMPION_POLL_S": "1"}

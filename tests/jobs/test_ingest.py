@@ -10,11 +10,13 @@ import pyarrow as pa
 import pytest
 
 from pipeline.config import load_settings
-from pipeline.decode import ARROW_CONTENT_TYPE
-from pipeline.kafka import make_producer
+from pipeline.kafka.clients import make_producer
+from pipeline.kafka.headers import ARROW_CONTENT_TYPE
+from pipeline.kafka.partitioning import partition_for
 from pipeline.store import HistoryStore
-from pipeline.windows_io import decode_windows, partition_for
-from tests.jobs.ingest_support import (
+from pipeline.windows_io import decode_windows
+from tests.support import read_topic
+from tests.support.ingest import (
     INGEST_ENV,
     assert_frames_equal,
     ingest_child,
@@ -24,7 +26,6 @@ from tests.jobs.ingest_support import (
     wait_exit,
     windows_from_topic,
 )
-from tests.support import read_topic
 
 pytestmark = pytest.mark.slow
 

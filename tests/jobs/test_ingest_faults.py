@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.config import load_settings
 from pipeline.store import HistoryStore
-from tests.jobs.ingest_support import (
+from tests.support.ingest import (
     INGEST_ENV,
     assert_frames_equal,
     checkpoints,

@@ -8,11 +8,11 @@ import pytest
 
 import models
 from jobs import stack
+from models.scoring.accuracy import LiveAccuracy
 from pipeline.config import load_settings
-from pipeline.scores_io import LiveAccuracy
-from tests.jobs.forecast_support import STEP, H, L, collect_scores, make_windows, produce_windows
-from tests.jobs.ingest_support import INGEST_ENV, make_observations, produce, start_forecast, start_ingest
 from tests.support import healthz, metric, wait_for
+from tests.support.forecast import STEP, H, L, collect_scores, make_windows, produce_windows
+from tests.support.ingest import INGEST_ENV, make_observations, produce, start_forecast, start_ingest
 
 pytestmark = pytest.mark.slow
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from models.cycle import run_cycle
-from tests.jobs.train_helpers import WEAK, drifting_daily_windows, train_settings, write_windows
+from models.train.cycle import run_cycle
 from tests.support import REPO
+from tests.support.train import WEAK, drifting_daily_windows, train_settings, write_windows
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = REPO / "test-artifacts"

@@ -14,7 +14,7 @@ from jobs.replay import parse_speed
 from pipeline.config import Settings
 from pipeline.datasets import ColumnMap, load_observations, resolve_dataset
 from pipeline.errors import DatasetError
-from pipeline.windows_io import partition_for
+from pipeline.kafka.partitioning import partition_for
 from tests.support import read_topic, rollcast
 
 

@@ -17,13 +17,13 @@ from mlflow import MlflowClient
 import models
 from jobs import stack
 from models import tracking as registry
-from models.cycle import run_cycle
-from models.selection import Candidate
+from models.train.cycle import run_cycle
+from models.train.selection import Candidate
 from pipeline.config import load_settings
 from pipeline.errors import MlflowUnavailable, PromotionRefused
 from pipeline.store import HistoryStore
-from tests.jobs.train_helpers import WEAK, drifting_daily_windows, train_env, train_settings, write_windows
 from tests.support import rollcast, start_rollcast, wait_for
+from tests.support.train import WEAK, drifting_daily_windows, train_env, train_settings, write_windows
 
 
 def settings_for(uri: str, data_dir: Path, **extra: str):

@@ -22,13 +22,14 @@ import polars as pl
 import pytest
 from mlflow import MlflowClient
 
-from models.live import LiveMonitor
+from models.scoring.accuracy import LiveAccuracy
+from models.scoring.drift import LiveMonitor
 from pipeline.config import Settings, load_settings
-from pipeline.kafka import ensure_topics, make_admin, make_producer
-from pipeline.scores_io import LiveAccuracy, decode_score, encode_scores
+from pipeline.kafka.clients import ensure_topics, make_admin, make_producer
+from pipeline.scores_io import decode_score, encode_scores
 from pipeline.store import HistoryStore, Progress
-from tests.jobs.train_helpers import HOUR_MS, WEAK, drifting_daily_windows, train_env, write_windows
 from tests.support import read_topic, start_rollcast, wait_for
+from tests.support.train import HOUR_MS, WEAK, drifting_daily_windows, train_env, write_windows
 
 H = 12  # model.horizon of train_env
 
@@ -227,7 +228,7 @@ def test_a_new_daily_pattern_mid_stream_makes_the_train_job_retrain_and_live_acc
 
     Training weighs the newest windows (``train.recency_half_life_windows`` 24), as a job that retrains
     on drift would: the drift cycle's span still holds 500 hours of the old pattern."""
-    from tests.jobs.forecast_support import produce_windows
+    from tests.support.forecast import produce_windows
 
     env = {**test_env, **drift_env(settings.kafka.bootstrap_servers, mlflow_server, Path(test_env["ROLLCAST_DATA_DIR"]),
                                    ROLLCAST_TRAIN__DRIFT_WINDOWS="24", ROLLCAST_TRAIN__DRIFT_MIN_POINTS="200",

@@ -9,10 +9,10 @@ import pytest
 from mlflow import MlflowClient
 
 from models import tracking
-from models.cycle import run_cycle
+from models.train.cycle import run_cycle
 from pipeline.config import load_settings
-from tests.jobs.train_helpers import WEAK, drifting_daily_windows, train_env, train_settings, write_windows
 from tests.support import rollcast
+from tests.support.train import WEAK, drifting_daily_windows, train_env, train_settings, write_windows
 
 
 @pytest.mark.slow

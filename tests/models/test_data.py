@@ -87,8 +87,8 @@ def test_one_gap_rule_for_samples_backtest_contexts_and_predict() -> None:
     """Series a has a gap at t=3 (value 2 carried in the matrix). A context that starts at the gap has
     no earlier value inside it: the gap rule takes the context's first known value (4), not the 2 the
     matrix carries from before the context, on every path."""
-    from models.backtest import forecast_at
     from models.data import fill_gaps, known_any
+    from models.train.backtest import forecast_at
 
     m = windows_to_matrix(_table(), "mean")
     np.testing.assert_array_equal(m.contexts(3, 5)[0], [np.nan, 4])  # the gap comes back as NaN

@@ -12,7 +12,7 @@ from models import available_models, config_class, create_model, load_model, pre
 from models.data import Samples
 from models.hrnn import pooling_schedule
 from models.tcn import receptive_field
-from models.training import fit
+from models.train.fit import fit
 from pipeline.errors import ModelConfigError, RollcastError
 
 L, H = 32, 6

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.contexts import ContextBuffers
-from tests.jobs.forecast_support import STEP
+from tests.support.forecast import STEP
 
 
 def test_buffers_give_the_context_ending_at_a_window_and_replace_repeats() -> None:

@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 
-from models.serving import LoadedModel
+from models.serving.forecaster import LoadedModel
 from pipeline.forecasts_io import decode_forecast
-from tests.jobs.forecast_support import STEP, L, forecast_messages
+from tests.support.forecast import STEP, L, forecast_messages
 
 
 def test_message_format_follows_the_contract() -> None:

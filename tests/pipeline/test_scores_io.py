@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.scores_io import LiveAccuracy, LiveTotals, decode_score, encode_scores, totals_of
+from models.scoring.accuracy import LiveAccuracy, LiveTotals, totals_of
+from pipeline.scores_io import decode_score, encode_scores
 
 
 def score(series: str, end: int, version: str = "1", errors=(1.0, 2.0), inside=(True, False), naive=(2.0, 2.0)):

@@ -13,8 +13,8 @@ from pipeline.config import load_settings
 from pipeline.errors import ConfigError
 from pipeline.store import HistoryStore, Progress
 from pipeline.windows import WINDOW_SCHEMA
-from tests.conftest import S3_KEYS
-from tests.pipeline.store_support import DAY, HOUR, T0, crash_while_moving, windows
+from tests.support.s3 import S3_KEYS
+from tests.support.store import DAY, HOUR, T0, crash_while_moving, windows
 
 TOPIC = "obs"
 

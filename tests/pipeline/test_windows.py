@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from pipeline.aggregators import AGGREGATE_NAMES, DEFAULT_AGGREGATORS, Aggregator
 from pipeline.windows import WINDOW_SCHEMA, TumblingWindow, WindowState
-from tests.pipeline.reference import reference_windows
+from tests.support.reference import reference_windows
 
 
 def run_batches(items: list[tuple], spec: TumblingWindow, cuts: list[int]) -> tuple[list[dict], list[int]]:

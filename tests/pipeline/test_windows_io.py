@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import polars as pl
 from kafka import TopicPartition
 
+from pipeline.kafka.partitioning import partition_for
 from pipeline.windows import WINDOW_SCHEMA
 from pipeline.windows_io import (
     BATCH_HEADER,
@@ -16,9 +17,8 @@ from pipeline.windows_io import (
     announced_missing,
     complete_batch,
     decode_windows,
-    partition_for,
 )
-from tests.jobs.forecast_support import make_windows
+from tests.support.forecast import make_windows
 
 
 def _windows(series: list[str]) -> pl.DataFrame:

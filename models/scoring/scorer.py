@@ -1,0 +1,371 @@
+"""Live scoring in the forecast job: every forecast is kept until the windows it covered have closed, then
+scored against them (and against seasonal naive from the same origin), and the served quantiles are
+calibrated online from the same residuals (:mod:`models.scoring.calibration`).
+
+Why in the forecast job and not a job of its own: the forecast job already receives every window that
+settles a forecast (the windows topic, partitioned by series) and holds the contexts the seasonal-naive
+forecast needs, and the calibration must feed back into the quantiles it serves. A separate job would
+join two topics and send the calibration back through a third.
+
+State, per series (one row), bounded by the horizon H:
+
+- a ring of the last H forecasts issued (slot ``(last_window_end // step) % H``): the served and the
+  model's own quantiles ``(H, Q)``, the seasonal-naive forecast ``(H,)``, the actuals seen so far, the
+  model version and ``issued_at``;
+- the :class:`~models.scoring.calibration.QuantileTracker` offsets ``(H, Q)``;
+- the end of the last window processed.
+
+Each window of a series, in order: first it settles step ``h`` of the forecast issued ``h`` windows
+before it (its actual is recorded and, for forecasts of the current model, the calibration is
+updated); a forecast whose last step is settled (or passed) becomes one score message; then the
+window's own forecast is calibrated and put in the ring. A window at or before the last one processed
+is a repeat (ingest may produce a window again after a crash): its forecast is re-sent exactly as
+first served, from the ring, and nothing is settled again. So the scores and the calibration depend
+only on each series' sequence of windows, not on how they were batched.
+
+Exactly-once across crashes: :meth:`Scorer.save` writes the state of a windows partition's series,
+with the offset it covers, to the history store (the forecast job does this every
+``scoring.checkpoint_s`` and then commits that offset); on assignment the job loads it and seeks to
+that offset. A restart after a ``kill -9`` redoes the windows after the last save from the same state,
+so the forecasts and scores it publishes again carry the same values (a forecast re-done after a crash
+gets a new ``issued_at``, as before), and none is missing.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from models.scoring.accuracy import LiveTotals, score_totals
+from models.scoring.calibration import QuantileTracker
+from pipeline.config import Settings
+from pipeline.scores_io import score_messages
+
+log = logging.getLogger("rollcast.forecast")
+
+STATE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What a forecast or score message says of the model that made it."""
+
+    name: str
+    version: str
+    quantiles: list[float]
+
+
+@dataclass
+class Issued:
+    """Forecasts to send for one batch: rows ``index`` of the caller's forecast rows, with their served
+    and model quantiles ``(n, H, Q)``, model, and ``issued_at`` (a repeat keeps its first one)."""
+
+    index: np.ndarray
+    served: np.ndarray
+    model_q: np.ndarray
+    model: ModelRef
+    issued_at: np.ndarray
+
+
+class Emitted:
+    """The forecasts scored in one batch, as arrays; their messages are built when asked for (after the
+    batch's forecasts are on their way)."""
+
+    def __init__(self, scorer: Scorer):
+        self.models = [(m.name, m.version) for m in scorer.models]
+        self.step, self.calibrated, self.quantiles = scorer.step, scorer.calibrate, scorer.quantiles
+        self._parts: list[dict[str, Any]] = []
+
+    def add(self, **arrays: Any) -> None:
+        self._parts.append(arrays)
+
+    def __len__(self) -> int:
+        return sum(len(p["names"]) for p in self._parts)
+
+    def _joined(self) -> dict[str, Any]:
+        if len(self._parts) > 1:
+            self._parts = [{k: ([x for p in self._parts for x in p[k]] if k == "names"
+                                else np.concatenate([p[k] for p in self._parts])) for k in self._parts[0]}]
+        return self._parts[0]
+
+    def messages(self) -> list[tuple[str, bytes]]:
+        """``(series, JSON bytes)`` per scored forecast (pipeline.scores_io's format)."""
+        if not self._parts:
+            return []
+        j = self._joined()
+        return score_messages(j["names"], j["origins"], self.models, j["model_index"], j["issued_at"], self.step,
+                              self.calibrated, self.quantiles, j["actual"], j["served"], j["model_q"], j["naive"])
+
+    def totals(self) -> list[tuple[str, int, LiveTotals]]:
+        """(model version, last_window_end, sums) per scored forecast, for the live metrics."""
+        if not self._parts:
+            return []
+        j = self._joined()
+        sums = score_totals(j["actual"], j["served"], j["model_q"], j["naive"], self.quantiles)
+        return [(self.models[m][1], int(o), t)
+                for m, o, t in zip(j["model_index"].tolist(), j["origins"].tolist(), sums, strict=True)]
+
+    @property
+    def scores(self) -> list[dict[str, Any]]:
+        """The messages, decoded (for tests and tools)."""
+        return [json.loads(v) for _, v in self.messages()]
+
+
+@dataclass
+class ScoredBatch:
+    emitted: Emitted
+    issued: list[Issued] = field(default_factory=list)
+    repeats_not_held: int = 0  # repeats older than the ring: already sent, not sent again
+
+    @property
+    def scores(self) -> list[dict[str, Any]]:
+        return self.emitted.scores
+
+
+def seasonal_naive(filled: np.ndarray, horizon: int, season: int) -> np.ndarray:
+    """Seasonal-naive forecasts ``(B, H)`` from gap-filled contexts ``(B, L)``: step h takes the value one
+    season (``m``) before it, ``m = min(season, L)``."""
+    m = max(1, min(int(season), filled.shape[1]))
+    idx = filled.shape[1] - m + (np.arange(horizon) % m)
+    return filled[:, idx]
+
+
+class Scorer:
+    """Pending forecasts, their settlement and the online calibration of every series (module docstring)."""
+
+    def __init__(self, settings: Settings, model: ModelRef, horizon: int, step_ms: int):
+        self.settings = settings
+        self.calibrate = settings.calibration.enabled
+        self.quantiles = list(model.quantiles)
+        self.q = np.asarray(self.quantiles, dtype=np.float64)
+        self.median = self.quantiles.index(0.5)
+        self.horizon = int(horizon)
+        self.step = int(step_ms)
+        self.models: list[ModelRef] = [model]
+        self.current = 0  # index into self.models of the serving model
+        self.rows: dict[str, int] = {}
+        self.names: list[str] = []
+        self.tracker = QuantileTracker(self.quantiles, self.horizon, settings.calibration.learning_rate,
+                                       settings.calibration.max_offset)
+        h, q = self.horizon, len(self.quantiles)
+        self._shapes = {"issued": ((h,), np.int64, -1), "emitted": ((h,), np.bool_, True),
+                        "issued_at": ((h,), np.int64, 0), "model": ((h,), np.int32, 0),
+                        "served": ((h, h, q), np.float32, np.nan), "model_q": ((h, h, q), np.float32, np.nan),
+                        "naive": ((h, h), np.float32, np.nan), "actual": ((h, h), np.float32, np.nan),
+                        "last_end": ((), np.int64, -1), "partition": ((), np.int32, -1)}
+        self.a: dict[str, np.ndarray] = {k: np.full((0, *s), fill, dtype=t)
+                                         for k, (s, t, fill) in self._shapes.items()}
+
+    # ------------------------------------------------------------------ model swaps
+
+    def compatible(self, model: ModelRef, horizon: int) -> bool:
+        return list(model.quantiles) == self.quantiles and int(horizon) == self.horizon
+
+    def serve(self, model: ModelRef) -> None:
+        """A new champion (same quantiles and horizon): later forecasts are its; only they update the
+        calibration from now on; ``calibration.on_new_champion`` says whether its offsets start at 0."""
+        self.current = self._model_index(model)
+        if self.settings.calibration.on_new_champion == "reset":
+            self.tracker.reset()
+
+    def _model_index(self, model: ModelRef) -> int:
+        for i, m in enumerate(self.models):
+            if m.name == model.name and m.version == model.version:
+                return i
+        self.models.append(model)
+        return len(self.models) - 1
+
+    # ------------------------------------------------------------------ rows
+
+    def _rows(self, series: Sequence[str]) -> np.ndarray:
+        rows = self.rows
+        out = np.empty(len(series), dtype=np.int64)
+        for i, s in enumerate(series):
+            r = rows.get(s)
+            if r is None:
+                r = rows[s] = len(self.names)
+                self.names.append(s)
+            out[i] = r
+        need = len(self.names)
+        have = len(self.a["last_end"])
+        if need > have:
+            extra = max(need, 2 * have, 64) - have
+            for k, (s, t, fill) in self._shapes.items():
+                self.a[k] = np.concatenate([self.a[k], np.full((extra, *s), fill, dtype=t)])
+            self.tracker.grow(have + extra)
+        return out
+
+    # ------------------------------------------------------------------ one batch
+
+    def run(self, series: Sequence[str], ends: np.ndarray, values: np.ndarray, partitions: np.ndarray,
+            fc_window: np.ndarray, preds: np.ndarray, naive: np.ndarray, issued_at: int) -> ScoredBatch:
+        """Settle, score and issue for a batch.
+
+        ``series, ends, values, partitions``: every window of the batch in arrival order (values NaN for
+        gaps). ``fc_window``: for each forecast row of ``preds`` ``(n, H, Q)`` (the model's quantiles) and
+        ``naive`` ``(n, H)``, the index of its window in those arrays. Returns the forecasts to send
+        (their served quantiles) and the score messages."""
+        out = ScoredBatch(Emitted(self))
+        n = len(series)
+        if n == 0:
+            return out
+        ends = np.asarray(ends, dtype=np.int64)
+        values = np.asarray(values, dtype=np.float64)
+        rows = self._rows(series)
+        self.a["partition"][rows] = np.asarray(partitions, dtype=np.int32)
+        fc_of = np.full(n, -1, dtype=np.int64)
+        fc_of[np.asarray(fc_window, dtype=np.int64)] = np.arange(len(fc_window))
+        # rounds: the k-th window of each series in this batch goes in round k (series are unique in a round)
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        first = np.r_[True, sorted_rows[1:] != sorted_rows[:-1]]
+        starts = np.maximum.accumulate(np.where(first, np.arange(n), 0))
+        occurrence = np.empty(n, dtype=np.int64)
+        occurrence[order] = np.arange(n) - starts
+        preds = np.asarray(preds, dtype=np.float32)
+        fresh_served: dict[int, np.ndarray] = {}
+        repeats: list[tuple[int, int, int]] = []  # (forecast row, series row, slot)
+        for k in range(int(occurrence.max()) + 1):
+            idx = np.flatnonzero(occurrence == k)
+            r, e = rows[idx], ends[idx]
+            fresh = e > self.a["last_end"][r]
+            fi = idx[fresh]
+            if len(fi):
+                self._settle(rows[fi], ends[fi], values[fi], out.emitted)
+                self.a["last_end"][rows[fi]] = ends[fi]
+                with_fc = fi[fc_of[fi] >= 0]
+                if len(with_fc):
+                    j = fc_of[with_fc]
+                    served = self._issue(rows[with_fc], ends[with_fc], preds[j], naive[j], issued_at)
+                    for jj, s in zip(j.tolist(), served, strict=True):
+                        fresh_served[jj] = s
+            for i in idx[~fresh].tolist():
+                if fc_of[i] < 0:
+                    continue
+                slot = int((ends[i] // self.step) % self.horizon)
+                if self.a["issued"][rows[i], slot] == ends[i]:
+                    repeats.append((int(fc_of[i]), int(rows[i]), slot))
+                else:
+                    out.repeats_not_held += 1
+        if fresh_served:
+            j = np.fromiter(fresh_served, dtype=np.int64)
+            out.issued.append(Issued(j, np.stack([fresh_served[x] for x in j.tolist()]), preds[j],
+                                     self.models[self.current], np.full(len(j), int(issued_at), np.int64)))
+        by_model: dict[int, list[tuple[int, int, int]]] = {}
+        for item in repeats:
+            by_model.setdefault(int(self.a["model"][item[1], item[2]]), []).append(item)
+        for m, items in by_model.items():
+            j = np.array([x[0] for x in items], dtype=np.int64)
+            rr = np.array([x[1] for x in items], dtype=np.int64)
+            ss = np.array([x[2] for x in items], dtype=np.int64)
+            out.issued.append(Issued(j, self.a["served"][rr, ss], self.a["model_q"][rr, ss], self.models[m],
+                                     self.a["issued_at"][rr, ss]))
+        return out
+
+    def _settle(self, rows: np.ndarray, ends: np.ndarray, values: np.ndarray, scores: Emitted) -> None:
+        """Record the actuals of windows ``ends`` (one per row), update the calibration, emit every
+        forecast of these rows whose last step is now settled or passed."""
+        a, H, step = self.a, self.horizon, self.step
+        upd_rows, upd_steps, upd_served, upd_actual = [], [], [], []
+        for h in range(1, H + 1):
+            origin = ends - h * step
+            slot = (origin // step) % H
+            hit = (a["issued"][rows, slot] == origin) & ~a["emitted"][rows, slot]
+            if not hit.any():
+                continue
+            r, s = rows[hit], slot[hit]
+            a["actual"][r, s, h - 1] = values[hit]
+            if self.calibrate:
+                own = a["model"][r, s] == self.current
+                if own.any():
+                    upd_rows.append(r[own])
+                    upd_steps.append(np.full(int(own.sum()), h - 1))
+                    upd_served.append(a["served"][r[own], s[own], h - 1].astype(np.float64))
+                    upd_actual.append(values[hit][own])
+        if upd_rows:
+            self.tracker.update(np.concatenate(upd_rows), np.concatenate(upd_steps), np.concatenate(upd_served),
+                                np.concatenate(upd_actual))
+        done = (a["issued"][rows] >= 0) & ~a["emitted"][rows] & (a["issued"][rows] + H * step <= ends[:, None])
+        if done.any():
+            rr, ss = np.nonzero(done)
+            self._emit(rows[rr], ss, scores)
+
+    def _issue(self, rows: np.ndarray, ends: np.ndarray, preds: np.ndarray, naive: np.ndarray,
+               issued_at: int) -> np.ndarray:
+        """Put forecasts in the ring; return their served quantiles (float32)."""
+        a = self.a
+        served = (self.tracker.apply(rows, preds) if self.calibrate else preds).astype(np.float32)
+        slot = (ends // self.step) % self.horizon
+        a["issued"][rows, slot] = ends
+        a["emitted"][rows, slot] = False
+        a["issued_at"][rows, slot] = int(issued_at)
+        a["model"][rows, slot] = self.current
+        a["served"][rows, slot] = served
+        a["model_q"][rows, slot] = preds
+        a["naive"][rows, slot] = naive
+        a["actual"][rows, slot] = np.nan
+        return served
+
+    def _emit(self, rows: np.ndarray, slots: np.ndarray, scores: Emitted) -> None:
+        """Score the forecasts in (row, slot) (a copy: the slot may take a new forecast at once); marks them
+        emitted."""
+        a = self.a
+        a["emitted"][rows, slots] = True
+        scores.add(names=[self.names[r] for r in rows.tolist()], origins=a["issued"][rows, slots],
+                   model_index=a["model"][rows, slots], issued_at=a["issued_at"][rows, slots],
+                   actual=a["actual"][rows, slots], served=a["served"][rows, slots],
+                   model_q=a["model_q"][rows, slots], naive=a["naive"][rows, slots])
+
+    # ------------------------------------------------------------------ persistence per partition
+
+    def save(self, partition: int, offset: int) -> bytes:
+        """The state of ``partition``'s series, covering its windows before ``offset``, as bytes."""
+        rows = np.flatnonzero(self.a["partition"][: len(self.names)] == partition)
+        buf = io.BytesIO()
+        meta = {"format": STATE_FORMAT, "offset": int(offset), "horizon": self.horizon, "step_ms": self.step,
+                "quantiles": self.quantiles, "current": self.current,
+                "models": [[m.name, m.version] for m in self.models],
+                "series": [self.names[r] for r in rows.tolist()]}
+        arrays = {k: v[rows] for k, v in self.a.items()}
+        np.savez(buf, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+                 offsets=self.tracker.offsets[rows], updates=self.tracker.updates[rows], **arrays)
+        return buf.getvalue()
+
+    def load(self, partition: int, data: bytes) -> int | None:
+        """Replace ``partition``'s series by a saved state; return its offset, or None (and keep nothing of
+        the partition) when the state is of another horizon, step or set of quantiles."""
+        self.drop(partition)
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            meta = json.loads(bytes(z["meta"]).decode())
+            if meta.get("format") != STATE_FORMAT or meta["horizon"] != self.horizon \
+                    or meta["step_ms"] != self.step or meta["quantiles"] != self.quantiles:
+                log.warning("scoring state of windows partition %d is of another horizon, window or quantiles: "
+                            "starting it afresh", partition)
+                return None
+            remap = np.array([self._model_index(ModelRef(n, v, self.quantiles)) for n, v in meta["models"]]
+                             or [0], dtype=np.int32)
+            if not meta["series"]:
+                return int(meta["offset"])
+            rows = self._rows(meta["series"])
+            for k in self.a:
+                self.a[k][rows] = z[k]
+            self.a["model"][rows] = remap[z["model"]]
+            self.a["partition"][rows] = partition
+            self.tracker.offsets[rows] = z["offsets"]
+            self.tracker.updates[rows] = z["updates"]
+        return int(meta["offset"])
+
+    def drop(self, partition: int) -> None:
+        """Forget the pending forecasts and calibration of ``partition``'s series (it moved away)."""
+        rows = np.flatnonzero(self.a["partition"][: len(self.names)] == partition)
+        if not len(rows):
+            return
+        for k, (_, _, fill) in self._shapes.items():
+            self.a[k][rows] = fill
+        self.tracker.reset(rows)

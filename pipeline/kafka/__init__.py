@@ -1,0 +1,4 @@
+"""Kafka for rollcast: clients built from the settings (:mod:`~pipeline.kafka.clients`), the forecast job's
+bulk producer (:mod:`~pipeline.kafka.producer`), the partitioning rule every producer shares
+(:mod:`~pipeline.kafka.partitioning`), record headers (:mod:`~pipeline.kafka.headers`) and readers of a
+whole topic (:mod:`~pipeline.kafka.readers`)."""
