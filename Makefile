@@ -21,7 +21,9 @@ $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# lint-imports first: the layering contracts in pyproject.toml ([tool.importlinter]) hold on every run
 test: $(STAMP) browser
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 # Debian's chromium for the MLflow UI browser test, installed when we are root.
@@ -50,6 +52,7 @@ fuzz: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pipeline models jobs tests benchmarks
+	$(VENV)/bin/lint-imports
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format pipeline models jobs tests benchmarks

@@ -52,7 +52,7 @@ import numpy as np
 import polars as pl
 
 import models
-from jobs import stack
+from pipeline import processes
 from pipeline.config import Settings, load_settings
 from pipeline.kafka.clients import ensure_topics, make_producer
 from pipeline.runtime import freeze_heap
@@ -105,7 +105,7 @@ def scrape(port: int) -> dict[str, float]:
 def run_case(bootstrap: str, model_name: str, n_series: int, rounds: int, context: int, horizon: int,
              work: Path) -> dict:
     suffix = f"{model_name}-{n_series}-{os.getpid()}-{int(time.time())}"
-    metrics_port = stack.free_port()
+    metrics_port = processes.free_port()
     env = {
         "ROLLCAST_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
         "ROLLCAST_KAFKA__PARTITIONS": "4",
@@ -253,7 +253,7 @@ def main() -> None:
             for name in args.models:
                 # a fresh tansu per case: it keeps every forecast in memory (~9 MB a round at 10,000 series),
                 # and rounds slowed as earlier cases' data piled up (p99 1.4 s for the last case of a run)
-                bootstrap, broker = stack.broker_unless_given(args.bootstrap, work / f"broker-{name}-{n}-{run}")
+                bootstrap, broker = processes.broker_unless_given(args.bootstrap, work / f"broker-{name}-{n}-{run}")
                 try:
                     r = run_case(bootstrap, name, n, args.rounds, args.context, args.horizon, work)
                 finally:

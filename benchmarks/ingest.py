@@ -2,7 +2,7 @@
 
     python benchmarks/ingest.py --n 400000 --arrow-n 4000000 --series 1000 --repeat 3 [--bootstrap host:port]
 
-Starts its own tansu broker (jobs.stack) unless --bootstrap is given, produces
+Starts its own tansu broker (pipeline.processes) unless --bootstrap is given, produces
 N JSON observations and ARROW_N observations in Arrow IPC messages (ARROW_ROWS
 rows each) over S series into fresh topics, then measures in one run:
 (a) a poll loop that only counts messages, with ingest's consumer settings;
@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from jobs import stack
+from pipeline import processes
 from pipeline.config import Settings, load_settings
 from pipeline.ingest.ingestor import GIL_SWITCH_INTERVAL_S
 from pipeline.ingest.session import Totals, consume_session
@@ -141,7 +141,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
     tmp = Path(tempfile.mkdtemp(prefix="rollcast-bench-"))
-    bootstrap, broker = stack.broker_unless_given(args.bootstrap, tmp / "logs")
+    bootstrap, broker = processes.broker_unless_given(args.bootstrap, tmp / "logs")
     try:
         tag = uuid.uuid4().hex[:6]
         env = {

@@ -26,12 +26,12 @@ from pathlib import Path
 
 import polars as pl
 
-from jobs import replay as replay_job
-from jobs.demo import wait_for_windows
-from jobs.up import start_services
+from jobs.stack import start_services
 from models.scoring.accuracy import LiveTotals, totals_of
+from pipeline import replay
 from pipeline.config import load_settings
 from pipeline.datasets import ColumnMap, load_observations, resolve_dataset
+from pipeline.replay import wait_for_windows
 from pipeline.scores_io import decode_score
 
 
@@ -86,7 +86,7 @@ def main() -> None:
         settings = settings.replace(**{"kafka.bootstrap_servers": st.bootstrap_servers,
                                        "mlflow.tracking_uri": st.tracking_uri})
         st.start_job("ingest")
-        replay_job.replay(settings, history)
+        replay.replay(settings, history)
         wait_for_windows(settings, history, args.timeout_s)
         train = subprocess.run(st.job_argv("train", "--once"), env=st.job_env(), timeout=args.timeout_s,
                                capture_output=True, text=True)
@@ -95,7 +95,7 @@ def main() -> None:
         if "champion -> version" not in train.stdout:  # nothing to serve: the forecast job would wait
             sys.exit(f"train --once promoted no champion (try a larger --train-fraction):\n{train.stdout[-3000:]}")
         st.start_job("forecast")
-        replay_job.replay(settings, live)
+        replay.replay(settings, live)
         wait_for_windows(settings, live, args.timeout_s)
         scores = read_scores(settings, quiet_s=30)
     finally:

@@ -20,7 +20,7 @@ import time
 import uuid
 from pathlib import Path
 
-from jobs import stack
+from pipeline import processes
 from pipeline.config import load_settings
 from pipeline.ingest.session import Totals, consume_session
 from pipeline.kafka.clients import ensure_topics, make_producer
@@ -44,7 +44,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
     tmp = Path(tempfile.mkdtemp(prefix="rollcast-soak-"))
-    bootstrap, broker = stack.broker_unless_given(args.bootstrap, tmp / "logs")
+    bootstrap, broker = processes.broker_unless_given(args.bootstrap, tmp / "logs")
     tag = uuid.uuid4().hex[:6]
     s = load_settings(env={
         "ROLLCAST_KAFKA__BOOTSTRAP_SERVERS": bootstrap, "ROLLCAST_DATA_DIR": str(tmp / "data"),

@@ -3,7 +3,7 @@
 Builds a history store of ``--series`` series x ``--windows`` hourly windows (a level, a daily and a
 weekly cycle with per-series amplitudes and phases, a slow random walk and noise: learnable patterns),
 written through ``HistoryStore.write_checkpoint`` in chunks of series so generation stays bounded in
-memory. Starts a real local MLflow server (``jobs.stack.start_mlflow``, SQLite store), then runs
+memory. Starts a real local MLflow server (``jobs.processes.start_mlflow``, SQLite store), then runs
 ``models.train.cycle.run_cycle`` with the default settings (plus ``--set key=value`` overrides) in a child
 process and reports the child's peak RSS (``ru_maxrss``), the cycle's wall time and its holdout metrics.
 ``--warm`` runs a full cycle, then a second cycle on the same store, which fine-tunes the champion
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from jobs import stack
+from pipeline import processes
 from pipeline.store import HistoryStore, Progress
 
 HOUR_MS = 3_600_000
@@ -135,8 +135,8 @@ def main() -> None:
         print(json.dumps({"generated_s": round(gen_s, 1), "store": du.split()[0] if du else "?"}), flush=True)
     if args.generate_only:
         return
-    port = stack.free_port()
-    server = stack.start_mlflow(work / "mlflow", port, work / "mlflow", timeout_s=180)
+    port = processes.free_port()
+    server = processes.start_mlflow(work / "mlflow", port, work / "mlflow", timeout_s=180)
     try:
         env["ROLLCAST_MLFLOW__TRACKING_URI"] = f"http://127.0.0.1:{port}"
         for i in range(2 if args.warm else 1):

@@ -23,23 +23,19 @@ The stack then stays up for you to look around until Ctrl-C; with
 from __future__ import annotations
 
 import argparse
-import logging
 import subprocess
 import time
 
-import polars as pl
-
-from jobs import replay as replay_job
-from jobs.up import Stack, available_jobs, print_endpoints, serve, start_services
+from jobs.stack import Stack, available_jobs, print_endpoints, serve, start_services
 from pipeline.config import Settings
 from pipeline.datasets import ColumnMap, load_observations, resolve_dataset
 from pipeline.errors import RollcastError
+from pipeline.latest_forecasts import print_table, wait_for_forecasts
+from pipeline.replay import parse_speed, replay, split_at, wait_for_windows
 from pipeline.runtime import Shutdown, Stopped
 
 HELP = "run the whole pipeline on a real dataset: replay, ingest, train, forecast, query, scores"
 RESOLVE_ENDPOINTS = False
-
-log = logging.getLogger("rollcast.demo")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,15 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--speed", default="max", help="replay speed: multiple of real time or 'max'")
     parser.add_argument("--limit", type=int, help="replay only the first N observations")
-    parser.add_argument(
-        "--live-fraction", type=float, default=0.05,
-        help="share of the dataset replayed after the first model is trained (default 0.05)",
-    )
+    parser.add_argument("--live-fraction", type=float, default=0.05,
+                        help="share of the dataset replayed after the first model is trained (default 0.05)")
     parser.add_argument("--timeout-s", type=float, default=900, help="give up on a step after this long")
-    parser.add_argument(
-        "--exit-after-replay", action="store_true",
-        help="stop everything and exit once the replay has gone through the pipeline and forecasts are out",
-    )
+    parser.add_argument("--exit-after-replay", action="store_true", help="stop everything and exit once the "
+                        "replay has gone through the pipeline and forecasts are out")
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
@@ -84,19 +76,17 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def run_pipeline(st: Stack, args: argparse.Namespace) -> None:
-    settings = st.settings.replace(
-        **{"kafka.bootstrap_servers": st.bootstrap_servers, "mlflow.tracking_uri": st.tracking_uri}
-    )
+    settings = st.settings.replace(**{"kafka.bootstrap_servers": st.bootstrap_servers,
+                                      "mlflow.tracking_uri": st.tracking_uri})
     df = load_observations(resolve_dataset(args.dataset), ColumnMap())
     if args.limit is not None:
         df = df.head(args.limit)
     series = df["series"].unique(maintain_order=True).to_list()
-    cut = df["ts"].quantile(1 - args.live_fraction, "nearest")
-    history, live = df.filter(pl.col("ts") <= cut), df.filter(pl.col("ts") > cut)
-    speed = replay_job.parse_speed(args.speed)
+    history, live = split_at(df, 1 - args.live_fraction)
+    speed = parse_speed(args.speed)
 
     step("1/5", f"replaying {history.height} observations of {len(series)} series from {args.dataset}")
-    replay_job.replay(settings, history, speed=speed)
+    replay(settings, history, speed=speed)
     if "ingest" in st.jobs:
         wait_for_windows(settings, history, args.timeout_s)
 
@@ -108,66 +98,25 @@ def run_pipeline(st: Stack, args: argparse.Namespace) -> None:
         st.start_job("train")  # from now on, retraining follows train.every_minutes / after_windows
 
     step("3/5", f"replaying the last {live.height} observations: forecasts follow every closed window")
-    replay_job.replay(settings, live, speed=speed)
+    replay(settings, live, speed=speed)
 
     if "forecast" in st.jobs:
         step("4/5", f"latest forecasts (rollcast query {' '.join(series[:3])})")
-        show_forecasts(settings, series[:3], live, args.timeout_s)
+        print_table(wait_for_forecasts(settings, series[:3], live, args.timeout_s), series[:3])
         step("5/5", f"live accuracy of the served forecasts (rollcast scores --series {' '.join(series[:3])})")
         show_scores(settings, series[:3])
-    from models import tracking
+    from models.tracking.client import experiment_url
 
     print(f"\nMLflow UI: {st.tracking_uri}")
     print(f"  experiment '{settings.mlflow.experiment}': one run per model and cycle, with params, per-epoch")
     print("  losses, holdout metrics against the champion and seasonal naive, and forecast/loss plots;")
-    print(f"  open on its runs at {tracking.experiment_url(settings)}")
+    print(f"  open on its runs at {experiment_url(settings)}")
     print(f"  Models > '{settings.mlflow.registered_model}': every version, the serving one tagged "
           f"@{settings.mlflow.champion_alias}.")
 
 
 def step(n: str, text: str) -> None:
     print(f"\n[{n}] {text}", flush=True)
-
-
-def wait_for_windows(settings: Settings, history: pl.DataFrame, timeout_s: float) -> None:
-    """Wait until the store holds every series' windows up to its last replayed observation."""
-    from pipeline.store import HistoryStore
-
-    length = settings.window.length_ms
-    last = history.group_by("series").agg(pl.col("ts").max())
-    want = {s: (t // length + 1) * length for s, t in last.iter_rows()}
-    store = HistoryStore(settings)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        have = store.max_window_end()
-        if all(have.get(s, 0) >= end for s, end in want.items()):
-            print(f"ingest has written {store.count()} windows to {store.root}", flush=True)
-            return
-        if time.monotonic() > deadline:
-            raise RollcastError(f"ingest did not write the replayed windows within {timeout_s:g}s; "
-                                f"see {settings.data_dir / 'logs' / 'ingest.log'}")
-        time.sleep(1.0)
-
-
-def show_forecasts(settings: Settings, series: list[str], live: pl.DataFrame, timeout_s: float) -> None:
-    """Print the latest forecasts once every shown series has one made after its live replay."""
-    from jobs.query import print_table, read_latest
-
-    length = settings.window.length_ms
-    # the last live window of a series closes only when it idles out; the one before closes at once
-    firsts = live.group_by("series").agg(pl.col("ts").min())
-    want = {s: (t // length + 1) * length for s, t in firsts.iter_rows() if s in series}
-    deadline = time.monotonic() + timeout_s
-    while True:
-        latest, consumer = read_latest(settings, series, idle_ms=500)
-        consumer.close()
-        if all(s in latest and latest[s]["last_window_end"] >= end for s, end in want.items()):
-            print_table(latest, series)
-            return
-        if time.monotonic() > deadline:
-            raise RollcastError(f"no forecasts for {sorted(want)} within {timeout_s:g}s; see "
-                                f"{settings.data_dir / 'logs' / 'forecast.log'} and train's output above")
-        time.sleep(2.0)
 
 
 SCORES_WAIT_S = 3.0  # the longest the demo waits for the first scores
@@ -177,7 +126,7 @@ def show_scores(settings: Settings, series: list[str]) -> None:
     """Print the live accuracy of ``series`` from the scores topic: the forecast job publishes a score once all of a
     forecast's windows have closed (and saves its scoring state every scoring.checkpoint_s), so the
     first may come a few seconds after the live replay; waits at most SCORES_WAIT_S for them."""
-    from jobs.scores import Scores, format_tables, summarise
+    from models.scoring.report import Scores, format_tables, summarise
     from pipeline.kafka.readers import open_at_beginning, read_to_end
 
     deadline = time.monotonic() + SCORES_WAIT_S
@@ -189,8 +138,7 @@ def show_scores(settings: Settings, series: list[str]) -> None:
                 read_to_end(consumer, 500, scores.add_value)
             finally:
                 consumer.close()
-        chosen = scores.selected(None)
-        if chosen:
+        if chosen := scores.selected(None):
             print(format_tables(summarise(chosen)), flush=True)
             return
         if time.monotonic() > deadline:

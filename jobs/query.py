@@ -11,14 +11,12 @@ outer quantile interval. Exits 1 when none of the series has a forecast yet.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
 from pipeline.config import Settings
-from pipeline.kafka.readers import open_at_beginning, read_to_end
+from pipeline.latest_forecasts import keep_newest, print_table, read_latest
 
 HELP = "print the latest forecast of series from the forecasts topic"
 
@@ -34,65 +32,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--history", type=int, default=96, help="windows of actuals in the plot (default 96)")
     parser.add_argument("--idle-ms", type=int, default=1500,
                         help="stop reading when no record arrived for this long (default 1500)")
-
-
-def read_latest(settings: Settings, series: list[str], idle_ms: int = 1500) -> tuple[dict[str, dict], Any]:
-    """Scan the series' partitions to the current end; return the newest forecast per series and
-    the consumer (positioned at the end, for --follow)."""
-    topic = settings.topics.forecasts
-    consumer = open_at_beginning(settings, topic, series)
-    if consumer is None:
-        from pipeline.errors import RollcastError
-
-        raise RollcastError(f"topic {topic} does not exist on {settings.kafka.bootstrap_servers}")
-    wanted = set(series)
-    latest: dict[str, dict] = {}
-    read_to_end(consumer, idle_ms, lambda value: _keep_newest(latest, value, wanted))
-    return latest, consumer
-
-
-def _keep_newest(latest: dict[str, dict], value: bytes, wanted: set[str]) -> dict | None:
-    try:
-        msg = json.loads(value)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    s = msg.get("series")
-    if s not in wanted:
-        return None
-    old = latest.get(s)
-    if old is None or msg["last_window_end"] >= old["last_window_end"]:
-        latest[s] = msg
-        return msg
-    return None
-
-
-def iso_utc(ms: int) -> str:
-    """Epoch ms as `YYYY-MM-DD HH:MM:SS` in UTC."""
-    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def print_table(latest: dict[str, dict], series: list[str]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    for s in series:
-        msg = latest.get(s)
-        if msg is None:
-            console.print(f"[yellow]{s}: no forecast yet[/yellow]")
-            continue
-        qs = list(msg["points"][0]["quantiles"]) if msg["points"] else []
-        table = Table(
-            title=f"{s} — model {msg['model']['name']} v{msg['model']['version']}, "
-            f"after window ending {iso_utc(msg['last_window_end'])} UTC"
-        )
-        table.add_column("window start (UTC)")
-        table.add_column("forecast", justify="right")
-        for q in qs:
-            table.add_column(f"q{q}", justify="right")
-        for p in msg["points"]:
-            table.add_row(iso_utc(p["ts"]), f"{p['mean']:.4g}", *(f"{p['quantiles'][q]:.4g}" for q in qs))
-        console.print(table)
 
 
 def plot(settings: Settings, msg: dict, path: Path, history: int) -> None:
@@ -131,7 +70,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
             while True:
                 for records in poll_promptly(consumer, 500).values():
                     for rec in records:
-                        msg = _keep_newest(latest, rec.value, wanted)
+                        msg = keep_newest(latest, rec.value, wanted)
                         if msg is None:
                             continue
                         if args.json:

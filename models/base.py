@@ -16,6 +16,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import pytorch_lightning as lightning
 import torch
 from torch import Tensor, nn
@@ -116,6 +117,20 @@ class ModelConfig:
         return out
 
 
+def seasonal_naive_index(context: int, horizon: int, lag: int) -> np.ndarray:
+    """Where in a context ``y`` of length ``L = context`` seasonal naive of lag ``m`` takes each of its
+    ``horizon`` steps: step ``h`` (1-based) is ``y[L + h - 1 - m * ceil(h / m)]``, the value a whole
+    number of seasons before it (``m = 1``: naive, the last value). ``m`` is ``lag`` bounded to
+    ``[1, context]``. The one definition used by the baselines, the residual base of every network and
+    the live scores.
+
+    >>> seasonal_naive_index(10, 5, 3).tolist()
+    [7, 8, 9, 7, 8]
+    """
+    m = max(1, min(int(lag), int(context)))
+    return int(context) - m + (np.arange(int(horizon)) % m)
+
+
 def pinball_loss(pred: Tensor, target: Tensor, quantiles: Tensor) -> Tensor:
     """Mean pinball (quantile) loss; ``pred (B, H, Q)``, ``target (B, H)``, ``quantiles (Q,)``."""
     diff = target.unsqueeze(-1) - pred  # (B, H, Q)
@@ -151,8 +166,7 @@ class ForecastModel(lightning.LightningModule):
         # base_lag m > 0: the network forecasts the residual over the seasonal-naive forecast of lag m
         # y[t + h - m * ceil(h / m)] (m = 1: naive), so an untrained model starts at that baseline.
         if cfg.base_lag > 0:
-            h = torch.arange(1, cfg.horizon + 1)
-            src = cfg.context - cfg.base_lag * torch.ceil(h / cfg.base_lag).long() + (h - 1)
+            src = torch.as_tensor(seasonal_naive_index(cfg.context, cfg.horizon, cfg.base_lag))
             self.register_buffer("_base_src", src, persistent=False)
         else:
             self._base_src = None

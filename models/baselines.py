@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from models.base import ForecastModel, ModelConfig
+from models.base import ForecastModel, ModelConfig, seasonal_naive_index
 from models.registry import register_model
 
 
@@ -50,12 +50,13 @@ class _Baseline(ForecastModel):
         self._base_src = None
         h = torch.arange(1, config.horizon + 1)
         k = torch.ceil(h / self.lag).long()  # seasons (or steps) ahead, per horizon step
-        self.register_buffer("_src", config.context - self.lag * k + (h - 1), persistent=False)
+        self.register_buffer("_src", torch.as_tensor(seasonal_naive_index(config.context, config.horizon, self.lag)),
+                             persistent=False)
         self.register_buffer("_widen", k.float().sqrt(), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         y = x[..., 0]  # (B, L)
-        point = y[:, self._src]  # (B, H): y[t + h - m * ceil(h / m)]
+        point = y[:, self._src]  # (B, H): y[t + h - m * ceil(h / m)] (models.base.seasonal_naive_index)
         err = y[:, self.lag :] - y[:, : -self.lag]  # (B, L - m)
         q = torch.quantile(err, self.quantiles, dim=1).T  # (B, Q)
         spread = q - q[:, self.config.median_index : self.config.median_index + 1]

@@ -41,7 +41,6 @@ def register_model(name: str, config_cls: type[ModelConfig]) -> Callable[[M], M]
 
 def available_models() -> list[str]:
     """Names ``create_model`` accepts, sorted."""
-    _import_architectures()
     return sorted(_REGISTRY)
 
 
@@ -99,15 +98,9 @@ def create_model(name: str, **config: Any) -> ForecastModel:
 
 
 def _lookup(name: str) -> tuple[type[ForecastModel], type[ModelConfig]]:
-    _import_architectures()
     try:
         return _REGISTRY[name]
     except KeyError:
         raise ModelConfigError(
             f"unknown model {name!r}; known models: {', '.join(sorted(_REGISTRY))}"
         ) from None
-
-
-def _import_architectures() -> None:
-    # Importing the modules runs their @register_model decorators.
-    from models import baselines, hrnn, lstm, pyramid, tcn  # noqa: F401

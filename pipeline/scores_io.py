@@ -14,8 +14,8 @@ forecast message). ``forecast`` is the median; ``pinball`` is the pinball loss o
 quantile (the calibrated ones when ``calibrated``); ``inside`` says whether the actual fell within the
 served outer interval (lowest to highest quantile), ``model_inside`` within the model's own. ``naive``
 is the seasonal-naive forecast of that step from the same origin. A step whose window was a gap
-(``count = 0``) has ``actual`` and every error ``null``.
-
+(``count = 0``) has ``actual`` and every error ``null``. The errors are computed by
+:func:`models.scoring.accuracy.point_errors`, once for these messages and the live sums.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ import polars as pl
 def decode_score(value: bytes | None) -> dict[str, Any] | None:
     """A score message as a dict, or None when ``value`` is not one: any byte string gives one or the
     other (the topic is rollcast's own, but a reader must not stop on what someone else wrote to it).
-    A message this returns has what :func:`totals_of` and :class:`LiveAccuracy` read, well typed."""
+    A message this returns has what :func:`models.scoring.accuracy.totals_of` and
+    :class:`models.scoring.accuracy.LiveAccuracy` read, well typed."""
     if value is None:
         return None
     try:
@@ -70,30 +71,21 @@ def encode_scores(rows: Iterable[dict[str, Any]]) -> list[tuple[str, bytes]]:
 
 
 def score_messages(series: list[str], origins: np.ndarray, models: list[tuple[str, str]], model_index: np.ndarray,
-                   issued_at: np.ndarray, step_ms: int, calibrated: bool, quantiles: list[float],
-                   actual: np.ndarray, served: np.ndarray, model_q: np.ndarray, naive: np.ndarray,
-                   ) -> list[tuple[str, bytes]]:
-    """Score messages in this module's format, ``(series, JSON bytes)``, for ``n`` forecasts: their
-    ``actual`` ``(n, H)`` (NaN: a gap window), ``served`` and ``model_q`` quantiles ``(n, H, Q)`` and
-    seasonal-naive forecasts ``naive`` ``(n, H)``. The errors are computed here; the text is built
+                   issued_at: np.ndarray, step_ms: int, calibrated: bool, quantiles: list[float], *,
+                   known: np.ndarray, actual: np.ndarray, forecast: np.ndarray, abs_error: np.ndarray,
+                   sq_error: np.ndarray, pinball: np.ndarray, inside: np.ndarray, model_inside: np.ndarray,
+                   naive: np.ndarray, naive_abs_error: np.ndarray) -> list[tuple[str, bytes]]:
+    """Score messages in this module's format, ``(series, JSON bytes)``, for ``n`` forecasts whose point
+    fields are given as ``(n, H)`` arrays (``pinball`` ``(n, H, Q)``), computed by
+    :func:`models.scoring.accuracy.point_errors`. Where ``known`` is False (a gap window) ``actual``, the
+    errors and the flags are ``null``; elsewhere a non-finite number is ``null`` too. The text is built
     column-wise by polars (one pass over all points, then one join per message), as forecasts are
     (:func:`pipeline.forecasts_io.forecast_message_chunks`): per-message dicts through ``json`` cost
     about 0.2 s per 1,000 scores of 24 steps."""
     n, horizon = actual.shape
     if n == 0:
         return []
-    q = np.asarray(quantiles, dtype=np.float64)
-    median = list(quantiles).index(0.5)
-    actual = actual.astype(np.float64)
-    served = served.astype(np.float64)
-    point = served[..., median]
-    known = np.isfinite(actual)
-    diff = actual - point
-    err = actual[..., None] - served
-    pinball = np.maximum(q * err, (q - 1) * err)
-    inside = (served[..., 0] <= actual) & (actual <= served[..., -1])
-    model_inside = (model_q[..., 0] <= actual) & (actual <= model_q[..., -1])
-    k = pl.lit(pl.Series(known.ravel()))
+    k = pl.lit(pl.Series(np.asarray(known, dtype=np.bool_).ravel()))
 
     def num(values: np.ndarray, only_known: bool = True) -> pl.Expr:
         x = pl.lit(pl.Series(np.asarray(values, dtype=np.float64).ravel()))
@@ -114,11 +106,11 @@ def score_messages(series: list[str], origins: np.ndarray, models: list[tuple[st
     pin = pl.when(k).then(pl.concat_str(pin_parts)).otherwise(pl.lit("null"))
     parts = [pl.lit('{"h":'), pl.lit(pl.Series(h.ravel())).cast(pl.String),
              pl.lit(',"ts":'), pl.lit(pl.Series(ts.ravel())).cast(pl.String),
-             pl.lit(',"actual":'), num(actual), pl.lit(',"forecast":'), num(point, only_known=False),
-             pl.lit(',"abs_error":'), num(np.abs(diff)), pl.lit(',"sq_error":'), num(diff * diff),
+             pl.lit(',"actual":'), num(actual), pl.lit(',"forecast":'), num(forecast, only_known=False),
+             pl.lit(',"abs_error":'), num(abs_error), pl.lit(',"sq_error":'), num(sq_error),
              pl.lit(',"pinball":'), pin, pl.lit(',"inside":'), flag(inside),
              pl.lit(',"model_inside":'), flag(model_inside), pl.lit(',"naive":'), num(naive, only_known=False),
-             pl.lit(',"naive_abs_error":'), num(np.abs(actual - naive)), pl.lit("}")]
+             pl.lit(',"naive_abs_error":'), num(naive_abs_error), pl.lit("}")]
     points = pl.select(pl.concat_str(parts))[:, 0].reshape((n, horizon)).arr.join(",")
     model_text = [json.dumps({"name": a, "version": b}, separators=(",", ":")) for a, b in models]
     names = [json.dumps(s) for s in series]

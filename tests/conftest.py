@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs import stack
+from pipeline import processes
 from pipeline.config import Settings, load_settings
 from tests.support.s3 import S3_BUCKET, S3_KEYS, create_bucket
 
@@ -34,8 +34,8 @@ logging.getLogger("kafka").setLevel(logging.CRITICAL)
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Bootstrap address of a session-wide tansu broker (in-memory)."""
     logs = tmp_path_factory.mktemp("broker-logs")
-    port = stack.free_port()
-    child = stack.start_broker(stack.broker_binary(None), port, logs)
+    port = processes.free_port()
+    child = processes.start_broker(processes.broker_binary(None), port, logs)
     yield f"127.0.0.1:{port}"
     child.stop()
 
@@ -44,8 +44,8 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Tracking URI of a session-wide ``mlflow server`` with a SQLite store."""
     root = tmp_path_factory.mktemp("mlflow")
-    port = stack.free_port()
-    child = stack.start_mlflow(root, port, root / "logs", timeout_s=180)
+    port = processes.free_port()
+    child = processes.start_mlflow(root, port, root / "logs", timeout_s=180)
     yield f"http://127.0.0.1:{port}"
     child.stop()
 
@@ -54,11 +54,11 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``host:port`` of a session-wide moto S3 server holding the bucket ``S3_BUCKET``."""
     logs = tmp_path_factory.mktemp("s3-logs")
-    port = stack.free_port()
+    port = processes.free_port()
     argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
-    child = stack.Child("moto-s3", argv, logs / "moto.log").start()
+    child = processes.Child("moto-s3", argv, logs / "moto.log").start()
     try:
-        child.wait_healthy(lambda: stack.http_ok(f"http://127.0.0.1:{port}/moto-api/"), timeout_s=60)
+        child.wait_healthy(lambda: processes.http_ok(f"http://127.0.0.1:{port}/moto-api/"), timeout_s=60)
         create_bucket(f"127.0.0.1:{port}", S3_BUCKET)
         yield f"127.0.0.1:{port}"
     finally:

@@ -26,10 +26,10 @@ import polars as pl
 import pytest
 
 import models
-from jobs import stack
-from jobs.stack import Child
+from pipeline import processes
 from pipeline.config import Settings, load_settings
 from pipeline.kafka.clients import ensure_topics
+from pipeline.processes import Child
 from pipeline.store import HistoryStore
 from pipeline.windows import WINDOW_SCHEMA
 from pipeline.windows_io import decode_windows
@@ -143,7 +143,7 @@ def test_kill9_ingest_and_forecast_repeatedly(settings, test_env, tmp_path, mode
     sent = produce(s, make_observations(8000, series=6, seed=11))
     want = reference(sent)
     rng = random.Random(int(os.environ.get("ROLLCAST_FAULT_SEED", "2024")))
-    ip, fp = stack.free_port(), stack.free_port()
+    ip, fp = processes.free_port(), processes.free_port()
     forecast = start_forecast(test_env, tmp_path, "forecast-0", fp, model_dir)
     ingest = None
     try:
@@ -214,7 +214,7 @@ def test_scale_out_and_in_under_live_traffic(settings3, test_env, tmp_path, mode
     # at most 150 s of replay; it is stopped once the scale-in is done and more traffic followed it,
     # so a slow start of the new processes (a busy machine) lengthens the test instead of failing it
     speed = span_s / 150
-    ip, fp = [stack.free_port() for _ in range(3)], [stack.free_port() for _ in range(2)]
+    ip, fp = [processes.free_port() for _ in range(3)], [processes.free_port() for _ in range(2)]
     ingest = [start_ingest(test_env, tmp_path, "ingest-0", ip[0])]
     forecast = [start_forecast(test_env, tmp_path, "forecast-0", fp[0], model_dir)]
     replay = None
@@ -284,10 +284,10 @@ def private_broker(tmp_path: Path, s3_server: str) -> Iterator[dict]:
     access, secret = S3_KEYS.split(":")
     env = {**os.environ, "AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret,
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT": f"http://{s3_server}", "AWS_ALLOW_HTTP": "true"}
-    port, binary = stack.free_port(), stack.broker_binary(None)
+    port, binary = processes.free_port(), processes.broker_binary(None)
 
     def start(log_dir: Path) -> Child:
-        return stack.start_broker(binary, port, log_dir, storage=f"s3://{bucket}/", env=env)
+        return processes.start_broker(binary, port, log_dir, storage=f"s3://{bucket}/", env=env)
 
     state = {"port": port, "start": start, "child": start(tmp_path / "broker-1")}
     yield state
@@ -300,7 +300,7 @@ def test_broker_restart_mid_stream(private_broker, test_env, tmp_path, model_dir
     ensure_topics(s)
     before = produce(s, make_observations(2000, series=4, seed=21))
     first = reference(before)
-    ip, fp = stack.free_port(), stack.free_port()
+    ip, fp = processes.free_port(), processes.free_port()
     ingest = start_ingest(env, tmp_path, "ingest", ip)
     forecast = start_forecast(env, tmp_path, "forecast", fp, model_dir)
     try:
@@ -377,7 +377,7 @@ def test_burst_of_malformed_messages_all_reach_the_dlq(settings, test_env, tmp_p
     with its reason, the valid ones are windowed exactly as the reference computes from them alone,
     and /healthz answers 200 throughout."""
     s = load_settings(env={**test_env, **INGEST_ENV})
-    ip = stack.free_port()
+    ip = processes.free_port()
     ingest = start_ingest(test_env, tmp_path, "ingest", ip)
     codes: list[int | None] = []
     done = threading.Event()
@@ -448,9 +448,9 @@ def test_burst_of_malformed_messages_all_reach_the_dlq(settings, test_env, tmp_p
 
 @pytest.fixture
 def private_mlflow(tmp_path: Path) -> Iterator[dict]:
-    port = stack.free_port()
+    port = processes.free_port()
     root = tmp_path / "mlflow"
-    state = {"port": port, "root": root, "child": stack.start_mlflow(root, port, root / "logs-1", timeout_s=180)}
+    state = {"port": port, "root": root, "child": processes.start_mlflow(root, port, root / "logs-1", timeout_s=180)}
     yield state
     state["child"].stop()
 
@@ -472,7 +472,7 @@ def cycles(port: int, *outcomes: str) -> float:
 def test_train_kill9_mid_cycle_and_mlflow_outage(private_mlflow, settings, test_env, tmp_path) -> None:
     uri = f"http://127.0.0.1:{private_mlflow['port']}"
     data_dir = Path(test_env["ROLLCAST_DATA_DIR"])
-    tp = stack.free_port()
+    tp = processes.free_port()
     env = train_job_env(uri, data_dir, test_env, tp)
     s = load_settings(env={k: v for k, v in env.items() if k.startswith("ROLLCAST_")})
     history = drifting_daily_windows(800)
@@ -486,7 +486,7 @@ def test_train_kill9_mid_cycle_and_mlflow_outage(private_mlflow, settings, test_
         time.sleep(rng.uniform(0.0, 2.0))  # the random point of the kill, not a wait for a condition
         kill9(train)
     train = start_job("train-2", env, tmp_path / "train-2.log", *args)
-    fp = stack.free_port()
+    fp = processes.free_port()
     forecast = None
     try:
         wait_for(lambda: cycles(tp, "promoted", "not_promoted") >= 1, 180,
@@ -519,7 +519,7 @@ def test_train_kill9_mid_cycle_and_mlflow_outage(private_mlflow, settings, test_
         seen = forecast_keys(s, expected, 60)
         assert forecast.alive() and healthz(fp)[0] == 200
 
-        private_mlflow["child"] = stack.start_mlflow(private_mlflow["root"], private_mlflow["port"],
+        private_mlflow["child"] = processes.start_mlflow(private_mlflow["root"], private_mlflow["port"],
                                                      private_mlflow["root"] / "logs-2", timeout_s=180)
         wait_for(lambda: cycles(tp, "promoted", "not_promoted") > ok_before, 180, "a successful cycle after MLflow")
         # no ingest job here: the windows are written to the store by the test, so only forecasts are counted

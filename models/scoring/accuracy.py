@@ -1,18 +1,22 @@
-"""Live accuracy: the error sums of scored forecasts and the one rule that selects them.
+"""Live accuracy: the errors of scored forecasts, their sums, and the one rule that selects them.
 
-:class:`LiveTotals` holds the sums of a set of scored points (MAE, RMSE, MAE relative to seasonal naive,
-coverage of the served and of the model's own interval); :class:`LiveAccuracy` keeps them per model
-version and window, a score published twice counting once, and answers "the last N windows of a
-version". The forecast job's Prometheus gauges, the train job's drift trigger and MLflow live metrics,
-and ``rollcast scores`` are all computed by it.
+:func:`point_errors` computes every per-step error of a batch of scored forecasts once; the forecast job
+publishes them (:func:`pipeline.scores_io.score_messages` only formats them) and sums them
+(:meth:`PointErrors.totals`) for its live gauges. :class:`LiveTotals` holds the sums of a set of scored
+points (MAE, RMSE, MAE relative to seasonal naive, coverage of the served and of the model's own interval).
+:class:`LastWindows` is the rule every live figure follows: per model version, a score published twice
+counts once, and "the last N windows of a version" are its newest scored window and the N-1 before it.
+:class:`LiveAccuracy` keeps sums under that rule: the forecast job's Prometheus gauges and the train job's
+drift trigger and MLflow live metrics are computed by it; ``rollcast scores`` keeps its scores under the
+same rule (:class:`models.scoring.report.Scores`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -75,36 +79,98 @@ def totals_of(message: Mapping[str, Any]) -> LiveTotals:
     return t
 
 
+B = TypeVar("B")
+
+
+class LastWindows(Generic[B]):
+    """Scored forecasts per model version and window, under the one rule of live accuracy.
+
+    A scored forecast belongs to the window it was issued after (its ``last_window_end``). A repeat of a
+    (version, window, series) already added counts once: the first is kept (a score republished after a
+    restart carries the same values). "The last N windows" of a version are its newest window and the
+    ``N - 1`` before it, by the step of that newest window. Each (version, window) has one bin, made by
+    ``new_bin``, of whatever the caller keeps (sums, or the scores themselves). With ``windows``, bins
+    older than a version's last ``windows`` windows are dropped as newer ones arrive (bounded memory)
+    and no selection reaches further back.
+
+    >>> w = LastWindows(list, windows=2)
+    >>> for end, series in [(10, "a"), (20, "a"), (20, "a"), (30, "b")]:
+    ...     b = w.bin("1", end, 10, series)
+    ...     if b is not None:
+    ...         b.append(series)
+    >>> w.last("1")
+    [(20, ['a']), (30, ['b'])]
+    """
+
+    def __init__(self, new_bin: Callable[[], B], windows: int | None = None):
+        self.windows = None if windows is None else int(windows)
+        self._new_bin = new_bin
+        self._bins: dict[str, dict[int, B]] = {}
+        self._seen: dict[str, dict[int, set[str]]] = {}  # series added per (version, window)
+        self._newest: dict[str, int] = {}
+        self._step: dict[str, int] = {}  # the step of the version's newest window
+
+    def bin(self, version: str, last_window_end: int, step_ms: int, series: str | None = None) -> B | None:
+        """The bin of ``version``'s window ``last_window_end`` for one more scored forecast, or None when
+        it is a repeat of ``series`` there (without ``series``, never a repeat)."""
+        end = int(last_window_end)
+        if series is not None:
+            seen = self._seen.setdefault(version, {}).setdefault(end, set())
+            if series in seen:
+                return None
+            seen.add(series)
+        bins = self._bins.setdefault(version, {})
+        found = bins.get(end)
+        if found is None:
+            found = bins[end] = self._new_bin()
+        if version not in self._newest or end > self._newest[version]:
+            self._newest[version], self._step[version] = end, int(step_ms)
+        if self.windows is not None and len(bins) > self.windows:
+            oldest = self.oldest(version, self.windows)
+            for old in [e for e in bins if e < oldest]:
+                del bins[old]
+                self._seen.get(version, {}).pop(old, None)
+        return found
+
+    def versions(self) -> list[str]:
+        return list(self._bins)
+
+    def newest(self, version: str) -> int | None:
+        return self._newest.get(version)
+
+    def oldest(self, version: str, windows: int) -> int:
+        """The end of the oldest of ``version``'s last ``windows`` windows (it must have one)."""
+        return self._newest[version] - (int(windows) - 1) * self._step[version]
+
+    def last(self, version: str, windows: int | None = None) -> list[tuple[int, B]]:
+        """``(last_window_end, bin)`` of ``version``'s last ``windows`` windows (default: all kept), in the
+        order the windows were first added."""
+        bins = self._bins.get(version, {})
+        n = self.windows if windows is None else int(windows)
+        if n is not None and self.windows is not None:
+            n = min(n, self.windows)
+        if not bins or n is None:
+            return list(bins.items())
+        oldest = self.oldest(version, n)
+        return [(end, b) for end, b in bins.items() if end >= oldest]
+
+
 class LiveAccuracy:
     """Per model version, the sums of the scored forecasts issued in the last ``windows`` windows (by
-    ``last_window_end``: the newest seen, and the ``windows - 1`` before it)."""
+    ``last_window_end``: the newest seen, and the ``windows - 1`` before it), under :class:`LastWindows`'
+    rule."""
 
     def __init__(self, windows: int):
         self.windows = int(windows)
-        self._by_version: dict[str, dict[int, LiveTotals]] = {}
-        self._seen: dict[str, dict[int, set[str]]] = {}  # series counted per (version, window): repeats once
-        self._step: dict[str, int] = {}
-        self._newest: dict[str, int] = {}
+        self._sums: LastWindows[LiveTotals] = LastWindows(LiveTotals, self.windows)
 
     def add(self, version: str, last_window_end: int, step_ms: int, totals: LiveTotals,
             series: str | None = None) -> None:
         """Add one scored forecast's sums. With ``series``, a repeat of a (series, window, version) already
         added is not counted again (a score republished after a restart carries the same values)."""
-        if series is not None:
-            seen = self._seen.setdefault(version, {}).setdefault(int(last_window_end), set())
-            if series in seen:
-                return
-            seen.add(series)
-        bins = self._by_version.setdefault(version, {})
-        bins.setdefault(int(last_window_end), LiveTotals()).add(totals)
-        self._step[version] = int(step_ms)
-        newest = max(self._newest.get(version, last_window_end), int(last_window_end))
-        self._newest[version] = newest
-        oldest = newest - (self.windows - 1) * int(step_ms)
-        if len(bins) > self.windows:
-            for end in [e for e in bins if e < oldest]:
-                del bins[end]
-                self._seen.get(version, {}).pop(end, None)
+        sums = self._sums.bin(version, last_window_end, step_ms, series)
+        if sums is not None:
+            sums.add(totals)
 
     def add_message(self, message: Mapping[str, Any]) -> str | None:
         """Add a decoded score message; its model version, or None when it is not a score."""
@@ -116,39 +182,71 @@ class LiveAccuracy:
         return str(version)
 
     def versions(self) -> list[str]:
-        return list(self._by_version)
+        return self._sums.versions()
 
     def newest(self, version: str) -> int | None:
-        return self._newest.get(version)
+        return self._sums.newest(version)
 
     def totals(self, version: str, windows: int | None = None) -> LiveTotals:
         """Sums over the last ``windows`` (default: all kept) windows of ``version``."""
-        bins = self._by_version.get(version, {})
         out = LiveTotals()
-        if not bins:
-            return out
-        n = self.windows if windows is None else min(int(windows), self.windows)
-        oldest = self._newest[version] - (n - 1) * self._step[version]
-        for end, t in bins.items():
-            if end >= oldest:
-                out.add(t)
+        for _, sums in self._sums.last(version, windows):
+            out.add(sums)
         return out
+
+
+@dataclass
+class PointErrors:
+    """The errors of ``n`` scored forecasts at each of their ``H`` steps, ``(n, H)`` arrays (``pinball``
+    ``(n, H, Q)``) named as the score message's point fields (:mod:`pipeline.scores_io`). A step is
+    scored when ``known`` (its window had data: ``actual`` finite); at other steps the errors mean
+    nothing (NaN, or False)."""
+
+    known: np.ndarray
+    actual: np.ndarray
+    forecast: np.ndarray  # the served median
+    abs_error: np.ndarray
+    sq_error: np.ndarray
+    pinball: np.ndarray  # of each served quantile
+    inside: np.ndarray  # within the served outer interval
+    model_inside: np.ndarray  # within the model's own
+    naive: np.ndarray  # seasonal naive's forecast from the same origin
+    naive_abs_error: np.ndarray
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """The arrays by field name (:func:`pipeline.scores_io.score_messages`' keyword arguments)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def totals(self) -> list[LiveTotals]:
+        """The :class:`LiveTotals` of each forecast (as :func:`totals_of` of its message)."""
+        known = self.known
+        naive_err = np.where(known & np.isfinite(self.naive_abs_error), self.naive_abs_error, 0.0)
+        sums = [known.sum(1), np.where(known, self.abs_error, 0.0).sum(1), np.where(known, self.sq_error, 0.0).sum(1),
+                naive_err.sum(1), (known & self.inside).sum(1), (known & self.model_inside).sum(1)]
+        return [LiveTotals(int(p), float(e), float(s), float(ne), int(i), int(mi))
+                for p, e, s, ne, i, mi in zip(*(x.tolist() for x in sums), strict=True)]
+
+
+def point_errors(actual: np.ndarray, served: np.ndarray, model_q: np.ndarray, naive: np.ndarray,
+                 quantiles: list[float]) -> PointErrors:
+    """The errors of ``n`` forecasts: their ``actual`` ``(n, H)`` (NaN: a gap window), ``served`` and
+    ``model_q`` quantiles ``(n, H, Q)`` and seasonal-naive forecasts ``naive`` ``(n, H)``."""
+    q = np.asarray(quantiles, dtype=np.float64)
+    actual = actual.astype(np.float64)
+    served = served.astype(np.float64)
+    naive = np.asarray(naive, dtype=np.float64)
+    point = served[..., list(quantiles).index(0.5)]
+    diff = actual - point
+    err = actual[..., None] - served
+    return PointErrors(
+        known=np.isfinite(actual), actual=actual, forecast=point, abs_error=np.abs(diff), sq_error=diff * diff,
+        pinball=np.maximum(q * err, (q - 1) * err),
+        inside=(served[..., 0] <= actual) & (actual <= served[..., -1]),
+        model_inside=(model_q[..., 0] <= actual) & (actual <= model_q[..., -1]),
+        naive=naive, naive_abs_error=np.abs(actual - naive))
 
 
 def score_totals(actual: np.ndarray, served: np.ndarray, model_q: np.ndarray, naive: np.ndarray,
                  quantiles: list[float]) -> list[LiveTotals]:
     """The :class:`LiveTotals` of each of ``n`` forecasts (as :func:`totals_of` of their messages)."""
-    median = list(quantiles).index(0.5)
-    actual = actual.astype(np.float64)
-    known = np.isfinite(actual)
-    a = np.where(known, actual, 0.0)
-    served = served.astype(np.float64)
-    abs_err = np.where(known, np.abs(a - served[..., median]), 0.0)
-    naive_err = np.abs(a - naive)
-    naive_err = np.where(known & np.isfinite(naive_err), naive_err, 0.0)
-    inside = known & (served[..., 0] <= a) & (a <= served[..., -1])
-    model_inside = known & (model_q[..., 0] <= a) & (a <= model_q[..., -1])
-    sums = [known.sum(1), abs_err.sum(1), (abs_err ** 2).sum(1), naive_err.sum(1), inside.sum(1),
-            model_inside.sum(1)]
-    return [LiveTotals(int(p), float(e), float(s), float(ne), int(i), int(mi))
-            for p, e, s, ne, i, mi in zip(*(x.tolist() for x in sums), strict=True)]
+    return point_errors(actual, served, model_q, naive, quantiles).totals()

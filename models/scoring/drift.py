@@ -4,7 +4,7 @@ The forecast job scores every forecast against the windows that settle it and pu
 scored forecast to ``topics.scores`` (:mod:`pipeline.scores_io`). :class:`LiveMonitor` reads that topic
 in a background thread of the train job (consumer group ``groups.scores``, from the earliest offset; it
 only keeps sliding sums, so re-reading after a restart is harmless) into a
-:class:`~pipeline.scores_io.LiveAccuracy` per model version, and
+:class:`~models.scoring.accuracy.LiveAccuracy` per model version, and
 
 * judges the serving version (the one carrying the champion alias; scores of other versions are kept
   for MLflow but never judged) with :func:`judge`: once it has ``train.drift_min_points`` scored points

@@ -42,7 +42,8 @@ from typing import Any
 
 import numpy as np
 
-from models.scoring.accuracy import LiveTotals, score_totals
+from models.base import seasonal_naive_index
+from models.scoring.accuracy import LiveTotals, PointErrors, point_errors
 from models.scoring.calibration import QuantileTracker
 from pipeline.config import Settings
 from pipeline.scores_io import score_messages
@@ -74,16 +75,19 @@ class Issued:
 
 
 class Emitted:
-    """The forecasts scored in one batch, as arrays; their messages are built when asked for (after the
-    batch's forecasts are on their way)."""
+    """The forecasts scored in one batch, as arrays; their errors are computed once
+    (:func:`~models.scoring.accuracy.point_errors`), when the messages or the sums are first asked for
+    (after the batch's forecasts are on their way)."""
 
     def __init__(self, scorer: Scorer):
         self.models = [(m.name, m.version) for m in scorer.models]
         self.step, self.calibrated, self.quantiles = scorer.step, scorer.calibrate, scorer.quantiles
         self._parts: list[dict[str, Any]] = []
+        self._errors: PointErrors | None = None
 
     def add(self, **arrays: Any) -> None:
         self._parts.append(arrays)
+        self._errors = None
 
     def __len__(self) -> int:
         return sum(len(p["names"]) for p in self._parts)
@@ -94,22 +98,28 @@ class Emitted:
                                 else np.concatenate([p[k] for p in self._parts])) for k in self._parts[0]}]
         return self._parts[0]
 
+    def _point_errors(self) -> PointErrors:
+        if self._errors is None:
+            j = self._joined()
+            self._errors = point_errors(j["actual"], j["served"], j["model_q"], j["naive"], self.quantiles)
+        return self._errors
+
     def messages(self) -> list[tuple[str, bytes]]:
         """``(series, JSON bytes)`` per scored forecast (pipeline.scores_io's format)."""
         if not self._parts:
             return []
         j = self._joined()
         return score_messages(j["names"], j["origins"], self.models, j["model_index"], j["issued_at"], self.step,
-                              self.calibrated, self.quantiles, j["actual"], j["served"], j["model_q"], j["naive"])
+                              self.calibrated, self.quantiles, **self._point_errors().columns())
 
     def totals(self) -> list[tuple[str, int, LiveTotals]]:
         """(model version, last_window_end, sums) per scored forecast, for the live metrics."""
         if not self._parts:
             return []
         j = self._joined()
-        sums = score_totals(j["actual"], j["served"], j["model_q"], j["naive"], self.quantiles)
         return [(self.models[m][1], int(o), t)
-                for m, o, t in zip(j["model_index"].tolist(), j["origins"].tolist(), sums, strict=True)]
+                for m, o, t in zip(j["model_index"].tolist(), j["origins"].tolist(), self._point_errors().totals(),
+                                   strict=True)]
 
     @property
     def scores(self) -> list[dict[str, Any]]:
@@ -129,11 +139,9 @@ class ScoredBatch:
 
 
 def seasonal_naive(filled: np.ndarray, horizon: int, season: int) -> np.ndarray:
-    """Seasonal-naive forecasts ``(B, H)`` from gap-filled contexts ``(B, L)``: step h takes the value one
-    season (``m``) before it, ``m = min(season, L)``."""
-    m = max(1, min(int(season), filled.shape[1]))
-    idx = filled.shape[1] - m + (np.arange(horizon) % m)
-    return filled[:, idx]
+    """Seasonal-naive forecasts ``(B, H)`` from gap-filled contexts ``(B, L)``: step h takes the value a
+    whole number of seasons (``m = min(season, L)``) before it (:func:`models.base.seasonal_naive_index`)."""
+    return filled[:, seasonal_naive_index(filled.shape[1], horizon, season)]
 
 
 class Scorer:

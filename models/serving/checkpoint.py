@@ -1,14 +1,43 @@
-"""When the forecast job commits: after the scoring and calibration state of what it processed is durable.
+"""When the forecast job commits: after the forecasts and scores of what it processed are acknowledged
+and the scoring and calibration state that covers them is durable.
 
-With live scoring on, a forecast depends on more than its window's context: on the calibration learned
+Every batch of windows goes through these steps, in this order (:func:`models.serving.session.process_batch`
+runs steps 2 and 3, :func:`models.serving.session.forecast_session` step 1 and the rewind of step 2):
+
+1. :meth:`ForecastCheckpoint.begin`: before the batch is processed, note each partition's first offset
+   in it, unless one is noted already since the last save: where a rewind (step 2) reads it again from.
+2. Forecast and score the batch, send the messages, and wait until the broker acknowledged every one
+   (:meth:`~pipeline.kafka.producer.BulkProducer.confirm`). If it did not, nothing below runs, and
+   :meth:`ForecastCheckpoint.rewind` takes every partition processed since the last save back to that
+   save, state and position (the saved state is loaded, or dropped where there is none, and the
+   consumer seeks to the offset the save covers, else to the offset noted in step 1); the session
+   ends, and the next one reads those windows again. A broker or store error in steps 3-5 of the
+   batch rewinds the same way.
+3. :meth:`ForecastCheckpoint.processed`: record each partition's next offset as pending. Steps 4 and 5
+   (:meth:`ForecastCheckpoint.flush`) run when a save is due: after every batch without scoring; with
+   scoring every ``scoring.checkpoint_s`` (idle or not), before a new champion is swapped in, and
+   when a session ends.
+4. Save the state of every pending partition to the history store
+   (:meth:`~pipeline.store.HistoryStore.write_state`, atomic), each record naming the offset it
+   covers. A save that fails raises: step 5 does not run, and no offset is committed.
+5. Commit the pending offsets to the consumer group, waiting at most
+   ``observability.shutdown_timeout_s`` (kafka-python retries a commit forever while the coordinator
+   is unknown).
+
+On a rebalance, the partitions revoked get step 4 only (:meth:`ForecastCheckpoint.revoked`: kafka-python
+cannot block in the callback, and the next owner resumes from the save, not the commit), then their
+state is dropped; each partition assigned has its saved state loaded and the consumer seeks to the
+offset it covers (:meth:`ForecastCheckpoint.assigned`).
+
+Why: with live scoring on, a forecast depends on more than its window's context: on the calibration learned
 from every earlier window of its series, and its score on forecasts issued up to H windows before.
-That state is saved per windows partition in the history store (:meth:`HistoryStore.write_state`,
-atomic), each record naming the offset it covers, every ``scoring.checkpoint_s``; only then are those
-offsets committed. On assignment each partition's state is loaded and the consumer seeks to its offset,
-so a restart after a crash, or a partition that moved to another process, resumes from exactly the state
-that covers what it re-reads: the forecasts and scores it publishes again repeat the same values, and
-none is missing. The saved record, not the group's commit, decides where a partition resumes: a commit
-lost in a crash or a rebalance only means that the commit lags.
+That state is saved per windows partition in the history store, each record naming the offset it
+covers, and only then are those offsets committed. On assignment each partition's state is loaded and
+the consumer seeks to its offset, so a restart after a crash, or a partition that moved to another
+process, resumes from exactly the state that covers what it re-reads: the forecasts and scores it
+publishes again repeat the same values, and none is missing. The saved record, not the group's commit,
+decides where a partition resumes: a commit lost in a crash or a rebalance only means that the commit
+lags. Without scoring there is no state: step 4 saves nothing and every batch is committed.
 
 The state is kept in the history store because every forecast process already reads it (a local
 directory or an object store: rollcast's one durable place outside Kafka and MLflow).
@@ -37,9 +66,9 @@ class PartitionState(Protocol):
     def drop(self, partition: int) -> None: ...
 
 
-class ScoringCheckpoint:
+class ForecastCheckpoint:
     """Offsets processed but not yet committed, the state saves that must come first, and the seeks to the
-    saved offsets on assignment."""
+    saved offsets on assignment (the steps: see the module docstring)."""
 
     def __init__(self, settings: Settings, consumer: Any, state: Callable[[], PartitionState | None]):
         self.settings = settings
@@ -60,14 +89,16 @@ class ScoringCheckpoint:
         return f"forecast/{self.settings.groups.forecast}/{self.settings.topics.windows}-{partition}.npz"
 
     def begin(self, batch: dict[Any, list[Any]]) -> None:
-        """A batch is about to be processed (the scorer's state will move past it)."""
+        """Step 1: a batch is about to be processed (the scorer's state will move past it)."""
+        # 1. note where each partition of the batch is read again from, if it has to be
         for tp, records in batch.items():
             if records:
                 self.started.setdefault(tp, records[0].offset)
 
     def rewind(self, batch: dict[Any, list[Any]]) -> None:
         """A batch failed (its forecasts or scores were not all acknowledged): every partition processed
-        since the last save goes back to that save, state and position, and is read again."""
+        since the last save goes back to that save, state and position, and is read again (step 2)."""
+        # 2. not all acknowledged: steps 3-5 do not run; back to the last save, state and position
         self.begin(batch)
         assigned = self.consumer.assignment()
         started, self.started = self.started, {}
@@ -90,19 +121,22 @@ class ScoringCheckpoint:
     def processed(self, commits: dict[Any, Any]) -> None:
         """Record the offsets after a batch whose forecasts and scores the broker acknowledged; save and
         commit when due (every batch without scoring)."""
+        # 3. acknowledged: pending until the next save
         self.pending.update(commits)
         if self.state is None or time.monotonic() - self._last >= self.every_s:
             self.flush()
 
     def flush(self) -> None:
-        """Save the state of every partition processed since the last save, then commit its offsets."""
+        """Steps 4 and 5: save the state of every partition processed since the last save, then commit its
+        offsets."""
         self._last = time.monotonic()
         if not self.pending:
             return
         pending, self.pending = self.pending, {}
         self.started = {}
+        # 4. save each partition's state, naming the offset it covers (raises: nothing is committed)
         self._save(pending)
-        # bounded: kafka-python retries a commit forever while the coordinator is unknown
+        # 5. commit; bounded: kafka-python retries a commit forever while the coordinator is unknown
         self.consumer.commit(pending, timeout_ms=self.timeout_ms)
 
     def _save(self, offsets: dict[Any, Any]) -> None:
@@ -121,6 +155,7 @@ class ScoringCheckpoint:
         for tp in revoked:
             self.started.pop(tp, None)
         try:
+            # 4. for the revoked partitions, without step 5
             self._save(mine)
         except Exception as e:  # noqa: BLE001 - the new owner then resumes from the previous save
             log.warning("could not save the scoring state of revoked partitions %s: %s",

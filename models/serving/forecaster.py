@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-from prometheus_client import Counter, Gauge, Histogram
 
 from models.data import fill_gaps, known_any
 from models.scoring.scorer import Emitted, ModelRef, ScoredBatch, Scorer, seasonal_naive
+from models.serving.telemetry import INFERENCE_S, SERIES, SKIPPED, STAGE_S
 from pipeline.config import Settings
 from pipeline.contexts import (
     ContextBuffers,
@@ -39,19 +39,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rollcast.forecast")
 
-SKIPPED = Counter("rollcast_forecast_skipped_total", "Windows not forecast, by reason", ["reason"])
-INFERENCE_S = Histogram(
-    "rollcast_forecast_inference_seconds", "Batched inference time per batch",
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
-)
-STAGE_S = Histogram(
-    "rollcast_forecast_stage_seconds",
-    "Time per batch in each stage: arrival (from the oldest window message's timestamp until the job "
-    "starts on the batch), decode (windows into buffers), context, inference, messages (JSON), send "
-    "(until the broker acknowledged them all), commit",
-    ["stage"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
-)
-SERIES = Gauge("rollcast_forecast_series", "Series held in memory")
 BUFFER_SLACK = 32  # windows kept beyond L so repeats after a restart still find their context
 # forecasts built and handed to the producer at a time: the broker receives (and readers can read) the
 # first ones while the rest are built, instead of all of them after the last

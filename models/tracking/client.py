@@ -1,11 +1,11 @@
 """The MLflow client: the tracking server and the registry (versions, the ``champion`` alias, a local
-cache of downloaded versions), live metrics on a version's run. Tag names are in
-:mod:`models.tracking.tags`, a training cycle's logging in :mod:`models.tracking.runs`, the forecast
-job's champion watcher in :mod:`models.serving.watcher`.
+cache of downloaded versions), and what the live monitor reads from and logs to a version's run. Tag
+names are in :mod:`models.tracking.tags`, a training cycle's logging in :mod:`models.tracking.runs`,
+the forecast job's champion watcher in :mod:`models.serving.watcher`.
 
 The train job logs every model as a version of ``mlflow.registered_model``
-(:func:`publish`); the forecast job serves the version that carries
-``mlflow.champion_alias``::
+(:func:`models.tracking.runs.publish`, through :func:`register`) and moves the alias with
+:func:`promote`; the forecast job serves the version that carries ``mlflow.champion_alias``::
 
     found = champion(settings)            # None while no version is promoted
     if found is not None:
@@ -33,6 +33,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from models.tracking.tags import (
+    HOLDOUT_MAE,
+    HOLDOUT_REL_MAE,
+    MODEL_ARTIFACT,
+    SEASONAL_NAIVE_HOLDOUT_MAE,
+    UI_WORKFLOW,
+    VALIDATION_REASON_TAG,
+    VALIDATION_TAG,
+)
 from pipeline.config import Settings, require_tracking_uri
 from pipeline.errors import MlflowUnavailable, PromotionRefused
 from pipeline.runtime import http_ok
@@ -41,17 +50,13 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
 
+__all__ = [
+    "configure", "reachable", "mlflow_errors", "champion_version", "latest_version", "experiment_url",
+    "cache_dir", "download_version", "artifact_path", "champion", "register", "promote",
+    "holdout_relative_mae", "version_run_id", "log_live_metrics",
+]
 
 log = logging.getLogger("rollcast.registry")
-
-from models.tracking.tags import (
-    HOLDOUT_REL_MAE,
-    MODEL_ARTIFACT,
-    SEASONAL_NAIVE_HOLDOUT_MAE,
-    UI_WORKFLOW,
-    VALIDATION_REASON_TAG,
-    VALIDATION_TAG,
-)
 
 
 def configure(settings: Settings) -> MlflowClient:
@@ -260,7 +265,7 @@ def holdout_relative_mae(settings: Settings, mv: ModelVersion, client: MlflowCli
         if value is not None:
             return float(value)
     with contextlib.suppress(KeyError, ValueError, ZeroDivisionError):
-        return float(tags["holdout_mae"]) / float(tags[SEASONAL_NAIVE_HOLDOUT_MAE])
+        return float(tags[HOLDOUT_MAE]) / float(tags[SEASONAL_NAIVE_HOLDOUT_MAE])
     return None
 
 

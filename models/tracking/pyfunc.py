@@ -1,6 +1,6 @@
 """The MLflow pyfunc face of a rollcast forecaster, logged as models-from-code.
 
-:func:`models.tracking.client.publish` logs this file with ``mlflow.pyfunc.log_model(python_model=<this
+:func:`models.tracking.runs.publish` logs this file with ``mlflow.pyfunc.log_model(python_model=<this
 file>, artifacts={"model": <dir>, "serving": <json>})``; MLflow copies the file
 into the model and runs it at load time, where ``set_model`` below names the
 model object. Nothing is pickled: the forecaster is rebuilt by

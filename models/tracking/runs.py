@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import subprocess
 import tempfile
 import time
@@ -23,6 +22,7 @@ from models.tracking.tags import (
     DATA_START_MS_TAG,
     EXPERIMENT_KIND,
     EXPERIMENT_KIND_TAG,
+    HOLDOUT_MAE,
     HOLDOUT_REL_MAE,
     MODEL_ARTIFACT,
     MODEL_TYPE_TAG,
@@ -45,7 +45,10 @@ if TYPE_CHECKING:
     from models.train.cycle import CycleData, Span
     from models.train.selection import Candidate
 
-log = logging.getLogger("rollcast.registry")
+__all__ = [
+    "PYFUNC_MODEL_FILE", "iso", "code_version", "run_params", "validation_status", "version_tags",
+    "lineage_tags", "input_example", "publish", "ensure_experiment", "mark_incomplete",
+]
 
 REPO = Path(__file__).resolve().parents[2]
 PYFUNC_MODEL_FILE = Path(__file__).resolve().with_name("pyfunc.py")
@@ -108,7 +111,7 @@ def version_tags(cand: Candidate, span: Span, cycle_id: str) -> dict[str, str]:
     }
     if cand.failure:
         tags[VALIDATION_REASON_TAG] = cand.failure
-    for k in ("holdout_mae", "holdout_rmse", "holdout_smape", "holdout_mase", "holdout_coverage",
+    for k in (HOLDOUT_MAE, "holdout_rmse", "holdout_smape", "holdout_mase", "holdout_coverage",
               HOLDOUT_REL_MAE, CHAMPION_HOLDOUT_MAE, SEASONAL_NAIVE_HOLDOUT_MAE):
         if k in cand.metrics:
             tags[k] = f"{cand.metrics[k]:.6g}"

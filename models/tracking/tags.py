@@ -47,6 +47,7 @@ EXPERIMENT_KIND = "custom_model_development"
 UI_WORKFLOW = "workflowType=machine_learning"
 
 # Holdout metrics of a run (and tags of its version): the gate's figures
+HOLDOUT_MAE = "holdout_mae"  # the new model's; the gate compares it with the two below
 HOLDOUT_REL_MAE = "holdout_rel_mae_seasonal_naive"  # holdout MAE / seasonal naive's; the drift factor multiplies it
 HOLDOUT_REL_MAE_CHAMPION = "holdout_rel_mae_champion"
 CHAMPION_HOLDOUT_MAE = "champion_holdout_mae"

@@ -15,7 +15,7 @@ config, it is fine-tuned for ``train.warm_epochs`` on the newest ``train.warm_sp
 ``train.warm_learning_rate``, except every ``train.full_every``-th cycle, counted from the lineage tags of
 the newest version. Both are judged by the same gate. Under DDP (``train.strategy = "ddp"``) every rank
 trains; only rank 0 scores, logs to MLflow and registers. Each model gets one MLflow run and
-one new registered version (:mod:`models.tracking.client`); :func:`models.train.selection.decide` says which, if any,
+one new registered version (:func:`models.tracking.runs.publish`); :func:`models.train.selection.decide` says which, if any,
 takes the alias. If MLflow is unreachable the cycle is retried ``train.max_retries`` times with
 exponential backoff (trained models are kept, not retrained), and a failed cycle never touches the
 serving champion.

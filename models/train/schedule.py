@@ -14,7 +14,6 @@ from pipeline.errors import StoreUnavailable
 log = logging.getLogger("rollcast.train")
 
 
-
 class Schedule:
     """When the next cycle is due: every ``every_s`` seconds and/or after ``after_windows`` new windows.
 

@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from models.tracking.tags import CYCLE_FULL
+from models.tracking.tags import CYCLE_FULL, HOLDOUT_MAE
 
 if TYPE_CHECKING:
     from models.base import ForecastModel
     from models.train.backtest import BacktestResult
+
 
 @dataclass
 class Candidate:
@@ -45,7 +46,7 @@ class Candidate:
 
     @property
     def mae(self) -> float:
-        return self.metrics["holdout_mae"]
+        return self.metrics[HOLDOUT_MAE]
 
 
 def validation_failure(cand: Candidate) -> str | None:

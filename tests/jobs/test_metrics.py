@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 import models
-from jobs import stack
 from models.scoring.accuracy import LiveAccuracy
+from pipeline import processes
 from pipeline.config import load_settings
 from tests.support import healthz, metric, wait_for
 from tests.support.forecast import STEP, H, L, collect_scores, make_windows, produce_windows
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 def test_ingest_metrics_move_with_the_data(settings, test_env, tmp_path: Path) -> None:
     s = load_settings(env={**test_env, **INGEST_ENV})
-    port = stack.free_port()
+    port = processes.free_port()
     ingest = start_ingest(test_env, tmp_path, "ingest", port)
     try:
         wait_for(lambda: healthz(port)[0] == 200, 60, "ingest /healthz 200")
@@ -41,7 +41,7 @@ def test_ingest_metrics_move_with_the_data(settings, test_env, tmp_path: Path) -
 
 def test_forecast_metrics_move_with_the_data(settings, test_env, tmp_path: Path) -> None:
     model_dir = models.save_model(models.create_model("tcn", context=L, horizon=H, seed=3), tmp_path / "model")
-    port = stack.free_port()
+    port = processes.free_port()
     forecast = start_forecast(test_env, tmp_path, "forecast", port, model_dir)
     try:
         wait_for(lambda: healthz(port)[0] == 200, 90, "forecast /healthz 200")

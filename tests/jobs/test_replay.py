@@ -10,11 +10,11 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
-from jobs.replay import parse_speed
 from pipeline.config import Settings
 from pipeline.datasets import ColumnMap, load_observations, resolve_dataset
 from pipeline.errors import DatasetError
 from pipeline.kafka.partitioning import partition_for
+from pipeline.replay import parse_speed
 from tests.support import read_topic, rollcast
 
 

@@ -15,10 +15,10 @@ import pytest
 from mlflow import MlflowClient
 
 import models
-from jobs import stack
 from models import tracking as registry
 from models.train.cycle import run_cycle
 from models.train.selection import Candidate
+from pipeline import processes
 from pipeline.config import load_settings
 from pipeline.errors import MlflowUnavailable, PromotionRefused
 from pipeline.store import HistoryStore
@@ -149,9 +149,9 @@ def test_pyfunc_champion_predicts_like_the_saved_model(mlflow_server: str, tmp_p
 @pytest.mark.slow
 @pytest.mark.fault
 def test_mlflow_down_mid_cycle_leaves_the_champion_and_the_next_cycle_succeeds(tmp_path: Path) -> None:
-    port = stack.free_port()
+    port = processes.free_port()
     root = tmp_path / "mlflow"
-    server = stack.start_mlflow(root, port, root / "logs", timeout_s=180)
+    server = processes.start_mlflow(root, port, root / "logs", timeout_s=180)
     try:
         uri = f"http://127.0.0.1:{port}"
         s = settings_for(uri, tmp_path / "data", ROLLCAST_TRAIN__MAX_RETRIES="1",
@@ -166,7 +166,7 @@ def test_mlflow_down_mid_cycle_leaves_the_champion_and_the_next_cycle_succeeds(t
         with pytest.raises(MlflowUnavailable, match="gave up after 2 attempt"):
             run_cycle(s.replace(**{"model.max_epochs": 3}), on_trained=stop_mlflow)
 
-        server = stack.start_mlflow(root, port, root / "logs", timeout_s=180)
+        server = processes.start_mlflow(root, port, root / "logs", timeout_s=180)
         client = MlflowClient(uri, registry_uri=uri)
         versions = client.search_model_versions(f"name='{s.mlflow.registered_model}'")
         assert [v.version for v in versions] == ["1"]  # nothing half-registered
@@ -183,7 +183,7 @@ def test_mlflow_down_mid_cycle_leaves_the_champion_and_the_next_cycle_succeeds(t
 
 
 def test_unreachable_mlflow_is_retried_with_backoff_then_reported(tmp_path: Path) -> None:
-    s = settings_for(f"http://127.0.0.1:{stack.free_port()}", tmp_path / "data",
+    s = settings_for(f"http://127.0.0.1:{processes.free_port()}", tmp_path / "data",
                      ROLLCAST_TRAIN__MAX_RETRIES="2", ROLLCAST_TRAIN__RETRY_BACKOFF_S="0.2")
     t0 = time.monotonic()
     with pytest.raises(MlflowUnavailable, match="gave up after 3 attempt"):

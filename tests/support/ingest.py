@@ -12,10 +12,10 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from jobs.stack import Child
 from pipeline.config import Settings
 from pipeline.kafka.clients import make_producer
 from pipeline.kafka.headers import header_key
+from pipeline.processes import Child
 from pipeline.store import HistoryStore
 from pipeline.windows_io import decode_windows
 from tests.support import wait_for

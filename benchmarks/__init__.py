@@ -1,0 +1,1 @@
+"""Benchmarks: scripts run as ``python benchmarks/NAME.py`` (a package only so that import-linter checks them)."""

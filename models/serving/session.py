@@ -1,0 +1,209 @@
+"""One producer session of the forecast job: poll windows, forecast and score each batch, commit through
+the checkpoint, and swap in a new champion between batches. ``rollcast forecast`` runs it (again after an
+outage, see :func:`pipeline.runtime.retry_sessions`).
+
+The consumer, the :class:`~models.serving.forecaster.Forecaster` and the
+:class:`~models.serving.checkpoint.ForecastCheckpoint` outlive a session; each session has a producer of
+its own. The checkpoint's module docstring lists the steps from a polled batch to its committed offsets.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from models.scoring.accuracy import LiveAccuracy
+from models.serving.checkpoint import ForecastCheckpoint
+from models.serving.telemetry import (
+    BATCH_WAITS,
+    END_TO_END_S,
+    FORECASTS,
+    LAG,
+    LIVE,
+    MODEL_VERSION,
+    SCORES,
+    SERIES,
+    SKIPPED,
+    STAGE_S,
+    WINDOWS_IN,
+)
+from pipeline.config import Settings
+from pipeline.errors import BrokerUnavailable, StoreUnavailable
+from pipeline.windows_io import complete_batch, decode_windows
+
+if TYPE_CHECKING:
+    import threading
+
+    from models.serving.forecaster import Forecaster, LoadedModel
+    from pipeline.kafka.producer import BulkProducer
+
+log = logging.getLogger("rollcast.forecast")
+
+
+def serving(model: LoadedModel, health: Any, **facts: Any) -> None:
+    """From now on ``model`` is served: the version gauge, ``health``'s facts (``facts`` first) and the log
+    line "serving version N (name)"."""
+    MODEL_VERSION.set(float(model.version) if model.version.isdigit() else -1)
+    health.facts.update(**facts, model=model.name, model_version=model.version)
+    log.info("serving version %s (%s)", model.version, model.name)
+
+
+def forecast_session(settings: Settings, forecaster: Forecaster, consumer: Any, checkpoint: ForecastCheckpoint,
+                     shutdown: threading.Event, health: Any, *, watcher: Any = None,
+                     exit_when_idle_s: float | None = None) -> None:
+    """One producer session: poll windows, forecast and score, commit, swap in a new champion.
+
+    Runs until ``shutdown`` is set, or until no window arrived for ``exit_when_idle_s`` while partitions
+    were assigned; then saves and commits what it processed. ``watcher``
+    (:class:`~models.serving.watcher.ChampionWatcher`, None for a fixed model) hands over new champions.
+    Kafka and store errors propagate after the failed batch is rewound: the caller starts a new session.
+    """
+    from kafka.errors import KafkaError
+
+    from pipeline.kafka.clients import poll_promptly
+    from pipeline.kafka.producer import BulkProducer
+    from pipeline.observability import LagTracker
+    from pipeline.runtime import freeze_heap
+
+    lag = LagTracker(LAG)
+    live = LiveAccuracy(settings.scoring.live_windows)
+    producer = BulkProducer(settings, **{"compression.type": settings.forecast.compression})
+    last_data = time.monotonic()
+    clean = False
+    try:
+        while not shutdown.is_set():
+            batch = poll_promptly(consumer, 200)
+            if batch:
+                complete_batch(consumer, batch, settings.forecast.batch_wait_ms / 1000, BATCH_WAITS)
+            health.polled()
+            lag.update(consumer, batch)
+            if batch or not consumer.assignment():  # the idle clock runs only while assigned
+                last_data = time.monotonic()
+            if batch:
+                try:
+                    checkpoint.begin(batch)
+                    process_batch(batch, forecaster, producer, checkpoint, settings, live)
+                except (KafkaError, BrokerUnavailable, StoreUnavailable):
+                    checkpoint.rewind(batch)  # not committed: read it again, from the last saved state
+                    raise
+            elif exit_when_idle_s is not None and time.monotonic() - last_data > exit_when_idle_s:
+                log.info("no windows for %.1fs; exiting", exit_when_idle_s)
+                break
+            else:
+                checkpoint.processed({})  # a save that fell due while idle
+            if watcher is not None:
+                new = watcher.take()
+                if new is not None:
+                    checkpoint.flush()  # what the old version served and scored is saved first
+                    forecaster.swap(new)
+                    freeze_heap()
+                    # the watcher's "champion moved" comes earlier, when it has loaded the version: a batch
+                    # polled meanwhile is still forecast with the old one. From this line on, every batch
+                    # is forecast with the new version.
+                    serving(new, health)
+        checkpoint.flush()
+        clean = True
+    finally:
+        producer.close(settings.observability.shutdown_timeout_s if clean else 1.0)
+
+
+def rebalance_listener(forecaster: Forecaster, checkpoint: ForecastCheckpoint) -> Any:
+    """A rebalance listener that logs the partitions the job gains and loses, tells ``forecaster``
+    which it gained (:meth:`~models.serving.forecaster.Forecaster.assigned`), and saves and loads their scoring
+    state (:class:`~models.serving.checkpoint.ForecastCheckpoint`)."""
+    from kafka import ConsumerRebalanceListener
+
+    class _AssignmentLog(ConsumerRebalanceListener):
+        def on_partitions_revoked(self, revoked: Any) -> None:
+            if revoked:
+                log.info("revoked partitions %s", sorted(tp.partition for tp in revoked))
+            checkpoint.revoked(revoked)
+
+        def on_partitions_assigned(self, assigned: Any) -> None:
+            if assigned:
+                log.info("assigned partitions %s", sorted(tp.partition for tp in assigned))
+            forecaster.assigned(tp.partition for tp in assigned)
+            checkpoint.assigned(assigned)
+
+    return _AssignmentLog()
+
+
+def process_batch(batch: dict, forecaster: Forecaster, producer: BulkProducer, checkpoint: ForecastCheckpoint,
+                  settings: Settings, live: LiveAccuracy | None = None) -> None:
+    """Windows of one poll -> forecasts and scores acknowledged by the broker -> offsets committed (after
+    the scoring state they cover is saved: steps 2 and 3 of :mod:`models.serving.checkpoint`)."""
+    from kafka import OffsetAndMetadata
+
+    t_start, wall_start = time.perf_counter(), time.time()
+    keys: list[tuple[str, int]] = []
+    tables: list[pa.Table] = []
+    oldest_ts = None
+    commits = {}
+    fresh: list[tuple[int, pa.Table]] = []
+    for tp, records in batch.items():
+        for rec in records:
+            try:
+                table = decode_windows(rec.value)
+                table.select(["series", "window_end", "count", forecaster.target])
+            except (pa.ArrowException, KeyError, ValueError) as e:  # not a windows message: skip it, say where
+                SKIPPED.labels("bad_message").inc()
+                log.error("skipping an undecodable message at %s[%d] offset %d: %s",
+                          tp.topic, tp.partition, rec.offset, e)
+                continue
+            WINDOWS_IN.inc(table.num_rows)
+            keys.extend(forecaster.add(table))
+            tables.append(table)
+            fresh.append((tp.partition, table))
+            oldest_ts = rec.timestamp if oldest_ts is None else min(oldest_ts, rec.timestamp)
+        commits[tp] = OffsetAndMetadata(records[-1].offset + 1, "", -1)
+    forecaster.refresh(fresh)  # series of partitions assigned since: what another consumer read meanwhile
+    SERIES.set(len(forecaster.buffers))
+    STAGE_S.labels("decode").observe(time.perf_counter() - t_start)
+    if oldest_ts is not None:  # clocks of producer and job may differ: a figure for one machine
+        STAGE_S.labels("arrival").observe(max(0.0, wall_start - oldest_ts / 1000))
+    topic = settings.topics.forecasts
+    parts = forecaster.partitions_of(topic, producer)
+    sent, sending = 0, 0.0
+    # librdkafka sends each chunk while the next one's JSON is built
+    for messages in forecaster.forecast(keys, issued_at=int(time.time() * 1000), batch=tables,
+                                        partitions=[p for p, _ in fresh]):
+        t0 = time.perf_counter()
+        producer.send(topic, [(key.encode(), value, parts[key]) for key, value in messages])
+        sent += len(messages)
+        sending += time.perf_counter() - t0
+    scored = forecaster.scored
+    if scored:  # built once the forecasts are on their way
+        t0 = time.perf_counter()
+        score_parts = forecaster.partitions_of(settings.topics.scores, producer)
+        producer.send(settings.topics.scores, [(key.encode(), value, score_parts[key])
+                                               for key, value in scored.messages()])
+        STAGE_S.labels("scores").observe(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    # checkpoint step 2: raises unless the broker acknowledged every message: then offsets stay uncommitted
+    producer.confirm(topic, timeout_s=settings.observability.shutdown_timeout_s)
+    t2 = time.perf_counter()
+    STAGE_S.labels("send").observe(sending + t2 - t0)
+    FORECASTS.inc(sent)
+    if oldest_ts is not None:
+        END_TO_END_S.observe(max(0.0, time.time() - oldest_ts / 1000))
+    if scored:
+        SCORES.inc(len(scored))
+        if live is not None:
+            _report_live(live, scored.totals(), settings.window.length_ms)
+    checkpoint.processed(commits)  # checkpoint steps 3, and 4 and 5 when a save is due
+    STAGE_S.labels("commit").observe(time.perf_counter() - t2)
+
+
+def _report_live(live: LiveAccuracy, totals: list, step_ms: int) -> None:
+    """Add a batch's scores to the sliding sums; set the gauges of the versions they concern."""
+    versions = set()
+    for version, origin, sums in totals:
+        live.add(version, origin, step_ms, sums)
+        versions.add(version)
+    for version in versions:
+        figures = live.totals(version).as_dict()
+        for name, gauge in LIVE.items():
+            gauge.labels(version).set(figures[name])

@@ -1,0 +1,133 @@
+"""Live accuracy (models.scoring.accuracy): the per-step errors against a hand computation, their sums
+equal to those of the messages built from them, and the one rule (per version, last N windows, a repeat
+counts once) as LiveAccuracy and ``rollcast scores`` (models.scoring.report.Scores) both apply it."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from models.scoring.accuracy import (
+    LastWindows,
+    LiveAccuracy,
+    LiveTotals,
+    point_errors,
+    score_totals,
+    totals_of,
+)
+from models.scoring.report import Scores
+from pipeline.scores_io import decode_score, encode_scores, score_messages
+
+Q = [0.1, 0.5, 0.9]
+NAN = math.nan
+
+
+def batch():
+    """Two forecasts of three steps: a gap at (0, 1), seasonal naive unknown at (1, 2)."""
+    actual = np.array([[5.0, NAN, 7.0], [1.0, 2.0, 3.0]])
+    served = np.array([[[4.0, 5.5, 6.0], [0.0, 1.0, 2.0], [6.5, 8.0, 9.0]],
+                       [[0.0, 1.0, 2.0], [2.5, 3.0, 4.0], [1.0, 2.0, 2.5]]])
+    model_q = np.array([[[5.2, 5.5, 5.8], [0.0, 1.0, 2.0], [7.5, 8.0, 8.5]],
+                        [[0.5, 1.0, 1.5], [1.0, 3.0, 5.0], [2.9, 3.0, 3.1]]], dtype=np.float32)
+    naive = np.array([[4.0, 4.0, 4.0], [0.5, 0.5, NAN]], dtype=np.float32)
+    return actual, served, model_q, naive
+
+
+def test_the_errors_of_each_step_by_hand() -> None:
+    e = point_errors(*batch(), Q)
+    assert e.known.tolist() == [[True, False, True], [True, True, True]]
+    assert e.abs_error[0, [0, 2]].tolist() == [0.5, 1.0] and e.abs_error[1].tolist() == [0.0, 1.0, 1.0]
+    assert e.sq_error[0, [0, 2]].tolist() == [0.25, 1.0] and e.sq_error[1].tolist() == [0.0, 1.0, 1.0]
+    # pinball of (actual 5, served 4 / 5.5 / 6): 0.1 * 1, 0.5 * 0.5, 0.1 * 1
+    assert e.pinball[0, 0].tolist() == pytest.approx([0.1, 0.25, 0.1])
+    assert e.inside[0, [0, 2]].tolist() == [True, True] and e.inside[1].tolist() == [True, False, False]
+    assert e.model_inside[0, [0, 2]].tolist() == [False, False] and e.model_inside[1].tolist() == [True, True, True]
+    assert e.naive_abs_error[0, [0, 2]].tolist() == [1.0, 3.0] and math.isnan(e.naive_abs_error[1, 2])
+
+
+def test_the_sums_by_hand_and_as_the_messages_give_them() -> None:
+    actual, served, model_q, naive = batch()
+    first, second = score_totals(actual, served, model_q, naive, Q)
+    assert (first.points, first.abs_error, first.sq_error, first.naive_abs_error, first.inside,
+            first.model_inside) == (2, 1.5, 1.25, 4.0, 2, 0)
+    # seasonal naive unknown at the last step: it adds nothing to naive's sum (relative MAE uses the same points)
+    assert (second.points, second.abs_error, second.sq_error, second.naive_abs_error, second.inside,
+            second.model_inside) == (3, 2.0, 2.0, 2.0, 1, 3)
+    e = point_errors(actual, served, model_q, naive, Q)
+    messages = score_messages(["a", "b"], np.array([100, 100]), [("tcn", "1")], np.array([0, 0]), np.array([7, 7]),
+                              10, True, Q, **e.columns())
+    for (series, value), want in zip(messages, e.totals(), strict=True):
+        msg = decode_score(value)
+        assert msg is not None and msg["series"] == series
+        assert totals_of(msg) == want
+
+
+def score(series: str, end: int, version: str = "1", abs_error: float = 1.0, step: int = 10) -> dict:
+    return {"series": series, "last_window_end": end, "model": {"name": "tcn", "version": version},
+            "issued_at": 0, "step_ms": step, "calibrated": True, "quantiles": Q,
+            "points": [{"h": 1, "ts": end, "actual": 1.0, "forecast": 1.0 + abs_error, "abs_error": abs_error,
+                        "sq_error": abs_error ** 2, "pinball": None, "inside": True, "model_inside": False,
+                        "naive": 1.0, "naive_abs_error": 2.0}]}
+
+
+def test_a_repeat_counts_once_per_version_window_and_series() -> None:
+    w: LastWindows[list[str]] = LastWindows(list)
+    assert w.bin("1", 10, 10, "a") is not None
+    assert w.bin("1", 10, 10, "a") is None  # the repeat
+    assert w.bin("1", 10, 10, "b") is not None and w.bin("1", 20, 10, "a") is not None
+    assert w.bin("2", 10, 10, "a") is not None  # another version
+    assert w.bin("1", 10, 10) is w.bin("1", 10, 10)  # without a series: never a repeat, the same bin
+    live = LiveAccuracy(windows=5)
+    for msg in (score("a", 10, abs_error=1.0), score("a", 10, abs_error=9.0), score("b", 10, abs_error=2.0)):
+        live.add_message(msg)
+    assert live.totals("1").points == 2 and live.totals("1").abs_error == 3.0  # the first of a repeat is kept
+
+
+def test_the_last_n_windows_are_the_newest_and_the_n_minus_1_steps_before_it() -> None:
+    live = LiveAccuracy(windows=100)
+    for end in (10, 20, 30, 60, 70):  # windows 40 and 50 had no scores: the last 3 windows are 50, 60, 70
+        live.add_message(score("a", end, abs_error=end / 10))
+    live.add_message(score("a", 40, version="2", abs_error=100.0))  # another version: its own newest
+    assert live.totals("1", 3).abs_error == 6 + 7
+    assert live.totals("1", 5).abs_error == 3 + 6 + 7
+    assert live.totals("1").abs_error == 1 + 2 + 3 + 6 + 7
+    assert live.totals("2", 1).abs_error == 100.0 and live.newest("1") == 70 and live.newest("2") == 40
+    live.add_message(score("a", 35, abs_error=0.5))  # a late one, older than the newest, counts in its own window
+    assert live.totals("1", 4).abs_error == 6 + 7 and live.totals("1", 5).abs_error == 3 + 0.5 + 6 + 7
+    assert live.totals("1", 6).abs_error == 2 + 3 + 0.5 + 6 + 7
+
+
+def test_a_bounded_live_accuracy_drops_older_windows_and_forgets_their_repeats() -> None:
+    live = LiveAccuracy(windows=2)
+    for end in (10, 20, 30):
+        live.add_message(score("a", end, abs_error=end / 10))
+    assert live.totals("1").abs_error == 2 + 3 and live.totals("1", 10).abs_error == 2 + 3
+    assert [e for e, _ in live._sums.last("1")] == [20, 30]  # 10 is gone, not only hidden
+    live.add_message(score("a", 30, abs_error=50.0))  # a repeat of a kept window: ignored
+    assert live.totals("1").abs_error == 2 + 3
+
+
+@pytest.mark.parametrize("last", [None, 1, 2, 3, 7])
+def test_rollcast_scores_selects_what_live_accuracy_sums(last: int | None) -> None:
+    rng = np.random.default_rng(last or 0)
+    messages = [score(f"s{rng.integers(4)}", int(10 * rng.integers(12)), version=str(rng.integers(1, 3)),
+                      abs_error=float(rng.uniform())) for _ in range(80)]
+    scores, live = Scores(), LiveAccuracy(windows=1000)
+    for _, value in encode_scores(messages):
+        assert scores.add_value(value)
+        live.add_message(json.loads(value))
+    chosen = scores.selected(last)
+    for version in ("1", "2"):
+        got = LiveTotals()
+        for s in chosen:
+            if s.version == version:
+                got.add(s.totals)
+        want = live.totals(version, last)
+        assert (got.points, got.inside) == (want.points, want.inside)
+        assert got.abs_error == pytest.approx(want.abs_error)
+    keys = [(s.series, s.version, s.last_window_end) for s in chosen]
+    assert len(keys) == len(set(keys))
+    assert scores.add_value(b"not a score") is False

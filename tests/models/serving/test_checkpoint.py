@@ -1,0 +1,198 @@
+"""The forecast job's checkpoint (models.serving.checkpoint): the order of its steps, without a broker.
+
+The history store is a real one (a local directory). The consumer is scripted (``ScriptedConsumer``: an
+assignment, and a record of every seek and commit); the partition state is a small real object with the
+scorer's save/load/drop surface (``Seen``). Records are stand-ins holding an offset.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import namedtuple
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+from models.serving.checkpoint import ForecastCheckpoint
+from pipeline.config import Settings, load_settings
+from pipeline.errors import StoreUnavailable
+from pipeline.store import HistoryStore
+
+Record = namedtuple("Record", "offset")
+TOPIC = "windows"
+
+
+def tp(partition: int) -> TopicPartition:
+    return TopicPartition(TOPIC, partition)
+
+
+def batch(**offsets: range) -> dict[TopicPartition, list[Record]]:
+    """``batch(p0=range(0, 5))``: records of partition 0 at offsets 0-4."""
+    return {tp(int(name[1:])): [Record(o) for o in r] for name, r in offsets.items()}
+
+
+def commits(b: dict[TopicPartition, list[Record]]) -> dict[TopicPartition, OffsetAndMetadata]:
+    """What the job commits after a batch: the offset after each partition's last record."""
+    return {t: OffsetAndMetadata(records[-1].offset + 1, "", -1) for t, records in b.items()}
+
+
+class Seen:
+    """A partition state (:class:`models.serving.checkpoint.PartitionState`): windows seen per partition."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, int] = {}
+
+    def add(self, b: dict[TopicPartition, list[Record]]) -> None:
+        for t, records in b.items():
+            self.seen[t.partition] = self.seen.get(t.partition, 0) + len(records)
+
+    def save(self, partition: int, offset: int) -> bytes:
+        return json.dumps({"offset": offset, "seen": self.seen.get(partition, 0)}).encode()
+
+    def load(self, partition: int, data: bytes) -> int | None:
+        saved = json.loads(data)
+        self.seen[partition] = saved["seen"]
+        return saved["offset"]
+
+    def drop(self, partition: int) -> None:
+        self.seen.pop(partition, None)
+
+
+class ScriptedConsumer:
+    """Scripted stand-in for kafka-python's consumer: ``assigned`` partitions; seeks and commits recorded.
+    ``on_commit(offsets)`` runs at each commit, before it is recorded."""
+
+    def __init__(self, *assigned: int) -> None:
+        self.assigned = {tp(p) for p in assigned}
+        self.seeks: list[tuple[int, int]] = []
+        self.commits: list[dict[int, int]] = []
+        self.timeouts: list[int | None] = []
+        self.on_commit: Any = None
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.assigned)
+
+    def seek(self, partition: TopicPartition, offset: int) -> None:
+        self.seeks.append((partition.partition, offset))
+
+    def commit(self, offsets: dict[TopicPartition, OffsetAndMetadata], timeout_ms: int | None = None) -> None:
+        if self.on_commit is not None:
+            self.on_commit(offsets)
+        self.commits.append({t.partition: om.offset for t, om in offsets.items()})
+        self.timeouts.append(timeout_ms)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    """Saves fall due only when flushed (``scoring.checkpoint_s`` of an hour)."""
+    return load_settings(env={"ROLLCAST_DATA_DIR": str(tmp_path), "ROLLCAST_TOPICS__WINDOWS": TOPIC,
+                              "ROLLCAST_SCORING__CHECKPOINT_S": "3600",
+                              "ROLLCAST_OBSERVABILITY__SHUTDOWN_TIMEOUT_S": "7"})
+
+
+def saved(settings: Settings, checkpoint: ForecastCheckpoint, partition: int) -> dict | None:
+    data = HistoryStore(settings).read_state(checkpoint.name(partition))
+    return None if data is None else json.loads(data)
+
+
+def test_each_state_is_saved_before_the_offsets_it_covers_are_committed(settings: Settings) -> None:
+    consumer, state = ScriptedConsumer(0, 1), Seen()
+    checkpoint = ForecastCheckpoint(settings, consumer, lambda: state)
+    seen_at_commit: list[dict[int, dict | None]] = []
+    consumer.on_commit = lambda offsets: seen_at_commit.append(
+        {t.partition: saved(settings, checkpoint, t.partition) for t in offsets})
+
+    first, second = batch(p0=range(0, 5)), batch(p0=range(5, 10), p1=range(20, 23))
+    for b in (first, second):
+        checkpoint.begin(b)
+        state.add(b)
+        checkpoint.processed(commits(b))
+    assert consumer.commits == [] and saved(settings, checkpoint, 0) is None  # not due yet
+
+    checkpoint.flush()
+    # one commit of the offset after each partition's last processed record; when it was made, the store
+    # already held each partition's state, naming that same offset
+    assert consumer.commits == [{0: 10, 1: 23}]
+    assert seen_at_commit == [{0: {"offset": 10, "seen": 10}, 1: {"offset": 23, "seen": 3}}]
+    assert consumer.timeouts == [7000]
+    checkpoint.flush()  # nothing processed since: no save, no commit
+    assert consumer.commits == [{0: 10, 1: 23}]
+
+
+def test_without_scoring_every_batch_is_committed_and_nothing_is_saved(settings: Settings) -> None:
+    consumer = ScriptedConsumer(0, 1)
+    checkpoint = ForecastCheckpoint(settings, consumer, lambda: None)
+    for b in (batch(p0=range(0, 5)), batch(p1=range(3, 4))):
+        checkpoint.begin(b)
+        checkpoint.processed(commits(b))
+    assert consumer.commits == [{0: 5}, {1: 4}]
+    assert saved(settings, checkpoint, 0) is None and saved(settings, checkpoint, 1) is None
+
+
+def test_nothing_is_committed_when_a_save_fails(settings: Settings) -> None:
+    consumer, state = ScriptedConsumer(0, 1), Seen()
+    checkpoint = ForecastCheckpoint(settings, consumer, lambda: state)
+    # a directory where partition 1's record goes: its save fails in the store (a real OSError)
+    blocked = Path(settings.history_location) / "_state" / checkpoint.name(1)
+    blocked.mkdir(parents=True)
+
+    b = batch(p0=range(0, 5), p1=range(20, 23))
+    checkpoint.begin(b)
+    state.add(b)
+    checkpoint.processed(commits(b))
+    with pytest.raises(StoreUnavailable):
+        checkpoint.flush()
+    assert consumer.commits == []  # not partition 1's offset, nor partition 0's, whose save went through
+    assert saved(settings, checkpoint, 0) == {"offset": 5, "seen": 5}
+    assert blocked.is_dir()
+
+
+def test_a_failed_batch_goes_back_to_the_last_save(settings: Settings) -> None:
+    consumer, state = ScriptedConsumer(0, 1, 2), Seen()
+    checkpoint = ForecastCheckpoint(settings, consumer, lambda: state)
+    saved_batch = batch(p0=range(0, 5))
+    checkpoint.begin(saved_batch)
+    state.add(saved_batch)
+    checkpoint.processed(commits(saved_batch))
+    checkpoint.flush()
+    acknowledged = batch(p0=range(5, 8), p1=range(30, 32))  # acknowledged, not saved yet
+    checkpoint.begin(acknowledged)
+    state.add(acknowledged)
+    checkpoint.processed(commits(acknowledged))
+    failed = batch(p1=range(32, 35), p2=range(40, 41), p3=range(50, 52))  # partition 3: no longer assigned
+    checkpoint.begin(failed)
+    state.add(failed)
+
+    checkpoint.rewind(failed)
+    # partition 0 resumes from its save (state and offset), partitions 1 and 2, never saved, from the first
+    # offset processed since the last save, with their state dropped; partition 3 is left alone
+    assert sorted(consumer.seeks) == [(0, 5), (1, 30), (2, 40)]
+    assert state.seen == {0: 5, 3: 2}
+    assert consumer.commits == [{0: 5}]
+    checkpoint.flush()  # what was rewound is no longer pending
+    assert consumer.commits == [{0: 5}]
+
+
+def test_revoked_partitions_are_saved_not_committed_and_their_next_owner_resumes_there(
+    settings: Settings,
+) -> None:
+    consumer, state = ScriptedConsumer(0, 1), Seen()
+    checkpoint = ForecastCheckpoint(settings, consumer, lambda: state)
+    b = batch(p0=range(0, 5), p1=range(20, 23))
+    checkpoint.begin(b)
+    state.add(b)
+    checkpoint.processed(commits(b))
+
+    checkpoint.revoked([tp(1)])
+    assert saved(settings, checkpoint, 1) == {"offset": 23, "seen": 3}
+    assert consumer.commits == [] and state.seen == {0: 5}
+    checkpoint.flush()  # partition 0 only: partition 1's commit is left to its next owner
+    assert consumer.commits == [{0: 5}]
+
+    other, other_state = ScriptedConsumer(1, 2), Seen()  # another process, given partitions 1 and 2
+    other_state.seen[2] = 99  # left over: partition 2 has no save
+    ForecastCheckpoint(settings, other, lambda: other_state).assigned([tp(1), tp(2)])
+    assert other.seeks == [(1, 23)]
+    assert other_state.seen == {1: 3}
