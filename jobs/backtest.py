@@ -8,7 +8,10 @@ forecast job forecasts), through the same predict path as the live forecast
 job. The quantiles are also calibrated online, origin after origin, as the
 forecast job serves them (quantile tracking with the calibration.* settings;
 models.train.backtest.calibrate_sequentially), unless --no-calibration or
-calibration.enabled (or scoring.enabled) is false. Prints a table of MAE, RMSE,
+calibration.enabled (or scoring.enabled) is false. Every fit draws its samples
+as the train job does (train.samples_per_epoch pairs anew each epoch, a fixed
+draw of train.validation_samples from the last train.validation_fraction of
+the span, seeded by model.seed). Prints a table of MAE, RMSE,
 sMAPE, MASE, coverage of the model's outer interval and of the calibrated one
 (both without the first --burn-in origins), and MAE relative to naive and
 seasonal naive (over all origins), and writes metrics.csv plus one PNG of
@@ -20,14 +23,10 @@ directory of window Parquet files (the history store).
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 from typing import Any
 
-import polars as pl
-
 from pipeline.config import Settings
-from pipeline.errors import DatasetError
 
 HELP = "rolling-origin backtest of models and baselines on a dataset or the history store"
 
@@ -82,45 +81,13 @@ def _non_negative(text: str) -> int:
     return value
 
 
-def read_windows(args: argparse.Namespace, settings: Settings) -> tuple[pl.DataFrame, str]:
-    """The window table to backtest on and a short name of its source."""
-    from pipeline.datasets import ColumnMap, load_observations, observations_to_windows, resolve_dataset
-
-    if not args.source:
-        from pipeline.store import HistoryStore
-
-        store = HistoryStore(settings)  # a local directory or an object-store URI (storage.history)
-        windows = store.read()
-        if windows.height == 0:
-            raise DatasetError(f"the history store {store.location} is empty; run `rollcast ingest` first "
-                               "or pass a dataset file")
-        return windows, "history"
-    source = Path(args.source)
-    if source.is_dir():
-        # names starting with "_" or "." are hidden, as for every Parquet dataset reader: a history
-        # store's staging (`_pending/`) and progress records are not windows
-        files = sorted(f for f in source.glob("**/*.parquet")
-                       if not any(part.startswith(("_", ".")) for part in f.relative_to(source).parts))
-        if not files:
-            raise DatasetError(f"{source} holds no window Parquet files (**/*.parquet)")
-        try:
-            return pl.scan_parquet(files, hive_partitioning=False).collect(), source.name or "history"
-        except pl.exceptions.PolarsError as e:
-            raise DatasetError(f"cannot read the window files in {source}: {e}") from e
-    path = resolve_dataset(str(source))
-    obs = load_observations(path, ColumnMap(args.series_col, args.ts_col, args.value_col))
-    return observations_to_windows(obs, args.step), path.stem
-
-
 def run(settings: Settings, args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from models import available_models
     from models.data import windows_to_matrix
-    from models.plots import plot_backtest
     from models.registry import config_from_settings
-    from models.train.backtest import BASELINES, check_burn_in, rolling_origin
+    from models.train import report
+    from models.train.backtest import BASELINES, check_burn_in
+    from pipeline.datasets import ColumnMap
     from pipeline.errors import ModelConfigError
 
     ms = settings.model
@@ -133,15 +100,14 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     check_burn_in(args.burn_in, args.test_windows)
     season = args.season or ms.season
     target = args.target or settings.window.target
-    windows, source_name = read_windows(args, settings)
+    windows, source_name = report.read_windows(args.source, settings,
+                                               ColumnMap(args.series_col, args.ts_col, args.value_col), args.step)
     data = windows_to_matrix(windows, target)
     if args.last:
         data = data.slice(max(0, data.values.shape[1] - args.last), data.values.shape[1])
     out = args.out or settings.data_dir / "backtests" / source_name
     out.mkdir(parents=True, exist_ok=True)
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=160)  # logs and pipes: never truncate the table
+    console = report.console()
     every = args.origin_every or horizon
     console.print(f"{source_name}: {len(data.series)} series x {data.values.shape[1]} steps, target {target}, "
                   f"L={context}, H={horizon}, m={season}, {args.test_windows} test windows "
@@ -156,68 +122,14 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     else:
         console.print("calibration: off")
 
-    results = []
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    with Progress(*columns, console=console, disable=args.no_progress) as bar:
-        task = bar.add_task("backtest", total=len(names) * args.test_windows)
-        for name in names:
-            bar.update(task, description=f"{name}")
-            config = config_from_settings(ms, name, context=context, horizon=horizon, season=season,
-                                          base_lag=season)
-            results.append(rolling_origin(
-                name, data, n_origins=args.test_windows, season=season, config=config,
-                refit_every=args.refit_every, max_epochs=args.max_epochs or ms.max_epochs,
-                batch_size=ms.batch_size, seed=ms.seed,
-                on_origin=lambda _i: bar.advance(task), calibration=calibration,
-                origin_every=every, burn_in=args.burn_in,
-            ))
-    _print_table(console, results)
-    _write_csv(out / "metrics.csv", results, every)
-    for r in results:
-        plot_backtest(out / f"forecast_{r.model}.png", r, data)
-    console.print(f"wrote {out / 'metrics.csv'} and {len(results)} plot(s) to {out}")
+    def config_for(name: str) -> dict[str, Any]:
+        return config_from_settings(ms, name, context=context, horizon=horizon, season=season, base_lag=season)
+
+    results = report.backtest_models(
+        names, data, config_for, console=console, progress=not args.no_progress, n_origins=args.test_windows,
+        season=season, refit_every=args.refit_every, max_epochs=args.max_epochs or ms.max_epochs,
+        batch_size=ms.batch_size, seed=ms.seed, train=settings.train, calibration=calibration,
+        origin_every=every, burn_in=args.burn_in,
+    )
+    report.write_report(console, out, results, data, every)
     return 0
-
-
-METRIC_COLUMNS = ("mae", "rmse", "smape", "mase", "coverage", "calibrated_coverage", "rel_mae_naive",
-                  "rel_mae_seasonal_naive")
-# metrics.csv also has, after these: origins (their number), origin_every (steps between them) and
-# coverage_burn_in_origins (how many of the first origins coverage and calibrated coverage leave out; the
-# point metrics count every origin)
-
-
-def _print_table(console: Any, results: list[Any]) -> None:
-    from rich.table import Table
-
-    title = "rolling-origin backtest"
-    if results:
-        r = results[0]
-        qs, n = r.quantiles, len(r.origins)
-        title += f" (interval q{qs[0]:g}-q{qs[-1]:g}, nominal coverage {qs[-1] - qs[0]:.2g}"
-        if r.burn_in:
-            title += (f"; coverage and calibrated coverage over origins {r.burn_in + 1}-{n}, the first "
-                      f"{r.burn_in} (burn-in) excluded; other metrics over all {n} origins")
-        title += ")"
-    table = Table(title=title)
-    table.add_column("model", no_wrap=True)
-    for col in ("MAE", "RMSE", "sMAPE %", "MASE", "coverage", "calibrated coverage", "rel. MAE naive",
-                "rel. MAE s-naive"):
-        table.add_column(col, justify="right")
-    for r in results:
-        table.add_row(r.model, *("off" if c not in r.metrics else _fmt(r.metrics[c]) for c in METRIC_COLUMNS))
-    console.print(table)
-
-
-def _metric(result: Any, column: str) -> float:
-    """A metric of ``result``; NaN for calibrated coverage when calibration is off."""
-    return result.metrics.get(column, float("nan"))
-
-
-def _fmt(v: float) -> str:
-    return "nan" if math.isnan(v) else f"{v:.4g}"
-
-
-def _write_csv(path: Path, results: list[Any], every: int) -> None:
-    rows = [{"model": r.model, **{c: _metric(r, c) for c in METRIC_COLUMNS}, "origins": len(r.origins),
-             "origin_every": every, "coverage_burn_in_origins": r.burn_in} for r in results]
-    pl.DataFrame(rows).write_csv(path)

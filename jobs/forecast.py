@@ -47,7 +47,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     from models.serving import watcher as champion_watch
     from models.serving.checkpoint import ForecastCheckpoint
     from models.serving.forecaster import Forecaster, load_saved_model
-    from models.serving.session import forecast_session, rebalance_listener, serving
+    from models.serving.session import LiveScoring, forecast_session, rebalance_listener, serving
     from pipeline.config import require_bootstrap
     from pipeline.errors import BrokerUnavailable, StoreUnavailable
     from pipeline.kafka.clients import ensure_topics, make_consumer
@@ -77,6 +77,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
 
     forecaster = Forecaster(settings, model)
     forecaster.rebuild()
+    scoring = LiveScoring(settings, model)
     log.debug("%d start-up objects exempt from garbage collection", freeze_heap())
     watcher = None if args.model_dir else \
         champion_watch.ChampionWatcher(settings, model, metrics.MLFLOW_UP.set).start()
@@ -85,12 +86,12 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     # idempotent one is refused by a broker that lost its producer id). The in-memory context is kept:
     # re-reading a window replaces it with the same values.
     consumer = make_consumer(settings, settings.groups.forecast)
-    checkpoint = ForecastCheckpoint(settings, consumer, lambda: forecaster.scorer)
+    checkpoint = ForecastCheckpoint(settings, consumer, lambda: scoring.scorer)
     consumer.subscribe([settings.topics.windows], listener=rebalance_listener(forecaster, checkpoint))
     try:
         ok = retry_sessions(
             lambda: forecast_session(settings, forecaster, consumer, checkpoint, shutdown, health,
-                                     watcher=watcher, exit_when_idle_s=args.exit_when_idle),
+                                     scoring=scoring, watcher=watcher, exit_when_idle_s=args.exit_when_idle),
             job="forecast", shutdown=shutdown, health=health,
             errors=(KafkaError, BrokerUnavailable, StoreUnavailable),
             resuming="retrying the batch with a new producer",

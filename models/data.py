@@ -6,8 +6,8 @@ window_end, count``, then the other aggregates).
 Gap rows (``count = 0``) carry null aggregates. :func:`fill_gaps` is the one gap
 rule every consumer of a context applies (training, the live job, backtests, the
 pyfunc model). :func:`windows_to_matrix` turns the table into one ``(S, T)``
-array on a shared time grid (NaN before a series starts), :func:`make_samples`
-cuts sliding (context, horizon) samples from it, and :func:`time_split`
+array on a shared time grid (NaN before a series starts), from which training
+samples are drawn per batch (:mod:`models.train.sampling`), and :func:`time_split`
 splits the time axis into train, validation and holdout target spans.
 """
 
@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pyarrow as pa
-from numpy.lib.stride_tricks import sliding_window_view
 
 from models.base import CALENDAR_CHANNELS, ModelConfig
 from pipeline.errors import DatasetError, NotEnoughData
@@ -193,44 +192,6 @@ def make_inputs(values: np.ndarray, window_end_ms: np.ndarray | None, config: Mo
     cal = calendar_features(np.broadcast_to(np.asarray(window_end_ms), values.shape)).astype(np.float32)
     assert cal.shape[-1] == CALENDAR_CHANNELS
     return np.concatenate([x, cal], axis=-1)
-
-
-def make_samples(
-    data: SeriesMatrix,
-    context: int,
-    horizon: int,
-    target_span: tuple[int, int] | None = None,
-    calendar: bool = False,
-    stride: int = 1,
-) -> Samples:
-    """Every (context, horizon) sample whose target steps lie in ``target_span``, over all series.
-
-    Sample ``t`` has context steps ``[t - L, t)`` and targets ``[t, t + H)``. Contexts follow
-    :func:`fill_gaps`; samples reaching before a series' first window, or whose context has no known
-    value, are dropped.
-    """
-    lo, hi = target_span if target_span is not None else (context, data.values.shape[1])
-    lo = max(lo, context)
-    width = context + horizon
-    if hi - lo < horizon:
-        return Samples(np.zeros((0, context, 1 + CALENDAR_CHANNELS * calendar), np.float32),
-                       np.zeros((0, horizon), np.float32))
-    block = data.values[:, lo - context : hi]  # (S, span)
-    win = sliding_window_view(block, width, axis=1)[:, ::stride]  # (S, N_t, L + H)
-    n_s, n_t = win.shape[:2]
-    flat = win.reshape(n_s * n_t, width)
-    ctx = flat[:, :context]
-    if data.known is not None:  # the gaps back as NaN, then the gap rule
-        known = sliding_window_view(data.known[:, lo - context : hi], width, axis=1)[:, ::stride]
-        ctx = fill_gaps(np.where(known.reshape(n_s * n_t, width)[:, :context], ctx, np.nan))
-    keep = ~np.isnan(flat).any(axis=1) & known_any(ctx)  # NaN in values: before the series' first window
-    x = ctx[keep].astype(np.float32)[..., None]  # (N, L, 1)
-    y = flat[keep, context:].astype(np.float32)  # (N, H)
-    if calendar:
-        ends = sliding_window_view(data.window_end_ms[lo - context : hi], width)[::stride, :context]
-        cal = np.broadcast_to(calendar_features(ends)[None], (n_s, n_t, context, CALENDAR_CHANNELS))
-        x = np.concatenate([x, cal.reshape(n_s * n_t, context, -1)[keep].astype(np.float32)], axis=-1)
-    return Samples(np.ascontiguousarray(x), np.ascontiguousarray(y))
 
 
 def time_split(n_steps: int, context: int, horizon: int, val_fraction: float = 0.1, holdout: int = 0) -> TimeSplit:

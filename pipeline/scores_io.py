@@ -15,7 +15,7 @@ quantile (the calibrated ones when ``calibrated``); ``inside`` says whether the 
 served outer interval (lowest to highest quantile), ``model_inside`` within the model's own. ``naive``
 is the seasonal-naive forecast of that step from the same origin. A step whose window was a gap
 (``count = 0``) has ``actual`` and every error ``null``. The errors are computed by
-:func:`models.scoring.accuracy.point_errors`, once for these messages and the live sums.
+:func:`models.scoring.scorer.point_errors`, once for these messages and the live sums.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def score_messages(series: list[str], origins: np.ndarray, models: list[tuple[st
                    naive: np.ndarray, naive_abs_error: np.ndarray) -> list[tuple[str, bytes]]:
     """Score messages in this module's format, ``(series, JSON bytes)``, for ``n`` forecasts whose point
     fields are given as ``(n, H)`` arrays (``pinball`` ``(n, H, Q)``), computed by
-    :func:`models.scoring.accuracy.point_errors`. Where ``known`` is False (a gap window) ``actual``, the
+    :func:`models.scoring.scorer.point_errors`. Where ``known`` is False (a gap window) ``actual``, the
     errors and the flags are ``null``; elsewhere a non-finite number is ``null`` too. The text is built
     column-wise by polars (one pass over all points, then one join per message), as forecasts are
     (:func:`pipeline.forecasts_io.forecast_message_chunks`): per-message dicts through ``json`` cost

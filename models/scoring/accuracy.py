@@ -1,9 +1,11 @@
-"""Live accuracy: the errors of scored forecasts, their sums, and the one rule that selects them.
+"""Live accuracy: the sums of scored forecasts' errors, and the one rule that selects them.
 
-:func:`point_errors` computes every per-step error of a batch of scored forecasts once; the forecast job
-publishes them (:func:`pipeline.scores_io.score_messages` only formats them) and sums them
-(:meth:`PointErrors.totals`) for its live gauges. :class:`LiveTotals` holds the sums of a set of scored
-points (MAE, RMSE, MAE relative to seasonal naive, coverage of the served and of the model's own interval).
+The scorer computes every per-step error of a batch of scored forecasts once
+(:func:`models.scoring.scorer.point_errors`); the forecast job publishes them
+(:func:`pipeline.scores_io.score_messages` only formats them) and sums them
+(:meth:`~models.scoring.scorer.PointErrors.totals`) for its live gauges. :class:`LiveTotals` holds the
+sums of a set of scored points (MAE, RMSE, MAE relative to seasonal naive, coverage of the served and of
+the model's own interval).
 :class:`LastWindows` is the rule every live figure follows: per model version, a score published twice
 counts once, and "the last N windows of a version" are its newest scored window and the N-1 before it.
 :class:`LiveAccuracy` keeps sums under that rule: the forecast job's Prometheus gauges and the train job's
@@ -17,8 +19,6 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Generic, TypeVar
-
-import numpy as np
 
 
 @dataclass
@@ -193,60 +193,3 @@ class LiveAccuracy:
         for _, sums in self._sums.last(version, windows):
             out.add(sums)
         return out
-
-
-@dataclass
-class PointErrors:
-    """The errors of ``n`` scored forecasts at each of their ``H`` steps, ``(n, H)`` arrays (``pinball``
-    ``(n, H, Q)``) named as the score message's point fields (:mod:`pipeline.scores_io`). A step is
-    scored when ``known`` (its window had data: ``actual`` finite); at other steps the errors mean
-    nothing (NaN, or False)."""
-
-    known: np.ndarray
-    actual: np.ndarray
-    forecast: np.ndarray  # the served median
-    abs_error: np.ndarray
-    sq_error: np.ndarray
-    pinball: np.ndarray  # of each served quantile
-    inside: np.ndarray  # within the served outer interval
-    model_inside: np.ndarray  # within the model's own
-    naive: np.ndarray  # seasonal naive's forecast from the same origin
-    naive_abs_error: np.ndarray
-
-    def columns(self) -> dict[str, np.ndarray]:
-        """The arrays by field name (:func:`pipeline.scores_io.score_messages`' keyword arguments)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-    def totals(self) -> list[LiveTotals]:
-        """The :class:`LiveTotals` of each forecast (as :func:`totals_of` of its message)."""
-        known = self.known
-        naive_err = np.where(known & np.isfinite(self.naive_abs_error), self.naive_abs_error, 0.0)
-        sums = [known.sum(1), np.where(known, self.abs_error, 0.0).sum(1), np.where(known, self.sq_error, 0.0).sum(1),
-                naive_err.sum(1), (known & self.inside).sum(1), (known & self.model_inside).sum(1)]
-        return [LiveTotals(int(p), float(e), float(s), float(ne), int(i), int(mi))
-                for p, e, s, ne, i, mi in zip(*(x.tolist() for x in sums), strict=True)]
-
-
-def point_errors(actual: np.ndarray, served: np.ndarray, model_q: np.ndarray, naive: np.ndarray,
-                 quantiles: list[float]) -> PointErrors:
-    """The errors of ``n`` forecasts: their ``actual`` ``(n, H)`` (NaN: a gap window), ``served`` and
-    ``model_q`` quantiles ``(n, H, Q)`` and seasonal-naive forecasts ``naive`` ``(n, H)``."""
-    q = np.asarray(quantiles, dtype=np.float64)
-    actual = actual.astype(np.float64)
-    served = served.astype(np.float64)
-    naive = np.asarray(naive, dtype=np.float64)
-    point = served[..., list(quantiles).index(0.5)]
-    diff = actual - point
-    err = actual[..., None] - served
-    return PointErrors(
-        known=np.isfinite(actual), actual=actual, forecast=point, abs_error=np.abs(diff), sq_error=diff * diff,
-        pinball=np.maximum(q * err, (q - 1) * err),
-        inside=(served[..., 0] <= actual) & (actual <= served[..., -1]),
-        model_inside=(model_q[..., 0] <= actual) & (actual <= model_q[..., -1]),
-        naive=naive, naive_abs_error=np.abs(actual - naive))
-
-
-def score_totals(actual: np.ndarray, served: np.ndarray, model_q: np.ndarray, naive: np.ndarray,
-                 quantiles: list[float]) -> list[LiveTotals]:
-    """The :class:`LiveTotals` of each of ``n`` forecasts (as :func:`totals_of` of their messages)."""
-    return point_errors(actual, served, model_q, naive, quantiles).totals()

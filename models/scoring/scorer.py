@@ -2,6 +2,11 @@
 scored against them (and against seasonal naive from the same origin), and the served quantiles are
 calibrated online from the same residuals (:mod:`models.scoring.calibration`).
 
+The path of one score: the forecast loop (:func:`models.serving.session.process_batch`) hands each
+windows batch and its inference to :meth:`Scorer.score_batch`; the scorer computes each settled
+forecast's errors (:func:`point_errors`) and builds its message (:mod:`pipeline.scores_io`'s format),
+which the loop sends to the scores topic.
+
 Why in the forecast job and not a job of its own: the forecast job already receives every window that
 settles a forecast (the windows topic, partitioned by series) and holds the contexts the seasonal-naive
 forecast needs, and the calibration must feed back into the quantiles it serves. A separate job would
@@ -37,15 +42,18 @@ import io
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Protocol
 
 import numpy as np
+import pyarrow as pa
 
 from models.base import seasonal_naive_index
-from models.scoring.accuracy import LiveTotals, PointErrors, point_errors
+from models.data import fill_gaps
+from models.scoring.accuracy import LiveTotals
 from models.scoring.calibration import QuantileTracker
 from pipeline.config import Settings
+from pipeline.contexts import target_values
 from pipeline.scores_io import score_messages
 
 log = logging.getLogger("rollcast.forecast")
@@ -65,18 +73,90 @@ class ModelRef:
 @dataclass
 class Issued:
     """Forecasts to send for one batch: rows ``index`` of the caller's forecast rows, with their served
-    and model quantiles ``(n, H, Q)``, model, and ``issued_at`` (a repeat keeps its first one)."""
+    and model quantiles ``(n, H, Q)`` (``model_q`` None: the served ones are the model's own), model, and
+    ``issued_at``, one for all or one per row (a repeat keeps its first one)."""
 
     index: np.ndarray
     served: np.ndarray
-    model_q: np.ndarray
+    model_q: np.ndarray | None
     model: ModelRef
-    issued_at: np.ndarray
+    issued_at: np.ndarray | int
+
+
+class Forecasts(Protocol):
+    """What :meth:`Scorer.score_batch` needs of one batched inference
+    (:class:`models.serving.forecaster.Inference`): the (series, window_end) forecast for, the rows of
+    them with a forecast, their contexts ``(n, L)`` and the model's quantiles ``(n, H, Q)``."""
+
+    keys: list[tuple[str, int]]
+    use: np.ndarray
+    contexts: np.ndarray
+    preds: np.ndarray
+    issued_at: int
+
+
+@dataclass
+class PointErrors:
+    """The errors of ``n`` scored forecasts at each of their ``H`` steps, ``(n, H)`` arrays (``pinball``
+    ``(n, H, Q)``) named as the score message's point fields (:mod:`pipeline.scores_io`). A step is
+    scored when ``known`` (its window had data: ``actual`` finite); at other steps the errors mean
+    nothing (NaN, or False)."""
+
+    known: np.ndarray
+    actual: np.ndarray
+    forecast: np.ndarray  # the served median
+    abs_error: np.ndarray
+    sq_error: np.ndarray
+    pinball: np.ndarray  # of each served quantile
+    inside: np.ndarray  # within the served outer interval
+    model_inside: np.ndarray  # within the model's own
+    naive: np.ndarray  # seasonal naive's forecast from the same origin
+    naive_abs_error: np.ndarray
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """The arrays by field name (:func:`pipeline.scores_io.score_messages`' keyword arguments)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def totals(self) -> list[LiveTotals]:
+        """The :class:`~models.scoring.accuracy.LiveTotals` of each forecast (as
+        :func:`~models.scoring.accuracy.totals_of` of its message)."""
+        known = self.known
+        naive_err = np.where(known & np.isfinite(self.naive_abs_error), self.naive_abs_error, 0.0)
+        sums = [known.sum(1), np.where(known, self.abs_error, 0.0).sum(1), np.where(known, self.sq_error, 0.0).sum(1),
+                naive_err.sum(1), (known & self.inside).sum(1), (known & self.model_inside).sum(1)]
+        return [LiveTotals(int(p), float(e), float(s), float(ne), int(i), int(mi))
+                for p, e, s, ne, i, mi in zip(*(x.tolist() for x in sums), strict=True)]
+
+
+def point_errors(actual: np.ndarray, served: np.ndarray, model_q: np.ndarray, naive: np.ndarray,
+                 quantiles: list[float]) -> PointErrors:
+    """The errors of ``n`` forecasts: their ``actual`` ``(n, H)`` (NaN: a gap window), ``served`` and
+    ``model_q`` quantiles ``(n, H, Q)`` and seasonal-naive forecasts ``naive`` ``(n, H)``."""
+    q = np.asarray(quantiles, dtype=np.float64)
+    actual = actual.astype(np.float64)
+    served = served.astype(np.float64)
+    naive = np.asarray(naive, dtype=np.float64)
+    point = served[..., list(quantiles).index(0.5)]
+    diff = actual - point
+    err = actual[..., None] - served
+    return PointErrors(
+        known=np.isfinite(actual), actual=actual, forecast=point, abs_error=np.abs(diff), sq_error=diff * diff,
+        pinball=np.maximum(q * err, (q - 1) * err),
+        inside=(served[..., 0] <= actual) & (actual <= served[..., -1]),
+        model_inside=(model_q[..., 0] <= actual) & (actual <= model_q[..., -1]),
+        naive=naive, naive_abs_error=np.abs(actual - naive))
+
+
+def score_totals(actual: np.ndarray, served: np.ndarray, model_q: np.ndarray, naive: np.ndarray,
+                 quantiles: list[float]) -> list[LiveTotals]:
+    """The :class:`~models.scoring.accuracy.LiveTotals` of each of ``n`` forecasts (as
+    :func:`~models.scoring.accuracy.totals_of` of their messages)."""
+    return point_errors(actual, served, model_q, naive, quantiles).totals()
 
 
 class Emitted:
     """The forecasts scored in one batch, as arrays; their errors are computed once
-    (:func:`~models.scoring.accuracy.point_errors`), when the messages or the sums are first asked for
+    (:func:`point_errors`), when the messages or the sums are first asked for
     (after the batch's forecasts are on their way)."""
 
     def __init__(self, scorer: Scorer):
@@ -136,6 +216,13 @@ class ScoredBatch:
     @property
     def scores(self) -> list[dict[str, Any]]:
         return self.emitted.scores
+
+    def forecasts(self) -> list[Issued]:
+        """:attr:`issued` as the forecast messages carry it: the model's own quantiles beside the served
+        ones only when these are calibrated."""
+        if self.emitted.calibrated:
+            return self.issued
+        return [replace(g, model_q=None) for g in self.issued]
 
 
 def seasonal_naive(filled: np.ndarray, horizon: int, season: int) -> np.ndarray:
@@ -210,6 +297,36 @@ class Scorer:
         return out
 
     # ------------------------------------------------------------------ one batch
+
+    def score_batch(self, inference: Forecasts, batch: Sequence[pa.Table], partitions: Sequence[int] | None,
+                    target: str, season: int) -> ScoredBatch:
+        """:meth:`run` for a windows batch: every window of ``batch`` (windows tables; ``partitions``, the
+        windows partition of each), in arrival order, with its ``target`` value, and the forecasts of
+        ``inference`` with the seasonal-naive forecasts (``season``) of their gap-filled contexts."""
+        keys, use = inference.keys, inference.use
+        names: list[str] = []
+        ends, values, parts = [], [], []
+        for k, table in enumerate(batch):
+            s, e, v = target_values(table, target)
+            names.extend(s)
+            ends.append(e)
+            values.append(v)
+            parts.append(np.full(len(s), -1 if partitions is None else partitions[k], dtype=np.int32))
+        first: dict[tuple[str, int], int] = {}
+        for i, key in enumerate(zip(names, np.concatenate(ends).tolist() if ends else [], strict=True)):
+            first.setdefault(key, i)
+        extra = [key for key in keys if key not in first]  # forecast without its window in `batch` (tests)
+        for key in extra:
+            first[key] = len(names)
+            names.append(key[0])
+        ends.append(np.array([e for _, e in extra], dtype=np.int64))
+        values.append(np.full(len(extra), np.nan))
+        parts.append(np.full(len(extra), -1, dtype=np.int32))
+        fc_window = np.array([first[keys[i]] for i in use.tolist()], dtype=np.int64)
+        naive = seasonal_naive(fill_gaps(inference.contexts), self.horizon, season) \
+            if len(use) else np.zeros((0, self.horizon))
+        return self.run(names, np.concatenate(ends), np.concatenate(values), np.concatenate(parts),
+                        fc_window, inference.preds, naive, inference.issued_at)
 
     def run(self, series: Sequence[str], ends: np.ndarray, values: np.ndarray, partitions: np.ndarray,
             fc_window: np.ndarray, preds: np.ndarray, naive: np.ndarray, issued_at: int) -> ScoredBatch:

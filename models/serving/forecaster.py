@@ -1,6 +1,7 @@
 """Serving the champion: the model in use, the in-memory contexts of every series, and one batched
 inference per batch of closed windows in plain PyTorch (no Trainer in the hot path), encoded as
-forecast messages.
+forecast messages. Live scoring is not here: the forecast loop (:mod:`models.serving.session`) hands
+the inference to the scorer and the forecasts it issues back to :meth:`Forecaster.messages`.
 
 :class:`Forecaster` is what the forecast job holds between batches; :func:`load_saved_model` loads a
 version (weights plus JSON config, nothing unpickled) into a :class:`LoadedModel`.
@@ -18,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from models.data import fill_gaps, known_any
-from models.scoring.scorer import Emitted, ModelRef, ScoredBatch, Scorer, seasonal_naive
+from models.data import known_any
+from models.scoring.scorer import Issued, ModelRef
 from models.serving.telemetry import INFERENCE_S, SERIES, SKIPPED, STAGE_S
 from pipeline.config import Settings
 from pipeline.contexts import (
@@ -56,6 +57,31 @@ class LoadedModel:
     horizon: int
     quantiles: list[float]
 
+    @property
+    def ref(self) -> ModelRef:
+        """What forecast and score messages say of it."""
+        return ModelRef(self.name, self.version, list(self.quantiles))
+
+
+@dataclass
+class Inference:
+    """One batched inference (:meth:`Forecaster.infer`): the (series, window_end) ``keys`` of the batch;
+    ``use``, the rows of them forecast, with their series ``names``, window ends ``ok_ends``, contexts
+    ``(n, L)`` and the model's quantiles ``preds`` ``(n, H, Q)``; the model, and ``issued_at``."""
+
+    keys: list[tuple[str, int]]
+    use: np.ndarray
+    names: list[str]
+    ok_ends: np.ndarray
+    contexts: np.ndarray
+    preds: np.ndarray
+    model: ModelRef
+    issued_at: int
+
+    def unscored(self) -> list[Issued]:
+        """Every forecast, as the model made it (scoring off)."""
+        return [Issued(np.arange(len(self.use)), self.preds, None, self.model, self.issued_at)]
+
 
 def load_saved_model(model_dir: Path, version: str) -> LoadedModel:
     import models
@@ -72,10 +98,6 @@ def load_saved_model(model_dir: Path, version: str) -> LoadedModel:
     )
 
 
-def _ref(model: LoadedModel) -> ModelRef:
-    return ModelRef(model.name, model.version, list(model.quantiles))
-
-
 class Forecaster:
     """In-memory context of every series plus the model serving them."""
 
@@ -89,10 +111,6 @@ class Forecaster:
         self._partitions: KeyPartitions | None = None
         # windows partition -> series refreshed from the store since the partition was last assigned
         self._refreshed: dict[int, set[str]] = {}
-        # live scoring and online calibration (models.scoring.scorer); the score messages of the last forecast()
-        self.scorer = Scorer(settings, _ref(model), model.horizon, self.step_ms) if settings.scoring.enabled \
-            else None
-        self.scored: Emitted | None = None
 
     def partitions_of(self, topic: str, producer: BulkProducer) -> KeyPartitions:
         """Partition of each series in ``topic`` (the key's default-partitioner choice), memoised
@@ -109,13 +127,6 @@ class Forecaster:
             self.capacity = model.context + BUFFER_SLACK
             self.rebuild()
         self.model = model
-        if self.scorer is not None:
-            if self.scorer.compatible(_ref(model), model.horizon):
-                self.scorer.serve(_ref(model))
-            else:
-                log.warning("version %s forecasts another horizon or other quantiles: forecasts of the previous "
-                            "version still pending are not scored, and calibration starts afresh", model.version)
-                self.scorer = Scorer(self.settings, _ref(model), model.horizon, self.step_ms)
 
     def rebuild(self) -> None:
         """Reload the last windows of every series from the history store."""
@@ -151,25 +162,20 @@ class Forecaster:
         self.buffers.put(series, ends, values)
         return list(zip(series, ends.tolist(), strict=True))
 
-    def forecast(self, keys: Iterable[tuple[str, int]], issued_at: int, chunk: int = MESSAGE_CHUNK,
-                 batch: Sequence[pa.Table] = (), partitions: Sequence[int] | None = None,
-                 ) -> Iterator[list[tuple[str, bytes]]]:
-        """One batched inference over every (series, window_end) with enough context; yields the forecast
-        messages ``chunk`` series at a time (the caller sends each while the next is built).
+    def infer(self, keys: Iterable[tuple[str, int]], issued_at: int, batch: Sequence[pa.Table] = (),
+              always: bool = False) -> Inference | None:
+        """One batched inference over every (series, window_end) with enough context; None when there is no
+        key, or (unless ``always``: the scorer still settles the batch's windows) none can be forecast.
 
-        ``batch``: the windows tables just :meth:`add`-ed (and ``partitions``, the windows partition of
-        each). Ingest produces a checkpoint's windows before it writes them to the store, so contexts
-        older than the buffer come from the store plus these. With scoring on, they also settle earlier
-        forecasts: :attr:`scored` then holds the forecasts this call scored (their messages are built
-        when the caller asks, after sending the forecasts)."""
+        ``batch``: the windows tables just :meth:`add`-ed. Ingest produces a checkpoint's windows before it
+        writes them to the store, so contexts older than the buffer come from the store plus these."""
         import models
 
         t_start = time.perf_counter()
-        self.scored = None
         length = self.model.context
         keys = list(dict.fromkeys(keys))
         if not keys:
-            return
+            return None
         series = [s for s, _ in keys]
         ends = np.fromiter((e for _, e in keys), dtype=np.int64, count=len(keys))
         rows = self.buffers.row_of(series)
@@ -193,8 +199,8 @@ class Forecaster:
         if unknown.any():
             SKIPPED.labels("no_known_value").inc(int(unknown.sum()))
         use = np.flatnonzero(ok & ~unknown)
-        if not len(use) and self.scorer is None:
-            return
+        if not len(use) and not always:
+            return None
         ok_ends = ends[use]
         grid = ok_ends[:, None] - self.step_ms * np.arange(length - 1, -1, -1)
         contexts = ctx[use]
@@ -205,50 +211,20 @@ class Forecaster:
         t1 = time.perf_counter()
         INFERENCE_S.observe(t1 - t0)
         STAGE_S.labels("inference").observe(t1 - t0)
-        names, preds = [series[i] for i in use.tolist()], np.asarray(preds)
-        if self.scorer is None:
-            groups = [(np.arange(len(use)), preds, None, _ref(self.model), issued_at)]
-        else:
-            scored = self._score(keys, use, contexts, preds, issued_at, batch, partitions)
-            self.scored = scored.emitted
-            if scored.repeats_not_held:
-                SKIPPED.labels("repeat_sent_before").inc(scored.repeats_not_held)
-            model_q = (lambda x: x) if self.scorer.calibrate else (lambda x: None)
-            groups = [(g.index, g.served, model_q(g.model_q), g.model, g.issued_at) for g in scored.issued]
-            STAGE_S.labels("scoring").observe(time.perf_counter() - t1)
+        return Inference(keys, use, [series[i] for i in use.tolist()], ok_ends, contexts, np.asarray(preds),
+                         self.model.ref, issued_at)
+
+    def messages(self, inference: Inference, issued: Sequence[Issued] | None = None,
+                 chunk: int = MESSAGE_CHUNK) -> Iterator[list[tuple[str, bytes]]]:
+        """The forecast messages of ``inference``, ``chunk`` series at a time (the caller sends each while
+        the next is built): as ``issued`` by the scorer (served quantiles, repeats as first served), else
+        the model's own quantiles."""
         building, t2 = 0.0, time.perf_counter()
-        for index, served, model_preds, ref, at in groups:
-            for out in forecast_message_chunks([names[i] for i in index.tolist()], ok_ends[index], served, ref,
-                                               self.step_ms, at, chunk, model_preds=model_preds):
+        for g in inference.unscored() if issued is None else issued:
+            for out in forecast_message_chunks([inference.names[i] for i in g.index.tolist()],
+                                               inference.ok_ends[g.index], g.served, g.model, self.step_ms,
+                                               g.issued_at, chunk, model_preds=g.model_q):
                 building += time.perf_counter() - t2
                 yield out
                 t2 = time.perf_counter()
         STAGE_S.labels("messages").observe(building)
-
-    def _score(self, keys: list[tuple[str, int]], use: np.ndarray, contexts: np.ndarray, preds: np.ndarray,
-               issued_at: int, batch: Sequence[pa.Table], partitions: Sequence[int] | None) -> ScoredBatch:
-        """Hand every window of the batch, in arrival order, and the forecasts of ``use`` to the scorer."""
-        assert self.scorer is not None
-        names: list[str] = []
-        ends, values, parts = [], [], []
-        for k, table in enumerate(batch):
-            s, e, v = target_values(table, self.target)
-            names.extend(s)
-            ends.append(e)
-            values.append(v)
-            parts.append(np.full(len(s), -1 if partitions is None else partitions[k], dtype=np.int32))
-        first: dict[tuple[str, int], int] = {}
-        for i, key in enumerate(zip(names, np.concatenate(ends).tolist() if ends else [], strict=True)):
-            first.setdefault(key, i)
-        extra = [key for key in keys if key not in first]  # forecast without its window in `batch` (tests)
-        for key in extra:
-            first[key] = len(names)
-            names.append(key[0])
-        ends.append(np.array([e for _, e in extra], dtype=np.int64))
-        values.append(np.full(len(extra), np.nan))
-        parts.append(np.full(len(extra), -1, dtype=np.int32))
-        fc_window = np.array([first[keys[i]] for i in use.tolist()], dtype=np.int64)
-        naive = seasonal_naive(fill_gaps(contexts), self.model.horizon, self.settings.model.season) \
-            if len(use) else np.zeros((0, self.model.horizon))
-        return self.scorer.run(names, np.concatenate(ends), np.concatenate(values), np.concatenate(parts),
-                               fc_window, preds, naive, issued_at)

@@ -2,9 +2,13 @@
 the checkpoint, and swap in a new champion between batches. ``rollcast forecast`` runs it (again after an
 outage, see :func:`pipeline.runtime.retry_sessions`).
 
-The consumer, the :class:`~models.serving.forecaster.Forecaster` and the
+The consumer, the :class:`~models.serving.forecaster.Forecaster`, the scorer (:class:`LiveScoring`) and the
 :class:`~models.serving.checkpoint.ForecastCheckpoint` outlive a session; each session has a producer of
 its own. The checkpoint's module docstring lists the steps from a polled batch to its committed offsets.
+
+The path of one score, from a windows batch to the scores topic: :func:`process_batch` hands the batch and
+its inference to :meth:`models.scoring.scorer.Scorer.score_batch`, which settles earlier forecasts and
+builds the score messages (:mod:`pipeline.scores_io`'s format); :func:`process_batch` sends them.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from models.scoring.accuracy import LiveAccuracy
+from models.scoring.scorer import Emitted, Scorer
 from models.serving.checkpoint import ForecastCheckpoint
 from models.serving.telemetry import (
     BATCH_WAITS,
@@ -51,14 +56,38 @@ def serving(model: LoadedModel, health: Any, **facts: Any) -> None:
     log.info("serving version %s (%s)", model.version, model.name)
 
 
+class LiveScoring:
+    """The live scorer and online calibration (:class:`~models.scoring.scorer.Scorer`; None with scoring
+    off) of the model served, across sessions and champions: the partition state the checkpoint saves
+    (``ForecastCheckpoint(settings, consumer, lambda: scoring.scorer)``)."""
+
+    def __init__(self, settings: Settings, model: LoadedModel):
+        self.settings = settings
+        self.scorer = Scorer(settings, model.ref, model.horizon, settings.window.length_ms) \
+            if settings.scoring.enabled else None
+
+    def swap(self, model: LoadedModel) -> None:
+        """A new champion: the scorer serves it, or a new one does when it forecasts another horizon or
+        other quantiles."""
+        if self.scorer is None:
+            return
+        if self.scorer.compatible(model.ref, model.horizon):
+            self.scorer.serve(model.ref)
+        else:
+            log.warning("version %s forecasts another horizon or other quantiles: forecasts of the previous "
+                        "version still pending are not scored, and calibration starts afresh", model.version)
+            self.scorer = Scorer(self.settings, model.ref, model.horizon, self.settings.window.length_ms)
+
+
 def forecast_session(settings: Settings, forecaster: Forecaster, consumer: Any, checkpoint: ForecastCheckpoint,
-                     shutdown: threading.Event, health: Any, *, watcher: Any = None,
+                     shutdown: threading.Event, health: Any, *, scoring: LiveScoring, watcher: Any = None,
                      exit_when_idle_s: float | None = None) -> None:
     """One producer session: poll windows, forecast and score, commit, swap in a new champion.
 
     Runs until ``shutdown`` is set, or until no window arrived for ``exit_when_idle_s`` while partitions
-    were assigned; then saves and commits what it processed. ``watcher``
-    (:class:`~models.serving.watcher.ChampionWatcher`, None for a fixed model) hands over new champions.
+    were assigned; then saves and commits what it processed. ``scoring`` holds the scorer the checkpoint
+    saves. ``watcher`` (:class:`~models.serving.watcher.ChampionWatcher`, None for a fixed model) hands over
+    new champions.
     Kafka and store errors propagate after the failed batch is rewound: the caller starts a new session.
     """
     from kafka.errors import KafkaError
@@ -85,7 +114,7 @@ def forecast_session(settings: Settings, forecaster: Forecaster, consumer: Any, 
             if batch:
                 try:
                     checkpoint.begin(batch)
-                    process_batch(batch, forecaster, producer, checkpoint, settings, live)
+                    process_batch(batch, forecaster, producer, checkpoint, settings, live, scoring.scorer)
                 except (KafkaError, BrokerUnavailable, StoreUnavailable):
                     checkpoint.rewind(batch)  # not committed: read it again, from the last saved state
                     raise
@@ -99,6 +128,7 @@ def forecast_session(settings: Settings, forecaster: Forecaster, consumer: Any, 
                 if new is not None:
                     checkpoint.flush()  # what the old version served and scored is saved first
                     forecaster.swap(new)
+                    scoring.swap(new)
                     freeze_heap()
                     # the watcher's "champion moved" comes earlier, when it has loaded the version: a batch
                     # polled meanwhile is still forecast with the old one. From this line on, every batch
@@ -132,9 +162,13 @@ def rebalance_listener(forecaster: Forecaster, checkpoint: ForecastCheckpoint) -
 
 
 def process_batch(batch: dict, forecaster: Forecaster, producer: BulkProducer, checkpoint: ForecastCheckpoint,
-                  settings: Settings, live: LiveAccuracy | None = None) -> None:
+                  settings: Settings, live: LiveAccuracy | None = None, scorer: Scorer | None = None) -> None:
     """Windows of one poll -> forecasts and scores acknowledged by the broker -> offsets committed (after
-    the scoring state they cover is saved: steps 2 and 3 of :mod:`models.serving.checkpoint`)."""
+    the scoring state they cover is saved: steps 2 and 3 of :mod:`models.serving.checkpoint`).
+
+    One batched inference (:meth:`~models.serving.forecaster.Forecaster.infer`); with ``scorer`` (scoring
+    on), the batch's windows settle earlier forecasts and the scorer issues this batch's
+    (:meth:`~models.scoring.scorer.Scorer.score_batch`); the forecasts are sent, then the scores."""
     from kafka import OffsetAndMetadata
 
     t_start, wall_start = time.perf_counter(), time.time()
@@ -167,14 +201,25 @@ def process_batch(batch: dict, forecaster: Forecaster, producer: BulkProducer, c
     topic = settings.topics.forecasts
     parts = forecaster.partitions_of(topic, producer)
     sent, sending = 0, 0.0
-    # librdkafka sends each chunk while the next one's JSON is built
-    for messages in forecaster.forecast(keys, issued_at=int(time.time() * 1000), batch=tables,
-                                        partitions=[p for p, _ in fresh]):
-        t0 = time.perf_counter()
-        producer.send(topic, [(key.encode(), value, parts[key]) for key, value in messages])
-        sent += len(messages)
-        sending += time.perf_counter() - t0
-    scored = forecaster.scored
+    scored: Emitted | None = None
+    inference = forecaster.infer(keys, issued_at=int(time.time() * 1000), batch=tables, always=scorer is not None)
+    if inference is not None:
+        issued = None
+        if scorer is not None:
+            t1 = time.perf_counter()
+            scored_batch = scorer.score_batch(inference, tables, [p for p, _ in fresh], forecaster.target,
+                                              settings.model.season)
+            scored = scored_batch.emitted
+            if scored_batch.repeats_not_held:
+                SKIPPED.labels("repeat_sent_before").inc(scored_batch.repeats_not_held)
+            issued = scored_batch.forecasts()
+            STAGE_S.labels("scoring").observe(time.perf_counter() - t1)
+        # librdkafka sends each chunk while the next one's JSON is built
+        for messages in forecaster.messages(inference, issued):
+            t0 = time.perf_counter()
+            producer.send(topic, [(key.encode(), value, parts[key]) for key, value in messages])
+            sent += len(messages)
+            sending += time.perf_counter() - t0
     if scored:  # built once the forecasts are on their way
         t0 = time.perf_counter()
         score_parts = forecaster.partitions_of(settings.topics.scores, producer)

@@ -29,12 +29,13 @@ import numpy as np
 
 from models import metrics as M
 from models.base import ForecastModel
-from models.data import SeriesMatrix, known_any, make_samples, time_split
+from models.data import SeriesMatrix, known_any, time_split
 from models.io import predict
 from models.registry import create_model
 from models.scoring.calibration import QuantileTracker
 from models.train.fit import FitResult, fit
-from pipeline.config import CalibrationSettings
+from models.train.sampling import training_samples
+from pipeline.config import CalibrationSettings, TrainSettings
 from pipeline.errors import NotEnoughData
 
 BASELINES = ("naive", "seasonal_naive")
@@ -118,10 +119,9 @@ def rolling_origin(
     max_epochs: int = 20,
     batch_size: int = 256,
     seed: int = 0,
-    val_fraction: float = 0.1,
     patience: int = 5,
     on_origin: Callable[[int], None] | None = None,
-    train_stride: int = 1,
+    train: TrainSettings | None = None,
     calibration: CalibrationSettings | None = None,
     origin_every: int | None = None,
     burn_in: int = 0,
@@ -130,7 +130,10 @@ def rolling_origin(
 
     ``origin_every``: steps between origins (default H; :func:`origins_for`). ``refit_every`` counts
     origins, so a refit every ``refit_every * origin_every`` steps.
-    ``train_stride`` > 1 keeps every ``train_stride``-th training sample (cheaper epochs on long series).
+    Each fit draws its samples as a training cycle does (:func:`models.train.sampling.training_samples`) from
+    ``train`` (default: the defaults of the ``train.*`` settings): ``train.samples_per_epoch`` pairs anew each
+    epoch, a fixed draw of ``train.validation_samples`` from the last ``train.validation_fraction`` of the span
+    before the origin, seeded by ``seed``.
     ``calibration``: calibrate the quantiles online over the origins as the forecast job does (see
     :func:`evaluate`); a refitted model is a new champion from its first origin on. ``burn_in``: the first
     origins left out of the coverages (:func:`evaluate`).
@@ -138,6 +141,7 @@ def rolling_origin(
     if refit_every is not None and refit_every < 0:
         raise ValueError(f"refit_every must be at least 1 (or 0/None: never), got {refit_every}")
     config = dict(config or {})
+    train = TrainSettings() if train is None else train
     probe = create_model(name, **config)
     L, H = probe.config.context, probe.config.horizon
     origins = origins_for(data.values.shape[1], L, H, n_origins, origin_every)
@@ -153,8 +157,7 @@ def rolling_origin(
     for a, b in zip(starts, [*starts[1:], len(origins)], strict=True):
         if probe.trainable:
             model = create_model(name, **config)
-            fits.append(_fit_before(model, data, int(origins[a]), max_epochs, batch_size, seed, val_fraction,
-                                    patience, train_stride))
+            fits.append(_fit_before(model, data, int(origins[a]), max_epochs, batch_size, seed, patience, train))
         versions[a:b] = len(fits)
         for c in range(a, b, PROGRESS_ORIGINS):  # batched, in pieces so that a progress bar moves
             d = min(b, c + PROGRESS_ORIGINS)
@@ -309,13 +312,13 @@ def baseline(name: str, context: int, horizon: int, quantiles: tuple[float, ...]
 
 def _fit_before(
     model: ForecastModel, data: SeriesMatrix, origin: int, max_epochs: int, batch_size: int, seed: int,
-    val_fraction: float, patience: int, train_stride: int = 1,
+    patience: int, train: TrainSettings,
 ) -> FitResult:
+    """Fit ``model`` on the targets before ``origin``, its samples drawn as a training cycle draws them."""
     cfg = model.config
-    split = time_split(origin, cfg.context, cfg.horizon, val_fraction)
-    train = make_samples(data, cfg.context, cfg.horizon, split.train, cfg.calendar, stride=train_stride)
-    val = make_samples(data, cfg.context, cfg.horizon, split.val, cfg.calendar)
-    return fit(model, train, val, max_epochs=max_epochs, batch_size=batch_size, seed=seed, patience=patience)
+    split = time_split(origin, cfg.context, cfg.horizon, train.validation_fraction)
+    fit_set, val_set = training_samples(data, cfg, split.train, split.val, train, seed)
+    return fit(model, fit_set, val_set, max_epochs=max_epochs, batch_size=batch_size, seed=seed, patience=patience)
 
 
 def score(

@@ -235,19 +235,15 @@ def plan_cycle(settings: Settings, model_type: str, model: Any, champion: Champi
 
 def training_sets(settings: Settings, data: CycleData, cfg: Any, plan: Plan) -> tuple[Any, Any]:
     """The training and validation samples of one model: plans of (series, t) pairs over the matrix, drawn
-    per batch (:class:`models.train.sampling.WindowSamples`), never materialised."""
-    from models.train.sampling import WindowSamples
+    per batch (:func:`models.train.sampling.training_samples`, as every backtest refit draws them), never
+    materialised. A warm cycle trains on the newest ``train.warm_span_windows`` only."""
+    from models.train.sampling import training_samples
 
     t = settings.train
     lo, hi = data.train_span
     if plan.kind == tracking.CYCLE_WARM:  # the newest windows only
         lo = max(lo, hi - t.warm_span_windows)
-    common = {"calendar": cfg.calendar, "seed": settings.model.seed}
-    train = WindowSamples(data.matrix, cfg.context, cfg.horizon, span=(lo, hi), budget=t.samples_per_epoch,
-                          half_life=t.recency_half_life_windows, **common)
-    val = WindowSamples(data.matrix, cfg.context, cfg.horizon, span=data.val_span, budget=t.validation_samples,
-                        resample=False, salt=1, **common)
-    return train, val
+    return training_samples(data.matrix, cfg, (lo, hi), data.val_span, t, settings.model.seed)
 
 
 def train_candidates(

@@ -151,8 +151,9 @@ def fit(
 ) -> FitResult:
     """Train ``model`` in place on ``train``; early stopping and best weights on ``val`` if given.
 
-    ``train`` and ``val``: materialised :class:`Samples` or a :class:`WindowSamples` plan (drawn anew each
-    epoch). ``seed`` (default: the model config's) makes CPU training reproducible. ``accelerator``,
+    ``train`` and ``val``: a :class:`WindowSamples` plan (drawn anew each epoch), as every training cycle and
+    backtest refit passes (:func:`models.train.sampling.training_samples`), or materialised :class:`Samples`
+    (small sets built by hand). ``seed`` (default: the model config's) makes CPU training reproducible. ``accelerator``,
     ``devices``, ``strategy`` and ``num_nodes`` go to Lightning's Trainer (``strategy="ddp"``: one process
     per device, launched by Lightning or by torchrun/SLURM; ``result.global_rank`` says which one this is).
     ``learning_rate`` overrides the config's for this fit only (a warm start), the saved config unchanged.

@@ -4,11 +4,13 @@ A sample is a pair ``(s, t)``: series ``s``, context steps ``[t - L, t)``, targe
 :func:`draw_plan` draws the pairs of one epoch over (series, time) from a target span: every valid
 pair once in a shuffled order when the span holds no more than the budget, else ``budget`` pairs drawn
 with replacement, uniformly or weighted towards recent targets (half-life in windows). Valid pairs are
-those :func:`models.data.make_samples` keeps: the window lies after the series' first value and the
-context holds a known value. :class:`WindowSamples` is the map-style dataset over a plan: its
-``__getitems__`` (which :class:`torch.utils.data.DataLoader` calls with a whole batch of indices) gathers
-contexts and targets with one fancy index, applies the gap rule (:func:`models.data.fill_gaps`) and adds
-calendar channels, exactly as ``make_samples`` cuts them. Memory: the matrix plus one batch.
+those whose window lies after the series' first value and whose context holds a known value.
+:class:`WindowSamples` is the map-style dataset over a plan: its ``__getitems__`` (which
+:class:`torch.utils.data.DataLoader` calls with a whole batch of indices) gathers contexts and targets
+with one fancy index, applies the gap rule (:func:`models.data.fill_gaps`) and adds calendar channels.
+Memory: the matrix plus one batch. :func:`training_samples` is the one way a fit's training and
+validation samples are drawn from the ``train.*`` settings: by a training cycle and by every refit of
+a backtest (:mod:`models.train.backtest`).
 
 >>> # ds = WindowSamples(matrix, 96, 24, calendar=True, span=(96, 4000), budget=65536, seed=0)
 >>> # ds.set_epoch(1)  # a new draw, deterministic from (seed, epoch)
@@ -16,15 +18,18 @@ calendar channels, exactly as ``make_samples`` cuts them. Memory: the matrix plu
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from models.base import CALENDAR_CHANNELS
+from models.base import CALENDAR_CHANNELS, ModelConfig
 from models.data import SeriesMatrix, calendar_features, fill_gaps, first_values
 from pipeline.errors import NotEnoughData
+
+if TYPE_CHECKING:
+    from pipeline.config import TrainSettings
 
 _MAX_ROUNDS = 64  # rejection rounds for contexts without a known value before giving up
 
@@ -96,8 +101,9 @@ def _has_known(matrix: SeriesMatrix, s: np.ndarray, t: np.ndarray, context: int,
 
 def gather(matrix: SeriesMatrix, s: np.ndarray, t: np.ndarray, context: int, horizon: int,
            calendar: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Model inputs ``x (B, L, C)`` and targets ``y (B, H)`` (float32) of the samples ``(s, t)``, cut as
-    :func:`models.data.make_samples` cuts them."""
+    """Model inputs ``x (B, L, C)`` and targets ``y (B, H)`` (float32) of the samples ``(s, t)``: context
+    steps ``[t - L, t)`` through the gap rule (:func:`models.data.fill_gaps`), plus calendar channels of
+    their window ends if ``calendar``; targets ``[t, t + H)``."""
     cols = t[:, None] + np.arange(-context, horizon)  # (B, L + H)
     win = matrix.values[s[:, None], cols]
     ctx = win[:, :context]
@@ -151,6 +157,23 @@ class WindowSamples(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.__getitems__([i])
         return x[0], y[0]
+
+
+def training_samples(matrix: SeriesMatrix, config: ModelConfig, train_span: tuple[int, int],
+                     val_span: tuple[int, int], train: TrainSettings, seed: int) -> tuple[WindowSamples, WindowSamples]:
+    """The training and validation samples of one fit over ``matrix``: targets in ``train_span`` and
+    ``val_span``, as every fit draws them (a training cycle; each refit of a backtest).
+
+    Training: ``train.samples_per_epoch`` (series, time) pairs drawn anew each epoch (every valid pair once,
+    shuffled, when the span holds no more), weighted by ``train.recency_half_life_windows`` if set.
+    Validation: one fixed draw of ``train.validation_samples`` (salt 1, never redrawn). Both seeded by ``seed``
+    (``model.seed``)."""
+    common: dict[str, Any] = {"calendar": config.calendar, "seed": seed}
+    fit_set = WindowSamples(matrix, config.context, config.horizon, span=train_span, budget=train.samples_per_epoch,
+                            half_life=train.recency_half_life_windows, **common)
+    val_set = WindowSamples(matrix, config.context, config.horizon, span=val_span, budget=train.validation_samples,
+                            resample=False, salt=1, **common)
+    return fit_set, val_set
 
 
 def as_batch(batch: Any) -> Any:

@@ -7,7 +7,8 @@ import polars as pl
 import pytest
 
 from models import create_model, predict
-from models.data import SeriesMatrix, calendar_features, ffill, make_samples, time_split, windows_to_matrix
+from models.data import SeriesMatrix, calendar_features, ffill, time_split, windows_to_matrix
+from models.train.sampling import WindowSamples, gather
 from pipeline.errors import DatasetError, NotEnoughData
 
 HOUR = 3_600_000
@@ -37,18 +38,6 @@ def test_windows_to_matrix_fills_gaps_forward_and_aligns_series() -> None:
         windows_to_matrix(_table().drop("mean"), "mean")
 
 
-def test_make_samples_strides_and_drops_nan() -> None:
-    m = windows_to_matrix(_table(), "mean")
-    s = make_samples(m, context=2, horizon=1)
-    # series a: targets at t=2..5 (4 samples); series b: starts at t=2, first full sample targets t=4
-    assert s.x.shape == (6, 2, 1) and s.y.shape == (6, 1)
-    np.testing.assert_array_equal(s.x[0, :, 0], [0, 1])
-    np.testing.assert_array_equal(s.y[:, 0], [2, 2, 4, 5, 14, 15])
-    cal = make_samples(m, context=2, horizon=1, target_span=(4, 6), calendar=True)
-    assert cal.x.shape == (4, 2, 5)
-    np.testing.assert_allclose(cal.x[0, 0, 1:], calendar_features(np.array(3 * HOUR)))
-
-
 def test_calendar_features_by_hand() -> None:
     six_am_monday = 4 * 86_400_000 + 6 * HOUR  # 1970-01-05 06:00 UTC was a Monday
     f = calendar_features(np.array([six_am_monday]))[0]
@@ -70,8 +59,9 @@ def test_time_split() -> None:
     with pytest.raises(NotEnoughData):
         time_split(30, context=20, horizon=5, holdout=10)
     m = SeriesMatrix(["x"], np.arange(200.0)[None], np.arange(200) * HOUR, HOUR)
-    val = make_samples(m, 20, 5, split.val)
-    assert val.y.min() == 155 and val.y.max() == 169
+    val = WindowSamples(m, 20, 5, calendar=False, span=split.val, budget=100, seed=0)
+    _, y = val.__getitems__(list(range(len(val))))
+    assert len(val) == 11 and y.min() == 155 and y.max() == 169  # targets inside the validation span
 
 
 def test_ffill_fills_gaps_forward_and_returns_a_new_array():
@@ -93,8 +83,8 @@ def test_one_gap_rule_for_samples_backtest_contexts_and_predict() -> None:
     m = windows_to_matrix(_table(), "mean")
     np.testing.assert_array_equal(m.contexts(3, 5)[0], [np.nan, 4])  # the gap comes back as NaN
     assert np.isnan(m.contexts(1, 3)[1]).all()  # b has no window before t=2: no context there
-    s = make_samples(m, context=2, horizon=1, target_span=(5, 6))
-    np.testing.assert_array_equal(s.x[:, :, 0], [[4, 4], [13, 14]])  # a: [gap, 4] -> [4, 4]; b has no gap
+    x, _ = gather(m, np.array([0, 1]), np.array([5, 5]), context=2, horizon=1, calendar=False)  # training
+    np.testing.assert_array_equal(x[:, :, 0], [[4, 4], [13, 14]])  # a: [gap, 4] -> [4, 4]; b has no gap
     np.testing.assert_array_equal(fill_gaps(np.array([[np.nan, 4.0]])), [[4.0, 4.0]])
     assert known_any(np.array([[np.nan, np.nan], [np.nan, 1.0]])).tolist() == [False, True]
 

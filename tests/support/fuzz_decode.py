@@ -26,7 +26,7 @@ that are not UTF-8 come as the patched consumer gives them, see
   takes its key, value and headers).
 
 A crashing input is written by libFuzzer as ``crash-<sha1>``; copy it into
-``tests/pipeline/ingest/fuzz_corpus/regressions/``, where ``test_decode_fuzz.py``
+``tests/pipeline/ingest/fuzz_corpus/regressions/``, where ``test_decode.py``
 replays every file through :func:`check`.
 """
 

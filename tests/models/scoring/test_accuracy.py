@@ -1,68 +1,19 @@
-"""Live accuracy (models.scoring.accuracy): the per-step errors against a hand computation, their sums
-equal to those of the messages built from them, and the one rule (per version, last N windows, a repeat
-counts once) as LiveAccuracy and ``rollcast scores`` (models.scoring.report.Scores) both apply it."""
+"""Live accuracy (models.scoring.accuracy): the one rule (per version, last N windows, a repeat counts once)
+as LiveAccuracy and ``rollcast scores`` (models.scoring.report.Scores) both apply it. The per-step errors
+and their sums are tested with the scorer that computes them (tests/models/scoring/test_scorer.py)."""
 
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
 
-from models.scoring.accuracy import (
-    LastWindows,
-    LiveAccuracy,
-    LiveTotals,
-    point_errors,
-    score_totals,
-    totals_of,
-)
+from models.scoring.accuracy import LastWindows, LiveAccuracy, LiveTotals
 from models.scoring.report import Scores
-from pipeline.scores_io import decode_score, encode_scores, score_messages
+from pipeline.scores_io import encode_scores
 
 Q = [0.1, 0.5, 0.9]
-NAN = math.nan
-
-
-def batch():
-    """Two forecasts of three steps: a gap at (0, 1), seasonal naive unknown at (1, 2)."""
-    actual = np.array([[5.0, NAN, 7.0], [1.0, 2.0, 3.0]])
-    served = np.array([[[4.0, 5.5, 6.0], [0.0, 1.0, 2.0], [6.5, 8.0, 9.0]],
-                       [[0.0, 1.0, 2.0], [2.5, 3.0, 4.0], [1.0, 2.0, 2.5]]])
-    model_q = np.array([[[5.2, 5.5, 5.8], [0.0, 1.0, 2.0], [7.5, 8.0, 8.5]],
-                        [[0.5, 1.0, 1.5], [1.0, 3.0, 5.0], [2.9, 3.0, 3.1]]], dtype=np.float32)
-    naive = np.array([[4.0, 4.0, 4.0], [0.5, 0.5, NAN]], dtype=np.float32)
-    return actual, served, model_q, naive
-
-
-def test_the_errors_of_each_step_by_hand() -> None:
-    e = point_errors(*batch(), Q)
-    assert e.known.tolist() == [[True, False, True], [True, True, True]]
-    assert e.abs_error[0, [0, 2]].tolist() == [0.5, 1.0] and e.abs_error[1].tolist() == [0.0, 1.0, 1.0]
-    assert e.sq_error[0, [0, 2]].tolist() == [0.25, 1.0] and e.sq_error[1].tolist() == [0.0, 1.0, 1.0]
-    # pinball of (actual 5, served 4 / 5.5 / 6): 0.1 * 1, 0.5 * 0.5, 0.1 * 1
-    assert e.pinball[0, 0].tolist() == pytest.approx([0.1, 0.25, 0.1])
-    assert e.inside[0, [0, 2]].tolist() == [True, True] and e.inside[1].tolist() == [True, False, False]
-    assert e.model_inside[0, [0, 2]].tolist() == [False, False] and e.model_inside[1].tolist() == [True, True, True]
-    assert e.naive_abs_error[0, [0, 2]].tolist() == [1.0, 3.0] and math.isnan(e.naive_abs_error[1, 2])
-
-
-def test_the_sums_by_hand_and_as_the_messages_give_them() -> None:
-    actual, served, model_q, naive = batch()
-    first, second = score_totals(actual, served, model_q, naive, Q)
-    assert (first.points, first.abs_error, first.sq_error, first.naive_abs_error, first.inside,
-            first.model_inside) == (2, 1.5, 1.25, 4.0, 2, 0)
-    # seasonal naive unknown at the last step: it adds nothing to naive's sum (relative MAE uses the same points)
-    assert (second.points, second.abs_error, second.sq_error, second.naive_abs_error, second.inside,
-            second.model_inside) == (3, 2.0, 2.0, 2.0, 1, 3)
-    e = point_errors(actual, served, model_q, naive, Q)
-    messages = score_messages(["a", "b"], np.array([100, 100]), [("tcn", "1")], np.array([0, 0]), np.array([7, 7]),
-                              10, True, Q, **e.columns())
-    for (series, value), want in zip(messages, e.totals(), strict=True):
-        msg = decode_score(value)
-        assert msg is not None and msg["series"] == series
-        assert totals_of(msg) == want
 
 
 def score(series: str, end: int, version: str = "1", abs_error: float = 1.0, step: int = 10) -> dict:

@@ -1,15 +1,22 @@
 """Live scoring (models.scoring.scorer.Scorer), pure logic: scores equal an offline computation, do not depend on
-batching, survive a save and load, and repeats are sent as first served."""
+batching, survive a save and load, and repeats are sent as first served; the per-step errors
+(models.scoring.scorer.point_errors) against a hand computation, their sums equal to those of the messages
+built from them."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
 
-from models.scoring.scorer import ModelRef, Scorer, seasonal_naive
+from models.scoring.accuracy import totals_of
+from models.scoring.scorer import ModelRef, Scorer, point_errors, score_totals, seasonal_naive
 from pipeline.config import load_settings
+from pipeline.scores_io import decode_score, score_messages
 
 STEP, H, Q = 10, 3, [0.1, 0.5, 0.9]
+NAN = math.nan
 MODEL = ModelRef("tcn", "1", Q)
 
 
@@ -188,8 +195,6 @@ def test_seasonal_naive_takes_the_value_one_season_back() -> None:
 
 
 def test_the_live_sums_of_a_batch_equal_those_of_its_messages() -> None:
-    from models.scoring.accuracy import totals_of
-
     rows = stream()
     scorer = Scorer(settings(), MODEL, H, STEP)
     for lo in range(0, len(rows), 15):
@@ -205,3 +210,43 @@ def test_the_live_sums_of_a_batch_equal_those_of_its_messages() -> None:
             assert (t.points, t.inside, t.model_inside) == (want.points, want.inside, want.model_inside)
             assert t.abs_error == pytest.approx(want.abs_error) and t.sq_error == pytest.approx(want.sq_error)
             assert t.naive_abs_error == pytest.approx(want.naive_abs_error)
+
+
+def batch():
+    """Two forecasts of three steps: a gap at (0, 1), seasonal naive unknown at (1, 2)."""
+    actual = np.array([[5.0, NAN, 7.0], [1.0, 2.0, 3.0]])
+    served = np.array([[[4.0, 5.5, 6.0], [0.0, 1.0, 2.0], [6.5, 8.0, 9.0]],
+                       [[0.0, 1.0, 2.0], [2.5, 3.0, 4.0], [1.0, 2.0, 2.5]]])
+    model_q = np.array([[[5.2, 5.5, 5.8], [0.0, 1.0, 2.0], [7.5, 8.0, 8.5]],
+                        [[0.5, 1.0, 1.5], [1.0, 3.0, 5.0], [2.9, 3.0, 3.1]]], dtype=np.float32)
+    naive = np.array([[4.0, 4.0, 4.0], [0.5, 0.5, NAN]], dtype=np.float32)
+    return actual, served, model_q, naive
+
+
+def test_the_errors_of_each_step_by_hand() -> None:
+    e = point_errors(*batch(), Q)
+    assert e.known.tolist() == [[True, False, True], [True, True, True]]
+    assert e.abs_error[0, [0, 2]].tolist() == [0.5, 1.0] and e.abs_error[1].tolist() == [0.0, 1.0, 1.0]
+    assert e.sq_error[0, [0, 2]].tolist() == [0.25, 1.0] and e.sq_error[1].tolist() == [0.0, 1.0, 1.0]
+    # pinball of (actual 5, served 4 / 5.5 / 6): 0.1 * 1, 0.5 * 0.5, 0.1 * 1
+    assert e.pinball[0, 0].tolist() == pytest.approx([0.1, 0.25, 0.1])
+    assert e.inside[0, [0, 2]].tolist() == [True, True] and e.inside[1].tolist() == [True, False, False]
+    assert e.model_inside[0, [0, 2]].tolist() == [False, False] and e.model_inside[1].tolist() == [True, True, True]
+    assert e.naive_abs_error[0, [0, 2]].tolist() == [1.0, 3.0] and math.isnan(e.naive_abs_error[1, 2])
+
+
+def test_the_sums_by_hand_and_as_the_messages_give_them() -> None:
+    actual, served, model_q, naive = batch()
+    first, second = score_totals(actual, served, model_q, naive, Q)
+    assert (first.points, first.abs_error, first.sq_error, first.naive_abs_error, first.inside,
+            first.model_inside) == (2, 1.5, 1.25, 4.0, 2, 0)
+    # seasonal naive unknown at the last step: it adds nothing to naive's sum (relative MAE uses the same points)
+    assert (second.points, second.abs_error, second.sq_error, second.naive_abs_error, second.inside,
+            second.model_inside) == (3, 2.0, 2.0, 2.0, 1, 3)
+    e = point_errors(actual, served, model_q, naive, Q)
+    messages = score_messages(["a", "b"], np.array([100, 100]), [("tcn", "1")], np.array([0, 0]), np.array([7, 7]),
+                              10, True, Q, **e.columns())
+    for (series, value), want in zip(messages, e.totals(), strict=True):
+        msg = decode_score(value)
+        assert msg is not None and msg["series"] == series
+        assert totals_of(msg) == want

@@ -4,15 +4,30 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
 import torch
 
 import models
-from models.serving.forecaster import LoadedModel
+from models.serving.forecaster import MESSAGE_CHUNK, LoadedModel
 from pipeline.store import HistoryStore, Progress
 from tests.support.forecast import STEP, H, L, forecast_messages, make_windows
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    import pyarrow as pa
+
+    from models.serving.forecaster import Forecaster
+
+
+def forecast(forecaster: Forecaster, keys: Iterable[tuple[str, int]], issued_at: int, chunk: int = MESSAGE_CHUNK,
+             batch: list[pa.Table] | None = None) -> list[list[tuple[str, bytes]]]:
+    """The forecast messages of one inference, without scoring, in chunks."""
+    inference = forecaster.infer(keys, issued_at, batch=batch or [])
+    return [] if inference is None else list(forecaster.messages(inference, chunk=chunk))
 
 
 def test_forecasts_come_in_chunks_equal_to_one_offline_inference(tmp_path: Path) -> None:
@@ -31,14 +46,14 @@ def test_forecasts_come_in_chunks_equal_to_one_offline_inference(tmp_path: Path)
     forecaster.add(windows.to_arrow())
     last = int(windows["window_end"].max())
     keys = [(name, last) for name in names] + [("s3", last), ("unknown", last)]  # a repeat; no context
-    chunks = list(forecaster.forecast(keys, issued_at=9, chunk=3))
+    chunks = forecast(forecaster, keys, issued_at=9, chunk=3)
     assert [len(c) for c in chunks] == [3, 3, 1]  # each series once, those with context only
     contexts = np.stack([windows.filter(pl.col("series") == n).sort("window_end")["last"].to_numpy()[-L:]
                          for n in names])
     grid = last - STEP * np.arange(L - 1, -1, -1)
     offline = models.predict(module, contexts, window_end_ms=np.broadcast_to(grid, contexts.shape))
     assert [m for c in chunks for m in c] == forecast_messages(names, [last] * 7, offline, model, STEP, issued_at=9)
-    assert [m for c in forecaster.forecast(keys, issued_at=9, chunk=100) for m in c] == [
+    assert [m for c in forecast(forecaster, keys, issued_at=9, chunk=100) for m in c] == [
         m for c in chunks for m in c]
 
 
@@ -59,12 +74,12 @@ def test_a_batch_longer_than_the_buffer_is_forecast_before_the_store_holds_it(tm
     table = windows.to_arrow()
     keys = forecaster.add(table)
     got = {(m[0], json.loads(m[1])["last_window_end"])
-           for c in forecaster.forecast(keys, issued_at=1, batch=[table]) for m in c}
+           for c in forecast(forecaster, keys, issued_at=1, batch=[table]) for m in c}
     ends = windows.filter(pl.col("series") == "b")["window_end"].to_list()
     assert {("b", e) for e in ends[L - 1:]} <= got  # every window with a full context, none skipped
     # in "a" too, the context starting at its gap row included (the gap rule: it takes the first known value)
     assert len(got) == len(keys) - 2 * (L - 1)
-    assert not list(forecaster.forecast(keys[:1], issued_at=1))  # without them, the empty store has no context
+    assert not forecast(forecaster, keys[:1], issued_at=1)  # without them, the empty store has no context
 
 
 def test_a_partition_assigned_again_takes_what_another_consumer_read_meanwhile_from_the_store(
@@ -99,7 +114,7 @@ def test_a_partition_assigned_again_takes_what_another_consumer_read_meanwhile_f
         table = latest.to_arrow()
         keys = f.add(table)
         f.refresh([(0, table)])
-        got[f] = {m[0]: json.loads(m[1]) for c in f.forecast(keys, issued_at=1, batch=[table]) for m in c}
+        got[f] = {m[0]: json.loads(m[1]) for c in forecast(f, keys, issued_at=1, batch=[table]) for m in c}
     assert got[unaware] == {}  # short contexts: the windows read elsewhere are missing
     assert sorted(got[here]) == ["a", "b"]
     last = int(latest["window_end"].max())

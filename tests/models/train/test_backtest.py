@@ -115,6 +115,45 @@ def test_trained_model_beats_naive_and_refits() -> None:
     assert np.isfinite(list(r.metrics.values())).all()
 
 
+def test_a_refit_draws_its_samples_as_a_training_cycle_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each fit of a backtest gets the training cycle's samples for the same spans (the train.* settings:
+    samples_per_epoch pairs anew each epoch, a fixed validation draw of validation_samples from the last
+    validation_fraction of the data before the origin, seeded by the seed given), not every sample cut once."""
+    from types import SimpleNamespace
+
+    from models import tracking
+    from models.data import time_split
+    from models.train.cycle import Plan, training_sets
+
+    env = {"ROLLCAST_TRAIN__SAMPLES_PER_EPOCH": "300", "ROLLCAST_TRAIN__VALIDATION_SAMPLES": "40",
+           "ROLLCAST_TRAIN__VALIDATION_FRACTION": "0.2", "ROLLCAST_MODEL__SEED": "5"}
+    settings = load_settings(env=env)
+    seen: list[tuple] = []
+    monkeypatch.setattr(B, "fit", lambda model, train, val, **kw: seen.append((model, train, val, kw))
+                        or FitResult(epochs=1))
+    data = _seasonal(1000)
+    config = {"context": 16, "horizon": 4, "channels_hidden": 8, "calendar": True}
+    r = rolling_origin("tcn", data, n_origins=6, season=8, refit_every=3, config=config, seed=5, max_epochs=3,
+                       batch_size=64, train=settings.train)
+    assert len(seen) == 2 and len(r.fits) == 2
+    for (model, train, val, kw), origin in zip(seen, r.origins[[0, 3]], strict=True):
+        split = time_split(int(origin), 16, 4, 0.2)
+        live_train, live_val = training_sets(settings, SimpleNamespace(
+            matrix=data, train_span=split.train, val_span=split.val), model.config, Plan(tracking.CYCLE_FULL))
+        assert len(train) == 300 and len(val) == 40  # the budgets, not every sample of the span
+        for ours, live in ((train, live_train), (val, live_val)):
+            assert (ours.span, ours.budget, ours.seed, ours.calendar) == (live.span, live.budget, 5, True)
+            np.testing.assert_array_equal(ours.series, live.series)
+            np.testing.assert_array_equal(ours.t, live.t)
+            ours.set_epoch(2)
+            live.set_epoch(2)
+            np.testing.assert_array_equal(ours.t, live.t)  # the training draw changes per epoch, alike
+        assert kw == {"max_epochs": 3, "batch_size": 64, "seed": 5, "patience": 5}
+    default = rolling_origin("tcn", data, n_origins=2, season=8, config=config)  # train.* defaults
+    assert len(seen) == 3 and seen[-1][1].budget == 16384 and seen[-1][2].budget == 8192
+    assert len(default.fits) == 1
+
+
 def test_cli_backtest_on_a_bundled_dataset(tmp_path: Path) -> None:
     out = tmp_path / "bt"
     r = rollcast("backtest", "temperature_hourly.csv", "--last", "400", "--models", "lstm,naive,seasonal_naive",

@@ -15,11 +15,12 @@ from models.data import (
     SeriesMatrix,
     calendar_features,
     fill_gaps,
-    make_samples,
     read_matrix,
     windows_to_matrix,
 )
-from models.train.sampling import WindowSamples, as_batch, draw_plan
+from models.registry import create_model
+from models.train.sampling import WindowSamples, as_batch, draw_plan, gather, training_samples
+from pipeline.config import TrainSettings
 from pipeline.store import HistoryStore, Progress
 
 HOUR = 3_600_000
@@ -42,17 +43,32 @@ def _pairs(x: np.ndarray, y: np.ndarray) -> list[tuple]:
     return sorted(zip(map(bytes, x.astype(np.float32)), map(bytes, y.astype(np.float32)), strict=True))
 
 
-def test_one_epoch_over_a_small_span_is_every_sample_make_samples_cuts_with_the_gap_rule() -> None:
+def _every_sample(m: SeriesMatrix, L: int, H: int, span: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """By hand, one sample at a time: every (context, targets) with targets in ``span``, the window after the
+    series' first value, the context through the gap rule and holding a known value, calendar channels."""
+    xs, ys = [], []
+    for s in range(len(m.series)):
+        for t in range(max(span[0], L), span[1] - H + 1):
+            ctx = m.contexts(t - L, t)[s : s + 1]
+            if np.isnan(m.values[s, t - L : t + H]).any() or np.isnan(ctx).all():
+                continue
+            cal = calendar_features(m.window_end_ms[t - L : t])
+            xs.append(np.concatenate([fill_gaps(ctx)[0][:, None], cal], axis=1))
+            ys.append(m.values[s, t : t + H])
+    return np.array(xs, np.float32), np.array(ys, np.float32)
+
+
+def test_one_epoch_over_a_small_span_is_every_sample_once_with_the_gap_rule() -> None:
     m = windows_to_matrix(_gappy(), "mean")
     assert m.values.dtype == np.float32 and m.known is not None
     L, H, span = 8, 3, (8, 60)
-    ref = make_samples(m, L, H, span, calendar=True)
+    ref_x, ref_y = _every_sample(m, L, H, span)
     ds = WindowSamples(m, L, H, calendar=True, span=span, budget=10_000, seed=0)
-    assert len(ds) == len(ref)  # the budget exceeds the span: one pass
+    assert len(ds) == len(ref_x)  # the budget exceeds the span: one pass
     x, y = ds.__getitems__(list(range(len(ds))))
-    assert x.shape == (len(ref), L, 1 + CALENDAR_CHANNELS) and y.shape == (len(ref), H)
+    assert x.shape == (len(ref_x), L, 1 + CALENDAR_CHANNELS) and y.shape == (len(ref_x), H)
     assert x.dtype == torch.float32 and y.dtype == torch.float32
-    assert _pairs(x.numpy(), y.numpy()) == _pairs(ref.x, ref.y)
+    assert _pairs(x.numpy(), y.numpy()) == _pairs(ref_x, ref_y)
     # calendar channels are those of the context's window ends
     s, t = ds.series[0], ds.t[0]
     np.testing.assert_allclose(x[0, :, 1:].numpy(), calendar_features(m.window_end_ms[t - L : t]), atol=1e-6)
@@ -92,6 +108,53 @@ def test_a_budget_draws_that_many_samples_per_epoch_anew_and_deterministically()
     before = val.t.copy()
     val.set_epoch(3)
     np.testing.assert_array_equal(val.t, before)  # validation keeps its draw
+
+
+def test_a_series_starting_late_gives_samples_only_once_its_context_is_whole() -> None:
+    """Series a (0..5, a gap at t=3 carrying 2) and b (from t=2, 12..15), L=2, H=1: a's targets t=2..5,
+    b's only t=4, 5; a context starting at the gap takes its first known value (the gap rule), not the 2
+    carried over the gap."""
+    rows = []
+    for s, n, offset in (("a", 6, 0), ("b", 4, 2)):
+        for i in range(n):
+            t, gap = (i + offset) * HOUR, s == "a" and i == 3
+            v = None if gap else float(10 * (s == "b") + i + offset)
+            rows.append({"series": s, "window_start": t, "window_end": t + HOUR, "count": 0 if gap else 2,
+                         "first": v, "last": v, "min": v, "max": v, "mean": v, "sum": v})
+    m = windows_to_matrix(pl.DataFrame(rows), "mean")
+    ds = WindowSamples(m, 2, 1, calendar=False, span=(0, 6), budget=100, seed=0)
+    order = np.lexsort((ds.t, ds.series))
+    assert list(zip(ds.series[order].tolist(), ds.t[order].tolist(), strict=True)) == [
+        (0, 2), (0, 3), (0, 4), (0, 5), (1, 4), (1, 5)]
+    x, y = gather(m, ds.series[order], ds.t[order], 2, 1, calendar=False)
+    np.testing.assert_array_equal(y[:, 0], [2, 2, 4, 5, 14, 15])
+    np.testing.assert_array_equal(x[:, :, 0], [[0, 1], [1, 2], [2, 2], [4, 4], [12, 13], [13, 14]])
+
+
+def test_training_samples_follow_the_train_settings() -> None:
+    """The one way a fit's samples are drawn (a training cycle, a backtest's refit): samples_per_epoch pairs
+    anew each epoch (recency-weighted when set), a fixed validation draw of validation_samples, salted apart
+    from the training draw, seeded by the seed given."""
+    m = windows_to_matrix(_gappy(400), "mean")
+    cfg = create_model("lstm", context=8, horizon=3, calendar=True, hidden=4, layers=1).config
+    settings = TrainSettings(samples_per_epoch=300, validation_samples=40, recency_half_life_windows=50)
+    fit_set, val_set = training_samples(m, cfg, (8, 350), (350, 400), settings, seed=3)
+    assert (fit_set.span, fit_set.budget, fit_set.half_life, fit_set.seed) == ((8, 350), 300, 50, 3)
+    assert (val_set.span, val_set.budget, val_set.seed, val_set.salt) == ((350, 400), 40, 3, 1)
+    assert fit_set.calendar and val_set.calendar and fit_set.resample and not val_set.resample
+    assert len(fit_set) == 300 and len(val_set) == 40
+    assert (fit_set.t + 3 <= 350).all() and (val_set.t >= 350).all()
+    rng = np.random.default_rng([3, 0, 0])  # the plan of epoch 0 is draw_plan's with the train settings
+    s, t = draw_plan(m, 8, 3, (8, 350), 300, rng, half_life=50)
+    np.testing.assert_array_equal(fit_set.series, s)
+    np.testing.assert_array_equal(fit_set.t, t)
+    before = val_set.t.copy()
+    fit_set.set_epoch(1)
+    val_set.set_epoch(1)
+    assert not np.array_equal(fit_set.t, t) and np.array_equal(val_set.t, before)
+    # a budget above what the span holds: every valid pair once, as a default-sized budget over a small span
+    small, _ = training_samples(m, cfg, (8, 60), (60, 70), TrainSettings(), seed=0)
+    assert len(small) == len(_every_sample(m, 8, 3, (8, 60))[0])
 
 
 def test_recency_weighting_halves_the_weight_every_half_life() -> None:
