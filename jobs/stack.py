@@ -23,6 +23,7 @@ from pathlib import Path
 from pipeline import processes
 from pipeline.config import Settings, stack_file
 from pipeline.processes import Child, broker_binary, free_port, start_broker, start_mlflow, stop_all
+from pipeline.store import set_aside_local_store
 
 log = logging.getLogger("rollcast.up")
 
@@ -99,7 +100,8 @@ def start_services(settings: Settings, config_path: str | None) -> Stack:
         if settings.kafka.bootstrap_servers:
             st.bootstrap_servers = settings.kafka.bootstrap_servers
             log.info("using the configured Kafka cluster at %s", st.bootstrap_servers)
-        else:
+        else:  # an in-memory broker: a new one each start, so the previous run's store counts stale offsets
+            set_aside_local_store(settings)
             port = emb.broker_port or free_port()
             st.children.append(start_broker(broker_binary(emb.broker_bin), port, st.log_dir, emb.start_timeout_s))
             st.bootstrap_servers = f"127.0.0.1:{port}"

@@ -449,18 +449,25 @@ def resolve_endpoints(settings: Settings) -> Settings:
     """
     if settings.kafka.bootstrap_servers and settings.mlflow.tracking_uri:
         return settings
-    try:
-        stack = json.loads(stack_file(settings).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    stack = running_stack(settings)
+    if stack is None:
         return settings
-    if not _pid_alive(stack.get("pid")):
-        return settings  # left behind by a `rollcast up` that was killed
     changes: dict[str, Any] = {}
     if not settings.kafka.bootstrap_servers and stack.get("bootstrap_servers"):
         changes["kafka.bootstrap_servers"] = stack["bootstrap_servers"]
     if not settings.mlflow.tracking_uri and stack.get("tracking_uri"):
         changes["mlflow.tracking_uri"] = stack["tracking_uri"]
     return settings.replace(**changes) if changes else settings
+
+
+def running_stack(settings: Settings) -> dict[str, Any] | None:
+    """What a `rollcast up` still running on ``data_dir`` recorded (pid, endpoints), or None (none, or one
+    that was killed and left its file behind)."""
+    try:
+        stack = json.loads(stack_file(settings).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return stack if isinstance(stack, dict) and _pid_alive(stack.get("pid")) else None
 
 
 def _pid_alive(pid: object) -> bool:

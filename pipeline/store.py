@@ -56,6 +56,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import os
 import re
 import time
@@ -73,9 +74,11 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.config import Settings
+from pipeline.config import Settings, running_stack
 from pipeline.errors import ConfigError, StoreUnavailable
 from pipeline.windows import WINDOW_SCHEMA
+
+log = logging.getLogger("rollcast.store")
 
 DAY_MS = 86_400_000
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -517,3 +520,34 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def set_aside_local_store(settings: Settings) -> Path | None:
+    """Move the default local history store (``<data_dir>/history``, with its progress records and the jobs'
+    saved state) to ``<data_dir>/previous/<UTC time>/history``; return where it went, or None when there is
+    none or ``storage.history`` names another store (which is left as it is).
+
+    For the embedded stack: its tansu broker keeps topics in memory, so each start is a new broker whose
+    offsets begin at 0, and progress records counting the previous broker's offsets would make ingest and
+    the forecast job skip what is replayed there. Nothing is deleted; the move is logged."""
+    if settings.storage.history:
+        log.warning("storage.history %s outlives the embedded in-memory broker: its progress records count the "
+                    "offsets of an earlier broker", redact_location(settings.storage.history))
+        return None
+    store = settings.data_dir / "history"
+    if not store.is_dir() or not any(store.iterdir()):
+        return None
+    if (running := running_stack(settings)) is not None:
+        log.warning("another rollcast up (pid %s) runs on %s: its history store is left where it is",
+                    running.get("pid"), settings.data_dir)
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = settings.data_dir / "previous" / stamp / "history"
+    n = 1
+    while target.exists():  # two starts within a second
+        n += 1
+        target = settings.data_dir / "previous" / f"{stamp}-{n}" / "history"
+    target.parent.mkdir(parents=True)
+    os.replace(store, target)
+    log.warning("the embedded broker starts empty: the previous run's history store moved to %s", target)
+    return target

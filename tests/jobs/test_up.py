@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -77,3 +78,16 @@ def test_demo_runs_the_whole_pipeline_and_exits_by_itself(tmp_path: Path) -> Non
     stray = [p for p in map(int, filter(str.isdigit, os.listdir("/proc"))) if alive(p)
              and str(tmp_path) in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
     assert stray == []
+    assert "live accuracy of the served forecasts" in out and "all series" in out, out[-3000:]
+
+    # again in the same directory, as people do: the new in-memory broker starts at offset 0, so the
+    # previous run's store (whose progress records count the old broker's offsets) is set aside, and
+    # every observation replayed is windowed, forecast and scored as the first time
+    again = rollcast("demo", "--exit-after-replay", "--limit", "12000", env=env, timeout=900)
+    out = again.stdout
+    assert again.returncode == 0, out[-3000:] + again.stderr[-3000:]
+    assert "the previous run's history store moved to" in again.stderr + out
+    assert "ingest has written" in out
+    assert re.search(r"demand — model tcn v\d+,", out) and re.search(r"temperature — model tcn v\d+,", out), out
+    assert "live accuracy of the served forecasts" in out and "all series" in out, out[-3000:]
+    assert len(list((tmp_path / "d" / "previous").iterdir())) == 1

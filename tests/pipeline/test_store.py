@@ -3,15 +3,19 @@ exactly-once writes when a checkpoint crashes before or after its commit point."
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import polars as pl
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import load_settings
+from pipeline.config import load_settings, stack_file
 from pipeline.errors import ConfigError
-from pipeline.store import HistoryStore, Progress
+from pipeline.store import HistoryStore, Progress, set_aside_local_store
 from pipeline.windows import WINDOW_SCHEMA
 from tests.support.s3 import S3_KEYS
 from tests.support.store import DAY, HOUR, T0, crash_while_moving, windows
@@ -207,3 +211,25 @@ def test_local_directory_entries_are_synced_before_the_record_names_them(tmp_pat
     days = {f"{root}/{d.name}" for d in (tmp_path / "history").iterdir() if d.name.startswith("day=")}
     assert len(days) == 2 and days | {root, f"{root}/_progress"} <= after
     assert store.read().equals(expected(SECOND))
+
+
+def test_the_embedded_stack_sets_aside_the_store_of_an_earlier_broker(tmp_path: Path) -> None:
+    """``set_aside_local_store``: the default local store moves under previous/, whole; nothing else moves."""
+    settings = load_settings(env={"ROLLCAST_DATA_DIR": str(tmp_path)})
+    assert set_aside_local_store(settings) is None  # no store yet
+    record = tmp_path / "history" / "_progress" / "observations-0.json"
+    record.parent.mkdir(parents=True)
+    record.write_text('{"safe_offset": 17520}')
+    # a `rollcast up` still running on this data directory keeps its store
+    stack_file(settings).write_text(json.dumps({"pid": os.getpid()}))
+    assert set_aside_local_store(settings) is None and record.exists()
+    stack_file(settings).write_text(json.dumps({"pid": 2**22 + 12345}))  # left behind by a killed one
+    moved = set_aside_local_store(settings)
+    assert moved is not None and moved.parent.parent == tmp_path / "previous"
+    assert (moved / "_progress" / "observations-0.json").read_text() == '{"safe_offset": 17520}'
+    assert not (tmp_path / "history").exists()
+    # a store configured elsewhere is never moved
+    elsewhere = load_settings(env={"ROLLCAST_DATA_DIR": str(tmp_path), "ROLLCAST_STORAGE__HISTORY": str(tmp_path / "h")})
+    (tmp_path / "history").mkdir()
+    (tmp_path / "history" / "x").write_text("x")
+    assert set_aside_local_store(elsewhere) is None and (tmp_path / "history" / "x").exists()
