@@ -440,8 +440,9 @@ def test_refits_with_an_origin_every_window(monkeypatch: pytest.MonkeyPatch) -> 
     fit to the next, fitted on the data before its first one, and is a new champion for the calibration."""
     fitted: list[tuple[int, int]] = []  # (model id, origin it was fitted before)
     calls: list[tuple[int, list[int]]] = []
-    monkeypatch.setattr(B, "_fit_before", lambda model, data, origin, *a: fitted.append((id(model), origin))
-                        or FitResult(epochs=1))
+    held: list[object] = []  # every fitted model stays alive, so no later one is given a freed one's id
+    monkeypatch.setattr(B, "_fit_before", lambda model, data, origin, *a: held.append(model)
+                        or fitted.append((id(model), origin)) or FitResult(epochs=1))
     real = B.forecast_at
     monkeypatch.setattr(B, "forecast_at", lambda model, data, origins: calls.append((id(model), origins.tolist()))
                         or real(model, data, origins))
