@@ -25,9 +25,18 @@ import time
 from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, generate_latest
 
 log = logging.getLogger(__name__)
+
+# Writes to the history store that its fence refused (pipeline/store.py): this process had lost the
+# partition to another, e.g. after a pause past the session timeout. Ingest's and the forecast job's.
+FENCED_WRITES = Counter("rollcast_fenced_writes_total",
+                        "History store writes refused because another process owns the partition now")
+TOPIC_INCARNATIONS = Counter(
+    "rollcast_topic_incarnation_changes_total",
+    "Partitions whose progress record or saved state counted offsets of an earlier incarnation of the topic "
+    "(deleted and created again, or a new broker), started afresh (kafka.on_new_topic)", ["topic"])
 
 
 class Health:

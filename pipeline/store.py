@@ -7,8 +7,8 @@ understands (setting ``storage.history``), e.g.
 ``gs://bucket/prefix``. Every access goes through :mod:`pyarrow.fs`. Layout::
 
     day=2024-01-01/<checkpoint-id>-<topic>-<partition>.parquet   closed windows
-    _progress/<topic>-<partition>.json                            commit point per partition
-    _state/<name>                                                 a job's state (forecast: scoring)
+    _progress/<topic>-<partition>/<seq>.json                      commit points per partition (a record log)
+    _state/<name>.log/<seq>.state                                 a job's state (forecast: scoring)
     _pending/<topic>-<partition>/<checkpoint-id>/...              files being written
 
 Readers (train, forecast, backtest) use :class:`HistoryStore`::
@@ -32,6 +32,39 @@ Writes are exactly-once across crashes. :meth:`HistoryStore.write_checkpoint`
    every move of the record whose source still exists, so a crash during the
    moves ends with each file moved exactly once. Destination names are unique
    to the checkpoint, so a repeated move can only write the same file again.
+
+**Fencing.** Only the process that owns a partition may write its progress record or a job's state for
+it. A process frozen past its session timeout (a GC pause, a VM migration, a stalled disk) and thawed after
+the group gave its partitions to another must not: its windows would be stored twice and its records
+would take the new owner back to an older position. Kafka refuses such a zombie's offset commit by its
+stale generation; the store refuses its writes the same way, by a fencing token: each record is the next
+entry of a log of immutable files, ``<log>/<seq>``, and the newest entry is the record.
+
+1. :meth:`HistoryStore.claim` (at every assignment; :meth:`HistoryStore.claim_state` for a job's state)
+   reads the newest entry ``n``, finishes what it names (the moves of step 3 above), and creates entry
+   ``n + 1`` with *create-if-absent*. The :class:`Lease` it returns holds ``n + 1``.
+2. Every later write under that lease creates the entry after the lease's, again only if absent, then
+   lists the log: an entry above its own means another writer claimed the log since (its own entry sat
+   in a gap left by pruning), so it deletes its entry, which no reader takes as the record since a
+   newer one exists, and is refused. A refused write raises :class:`FencedWrite`: nothing it staged is
+   moved into the dataset, so a refused checkpoint changes nothing a reader sees.
+3. Two writers can never both create entry ``k``, so between a claim and any write of an older lease
+   the older one is refused: its next entry exists already (the claim's) or a newer one does. Entries
+   more than a few behind the newest are deleted after each write; the listing in step 2 keeps that
+   safe.
+
+*Create-if-absent* is atomic everywhere it is used: on local disk a hard link of a fully written and
+fsynced temporary file (``link(2)`` fails if the name exists; ``rename`` would replace it); on S3 a
+conditional PUT (``If-None-Match: *``, which S3 has honoured since 2024, and MinIO and moto too; GCS
+offers ``ifGenerationMatch=0`` and Azure ``If-None-Match: *`` for the same, not wired here: on those a
+write checks the name first, and a warning says the fence is not atomic there). The newest entry is
+found by listing, strongly consistent on local disk, S3, GCS and Azure.
+
+**Topic incarnation.** Each progress record and saved state carries the Kafka topic ID of the topic whose
+offsets it counts (:func:`pipeline.kafka.group.topic_id`; Kafka's own identity of a topic's incarnation:
+deleting and creating a topic again gives a new ID and offsets from 0, which the cluster ID plus a name
+cannot tell apart). A claim that finds another ID reports it, and by ``kafka.on_new_topic`` either
+starts the partition afresh or refuses (:class:`TopicIncarnationChanged`).
 
 What makes steps 2 and 3 atomic and durable depends on the filesystem:
 
@@ -59,13 +92,14 @@ import json
 import logging
 import os
 import re
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import polars as pl
 import pyarrow as pa
@@ -75,7 +109,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.config import Settings, running_stack
-from pipeline.errors import ConfigError, StoreUnavailable
+from pipeline.errors import ConfigError, RollcastError, StoreUnavailable
 from pipeline.windows import WINDOW_SCHEMA
 
 log = logging.getLogger("rollcast.store")
@@ -100,6 +134,54 @@ def _io(doing: str) -> Callable[[_Method], _Method]:
         return cast(_Method, run)
 
     return wrap
+
+
+KEEP_ENTRIES = 3  # entries of a record log kept below the newest (for a look at recent history)
+_SEQ = re.compile(r"^(\d{16})\.(json|state)$")
+_STATE_MAGIC = b"rollcast-state 1\n"
+
+
+class FencedWrite(RollcastError):
+    """A write refused because another process claimed the record since this one's :class:`Lease`: the
+    partition is no longer this process's. Nothing of the write became visible."""
+
+
+class TopicIncarnationChanged(RollcastError):
+    """A progress record or saved state counts offsets of another incarnation of its topic (another topic
+    ID), and ``kafka.on_new_topic`` is ``stop``."""
+
+
+@dataclass
+class Lease:
+    """A writer's claim on one record log (see the module docstring): ``seq`` is the newest entry it wrote;
+    its next write creates ``seq + 1``. ``topic_id``: the incarnation its records count offsets in."""
+
+    log: str
+    seq: int
+    topic_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What :meth:`HistoryStore.claim` found and took: the lease, the partition's progress (None: nothing
+    processed in this incarnation of the topic), and whether the record it found counted offsets of another
+    incarnation (``previous_topic_id``), which the claim reset."""
+
+    lease: Lease
+    progress: Progress | None
+    new_topic: bool = False
+    previous_topic_id: str | None = None
+
+
+@dataclass(frozen=True)
+class StateClaim:
+    """What :meth:`HistoryStore.claim_state` found and took: the lease, the state (None: none saved for this
+    incarnation of the topic), and whether a state of another incarnation was set aside."""
+
+    lease: Lease
+    data: bytes | None
+    new_topic: bool = False
+    previous_topic_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -131,6 +213,7 @@ class HistoryStore:
         self.location = redact_location(location)
         self.fs, self.root = open_location(location)
         self._local = isinstance(self.fs, pafs.LocalFileSystem)
+        self._s3 = _S3Creator.of(location) if isinstance(self.fs, pafs.S3FileSystem) else None
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -287,10 +370,32 @@ class HistoryStore:
         return len(pc.unique(col))
 
     @_io("reading the series' last windows")
-    def max_window_end(self) -> dict[str, int]:
-        """End of the last stored window of every series."""
-        stats = self._series_stats()
-        return dict(zip(stats["series"].to_list(), stats["last_end"].to_list(), strict=True))
+    def max_window_end(self, ends_from_ms: int | None = None, window_ms: int = DAY_MS) -> dict[str, int]:
+        """End of the last stored window of every series; with ``ends_from_ms``, of every series whose last
+        window ends at or after it (the others are left out).
+
+        With the bound (an ingest assignment's: only recent windows can meet replayed events, see
+        :meth:`pipeline.ingest.ingestor.Ingestor.assign`) this reads only the day directories that can
+        hold such windows (``window_ms``: the longest a window may be, so that its start's day is known)
+        and, there, only the files whose Parquet footer says they hold one: on a long history the cost
+        follows the recent files, not the store."""
+        if ends_from_ms is None:
+            stats = self._series_stats()
+            return dict(zip(stats["series"].to_list(), stats["last_end"].to_list(), strict=True))
+        files = [f for f in self._files(ends_from_ms - window_ms, None)
+                 if (end := self._max_window_end_of(f)) is not None and end >= ends_from_ms]
+        out: dict[str, int] = {}
+        if not files:
+            return out
+        dataset = ds.dataset(files, filesystem=self.fs, format="parquet")
+        for batch in dataset.to_batches(columns=["series", "window_end"], filter=ds.field("window_end") >= ends_from_ms,
+                                        batch_size=1 << 20):
+            if batch.num_rows:
+                last = pl.from_arrow(batch).group_by("series").agg(pl.col("window_end").max())
+                for series, end in zip(last["series"].to_list(), last["window_end"].to_list(), strict=True):
+                    if series not in out or end > out[series]:
+                        out[series] = end
+        return out
 
     def _series_stats(self, series: str | list[str] | None = None, files: list[str] | None = None) -> pl.DataFrame:
         """``series, windows, last_end`` of every stored series (or of ``series``), from one streamed
@@ -333,10 +438,58 @@ class HistoryStore:
 
     # -- writing (the ingest checkpoint) ----------------------------------------------------
 
-    @_io("writing a checkpoint")
-    def write_checkpoint(self, topic: str, partition: int, windows: pl.DataFrame, progress: Progress) -> None:
-        """Make ``windows`` and ``progress`` of one source partition durable, exactly once."""
+    @_io("claiming a partition")
+    def claim(self, topic: str, partition: int, topic_id: str | None = None,
+              on_new_topic: str = "restart") -> Claim:
+        """Take the partition's record log for this process (step 1 of the fencing in the module docstring):
+        finish the newest record's moves, then write the next entry. Every write of an earlier lease is
+        refused from now on.
+
+        ``topic_id``: the incarnation of ``topic`` the caller reads. A newest record of another one counts
+        offsets that mean nothing now: with ``on_new_topic="restart"`` the claim starts the partition afresh
+        (progress None, ``new_topic`` set), with ``"stop"`` it raises :class:`TopicIncarnationChanged`.
+        """
         name = f"{topic}-{partition}"
+        log_dir = f"_progress/{name}"
+        while True:
+            seq, raw = self._newest(log_dir, legacy=f"_progress/{name}.json") or (0, None)
+            record = json.loads(raw) if raw is not None else {}
+            if record.get("moves"):
+                self._apply_moves([tuple(m) for m in record["moves"]])
+            self._remove_dir(f"_pending/{name}")
+            previous = record.get("topic_id")
+            progress = _progress_of(record)
+            new_topic = progress is not None and _differ(previous, topic_id)
+            if new_topic:
+                if on_new_topic == "stop":
+                    raise TopicIncarnationChanged(
+                        f"{topic}[{partition}]: the history store's progress record counts offsets of topic ID "
+                        f"{previous}, the broker's {topic} is topic ID {topic_id} (deleted and created again, or "
+                        "another broker): set kafka.on_new_topic = \"restart\" to read it from its beginning")
+                progress = None
+            lease = Lease(log_dir, seq, topic_id or previous)
+            entry = {**_record_of(progress), "checkpoint": None, "moves": [], "topic_id": lease.topic_id,
+                     "claimed_by": _owner()}
+            try:
+                self._append(lease, json.dumps(entry).encode(), "json")
+            except FencedWrite:
+                continue  # another claim took entry seq + 1 meanwhile: read it and claim after it
+            return Claim(lease, progress, new_topic, previous if new_topic else None)
+
+    @_io("writing a checkpoint")
+    def write_checkpoint(self, topic: str, partition: int, windows: pl.DataFrame, progress: Progress,
+                         lease: Lease | None = None) -> None:
+        """Make ``windows`` and ``progress`` of one source partition durable, exactly once.
+
+        ``lease``: the claim this write is made under (:meth:`claim`); a write refused because another
+        process claimed the partition since raises :class:`FencedWrite` and stores nothing. Without a
+        lease the caller declares itself the only writer (tools, tests) and the write follows the newest
+        record."""
+        name = f"{topic}-{partition}"
+        if lease is None:
+            newest = self._newest(f"_progress/{name}", legacy=f"_progress/{name}.json")
+            lease = Lease(f"_progress/{name}", 0 if newest is None else newest[0],
+                          None if newest is None else json.loads(newest[1]).get("topic_id"))
         ckpt = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
         stage = f"_pending/{name}/{ckpt}"
         moves: list[tuple[str, str]] = []
@@ -347,50 +500,156 @@ class HistoryStore:
                 staged = f"{stage}/day={label}.parquet"
                 self._put_parquet(part.drop("_day").sort("series", "window_start").to_arrow(), staged)
                 moves.append((staged, f"day={label}/{ckpt}-{name}.parquet"))
-        record = {
-            "position": progress.position,
-            "max_ts": progress.max_ts,
-            "safe": progress.safe,
-            "checkpoint": ckpt,
-            "moves": moves,
-        }
-        self._put_record(f"_progress/{name}.json", json.dumps(record).encode())  # the commit point
+        record = {**_record_of(progress), "checkpoint": ckpt, "moves": moves, "topic_id": lease.topic_id}
+        try:
+            self._append(lease, json.dumps(record).encode(), "json")  # the commit point
+        except FencedWrite:
+            self._remove_dir(stage)
+            raise
         self._apply_moves(moves)
         if moves:
             self._remove_dir(stage)
 
     @_io("recovering a checkpoint")
     def recover(self, topic: str, partition: int) -> Progress | None:
-        """Finish or discard what a crash interrupted; return the partition's last progress."""
+        """Finish or discard what a crash interrupted; return the partition's last progress (None: no
+        record, or one that starts the partition afresh). Claims nothing: :meth:`claim` is the writer's."""
         name = f"{topic}-{partition}"
-        try:
-            with self.fs.open_input_stream(self._path(f"_progress/{name}.json")) as f:
-                record = json.loads(f.read())
-        except FileNotFoundError:
-            record = None
-        if record is not None:
+        newest = self._newest(f"_progress/{name}", legacy=f"_progress/{name}.json")
+        record = json.loads(newest[1]) if newest is not None else {}
+        if record.get("moves"):
             self._apply_moves([tuple(m) for m in record["moves"]])
         self._remove_dir(f"_pending/{name}")
-        if record is None:
-            return None
-        safe = record.get("safe")
-        return Progress(position=int(record["position"]), max_ts=record["max_ts"],
-                        safe=None if safe is None else int(safe))
+        return _progress_of(record)
+
+    @_io("reading a progress record")
+    def progress(self, topic: str, partition: int) -> Progress | None:
+        """The partition's progress as its newest record says, changing nothing (for monitoring and tests;
+        :meth:`recover` and :meth:`claim` are the writers')."""
+        newest = self._newest(f"_progress/{topic}-{partition}", legacy=f"_progress/{topic}-{partition}.json")
+        return None if newest is None else _progress_of(json.loads(newest[1]))
+
+    @_io("claiming a job's state")
+    def claim_state(self, name: str, topic_id: str | None = None, on_new_topic: str = "restart") -> StateClaim:
+        """Take ``name``'s state log for this process (as :meth:`claim` does a partition's) and return the
+        state saved there. A state saved for another incarnation of its topic (``topic_id``) is not
+        returned (``on_new_topic="restart"``) or refused (``"stop"``: :class:`TopicIncarnationChanged`)."""
+        log_dir = f"_state/{name}.log"
+        while True:
+            seq, raw = self._newest(log_dir, legacy=f"_state/{name}") or (0, None)
+            previous, data = _unwrap_state(raw) if raw is not None else (None, None)
+            new_topic = data is not None and _differ(previous, topic_id)
+            if new_topic:
+                if on_new_topic == "stop":
+                    raise TopicIncarnationChanged(
+                        f"the state {name} was saved for topic ID {previous}, the broker's topic is {topic_id} "
+                        "(deleted and created again, or another broker): set kafka.on_new_topic = \"restart\" "
+                        "to start it afresh")
+                data = None
+            lease = Lease(log_dir, seq, topic_id or previous)
+            try:
+                self._append(lease, _wrap_state(lease.topic_id, data), "state")
+            except FencedWrite:
+                continue
+            return StateClaim(lease, data, new_topic, previous if new_topic else None)
 
     @_io("writing a job's state")
-    def write_state(self, name: str, data: bytes) -> None:
-        """Replace ``_state/<name>`` atomically (a job's state beside the windows, e.g. the forecast job's
-        scoring and calibration state per windows partition); durable when this returns."""
-        self._put_record(f"_state/{name}", data)
+    def write_state(self, name: str, data: bytes, lease: Lease | None = None) -> None:
+        """Save ``data`` as ``name``'s state, atomically, durable when this returns (a job's state beside the
+        windows, e.g. the forecast job's scoring and calibration state per windows partition). ``lease``: as
+        in :meth:`write_checkpoint` (a refused write raises :class:`FencedWrite`)."""
+        if lease is None:
+            newest = self._newest(f"_state/{name}.log", legacy=f"_state/{name}")
+            lease = Lease(f"_state/{name}.log", 0 if newest is None else newest[0],
+                          None if newest is None else _unwrap_state(newest[1])[0])
+        self._append(lease, _wrap_state(lease.topic_id, data), "state")
 
     @_io("reading a job's state")
     def read_state(self, name: str) -> bytes | None:
-        """What :meth:`write_state` last wrote under ``name``, or None."""
+        """What :meth:`write_state` last wrote under ``name`` (None: nothing, or a claim that started it
+        afresh)."""
+        newest = self._newest(f"_state/{name}.log", legacy=f"_state/{name}")
+        return None if newest is None else _unwrap_state(newest[1])[1]
+
+    # -- record logs (the fencing, see the module docstring) ---------------------------------
+
+    def _entries(self, log_dir: str) -> list[int]:
+        """Sequence numbers of the log's entries, ascending."""
+        infos = self.fs.get_file_info(pafs.FileSelector(self._path(log_dir), allow_not_found=True))
+        return sorted(int(m.group(1)) for i in infos if (m := _SEQ.match(i.base_name)))
+
+    def _newest(self, log_dir: str, legacy: str) -> tuple[int, bytes] | None:
+        """The newest entry of a log and its bytes; a store written before record logs has one record at
+        ``legacy``, read as entry 0. None: no record."""
+        for _ in range(10):
+            seqs = self._entries(log_dir)
+            if not seqs:
+                break
+            try:
+                return seqs[-1], self._read(f"{log_dir}/{self._entry_name(log_dir, seqs[-1])}")
+            except FileNotFoundError:
+                continue  # pruned between the listing and the read: a newer entry exists, list again
+        if seqs:
+            raise StoreUnavailable(f"history store {self.location}: the newest entry of {log_dir} kept vanishing")
         try:
-            with self.fs.open_input_stream(self._path(f"_state/{name}")) as f:
-                return f.read()
+            return 0, self._read(legacy)
         except FileNotFoundError:
             return None
+
+    def _entry_name(self, log_dir: str, seq: int) -> str:
+        return f"{seq:016d}.{'json' if log_dir.startswith('_progress/') else 'state'}"
+
+    def _append(self, lease: Lease, data: bytes, kind: str) -> None:
+        """Write the entry after ``lease``'s, or raise :class:`FencedWrite` (steps 2 and 3 of the fencing)."""
+        seq = lease.seq + 1
+        rel = f"{lease.log}/{seq:016d}.{kind}"
+        if not self._create(rel, data):
+            _count_fenced()
+            raise FencedWrite(f"{lease.log}: entry {seq} exists, another process claimed it since entry {lease.seq}")
+        seqs = self._entries(lease.log)
+        if seqs and seqs[-1] > seq:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.delete_file(self._path(rel))
+            _count_fenced()
+            raise FencedWrite(f"{lease.log}: entry {seqs[-1]} is newer than this write's {seq}: another process "
+                              "claimed it")
+        lease.seq = seq
+        for old in seqs:
+            if old < seq - KEEP_ENTRIES:
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.delete_file(self._path(f"{lease.log}/{old:016d}.{kind}"))
+
+    def _create(self, rel: str, data: bytes) -> bool:
+        """Create ``rel`` holding ``data`` if no file has that name (atomic, durable when this returns);
+        False if one has."""
+        path = self._path(rel)
+        if self._local:
+            _makedirs(os.path.dirname(path))
+            tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)  # fails if the name exists; rename would replace it
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+            _fsync_dir(os.path.dirname(path))
+            return True
+        if self._s3 is not None:
+            return self._s3.create(path, data)
+        _warn_unfenced(self.location)
+        if self.fs.get_file_info(path).type != pafs.FileType.NotFound:
+            return False
+        with self.fs.open_output_stream(path) as f:
+            f.write(data)
+        return True
+
+    def _read(self, rel: str) -> bytes:
+        with self.fs.open_input_stream(self._path(rel)) as f:
+            return f.read()
 
     def _path(self, rel: str) -> str:
         return f"{self.root}/{rel}"
@@ -409,22 +668,6 @@ class HistoryStore:
         os.replace(tmp, path)
         # the record written next names this file: its directory entry must be durable before that,
         # or a power loss could leave a record whose staged file is gone (recover would skip the move)
-        _fsync_dir(os.path.dirname(path))
-
-    def _put_record(self, rel: str, data: bytes) -> None:
-        """Replace a progress record atomically."""
-        path = self._path(rel)
-        if not self._local:
-            with self.fs.open_output_stream(path) as f:  # a single-object PUT: atomic
-                f.write(data)
-            return
-        _makedirs(os.path.dirname(path))
-        tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
         _fsync_dir(os.path.dirname(path))
 
     def _apply_moves(self, moves: list[tuple[str, str]]) -> None:
@@ -446,6 +689,104 @@ class HistoryStore:
     def _remove_dir(self, rel: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.fs.delete_dir(self._path(rel))
+
+
+def _progress_of(record: dict[str, Any]) -> Progress | None:
+    if record.get("position") is None:
+        return None
+    safe = record.get("safe")
+    return Progress(position=int(record["position"]), max_ts=record.get("max_ts"),
+                    safe=None if safe is None else int(safe))
+
+
+def _record_of(progress: Progress | None) -> dict[str, Any]:
+    if progress is None:
+        return {"position": None, "max_ts": None, "safe": None}
+    return {"position": progress.position, "max_ts": progress.max_ts, "safe": progress.safe}
+
+
+def _differ(previous: str | None, current: str | None) -> bool:
+    """Whether two topic IDs name different incarnations (an unknown one differs from none)."""
+    return previous is not None and current is not None and previous != current
+
+
+def _wrap_state(topic_id: str | None, data: bytes | None) -> bytes:
+    """A state entry: a header line naming its topic incarnation, then the state's bytes (none: ``"empty"``)."""
+    header = json.dumps({"topic_id": topic_id, "empty": data is None, "by": _owner()}).encode()
+    return _STATE_MAGIC + header + b"\n" + (data or b"")
+
+
+def _unwrap_state(raw: bytes) -> tuple[str | None, bytes | None]:
+    """``(topic_id, state)`` of a state entry; a state saved before entries had headers is all state."""
+    if not raw.startswith(_STATE_MAGIC):
+        return None, raw
+    header, _, data = raw[len(_STATE_MAGIC):].partition(b"\n")
+    meta = json.loads(header)
+    return meta.get("topic_id"), None if meta.get("empty") else data
+
+
+@functools.cache
+def _owner() -> str:
+    """Who wrote an entry, for a person reading the log: host and process."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _count_fenced() -> None:
+    from pipeline.observability import FENCED_WRITES
+
+    FENCED_WRITES.inc()
+
+
+@functools.cache
+def _warn_unfenced(location: str) -> None:
+    log.warning("history store %s: this filesystem offers rollcast no atomic create-if-absent, so a frozen "
+                "process that wakes up after its partitions moved is fenced only by a check before its write "
+                "(local disk and S3 are fenced atomically; see pipeline/store.py)", location)
+
+
+class _S3Creator:
+    """Create-if-absent on S3: a PUT with ``If-None-Match: *`` (boto3; pyarrow's S3 filesystem cannot send
+    it). Credentials, region and endpoint come from the store's URI, else boto3's usual chain."""
+
+    def __init__(self, client: Any):
+        self.client = client
+
+    @staticmethod
+    def of(location: str) -> _S3Creator:
+        import boto3
+        from botocore.config import Config
+
+        parts = urlsplit(location)
+        query = dict(kv.split("=", 1) for kv in parts.query.split("&") if "=" in kv)
+        kwargs: dict[str, Any] = {"config": Config(retries={"max_attempts": 5, "mode": "standard"})}
+        if "@" in parts.netloc:
+            creds = parts.netloc.rsplit("@", 1)[0]
+            key, _, secret = creds.partition(":")
+            kwargs.update(aws_access_key_id=unquote(key), aws_secret_access_key=unquote(secret))
+        if "region" in query:
+            kwargs["region_name"] = query["region"]
+        if "endpoint_override" in query:
+            host = query["endpoint_override"]
+            kwargs["endpoint_url"] = host if "://" in host else f"{query.get('scheme', 'https')}://{host}"
+        return _S3Creator(boto3.client("s3", **kwargs))
+
+    def create(self, path: str, data: bytes) -> bool:
+        from botocore.exceptions import ClientError
+
+        bucket, _, key = path.partition("/")
+        for attempt in range(5):
+            try:
+                self.client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+                return True
+            except ClientError as e:
+                code = e.response.get("Error", {}).get("Code")
+                if code == "PreconditionFailed":
+                    return False
+                if code == "ConditionalRequestConflict" and attempt < 4:  # a concurrent PUT of the same key
+                    time.sleep(0.05 * (attempt + 1))
+                    continue
+                raise OSError(f"S3 PUT s3://{bucket}/{key}: {e}") from e
+        return False
 
 
 def open_location(location: str) -> tuple[pafs.FileSystem, str]:

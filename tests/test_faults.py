@@ -78,7 +78,7 @@ def healthy(child: Child, port: int, timeout: float = 60) -> dict:
 
 def progress_stamp(s: Settings) -> int:
     d = s.history_dir / "_progress"
-    return sum(f.stat().st_mtime_ns for f in d.glob("*.json")) if d.is_dir() else 0
+    return sum(f.stat().st_mtime_ns for f in d.glob("*/*.json")) if d.is_dir() else 0
 
 
 def forecastable(windows: pl.DataFrame, target: str = "mean") -> set[tuple[str, int]]:

@@ -26,8 +26,19 @@ runs steps 2 and 3, :func:`models.serving.session.forecast_session` step 1 and t
 
 On a rebalance, the partitions revoked get step 4 only (:meth:`ForecastCheckpoint.revoked`: kafka-python
 cannot block in the callback, and the next owner resumes from the save, not the commit), then their
-state is dropped; each partition assigned has its saved state loaded and the consumer seeks to the
-offset it covers (:meth:`ForecastCheckpoint.assigned`).
+state is dropped; each partition assigned has its saved state claimed and loaded, and the consumer seeks
+to the offset it covers (:meth:`ForecastCheckpoint.assigned`). A rebalance can run inside the polls that
+gather one batch (:func:`pipeline.windows_io.complete_batch` polls more than once): the records gathered
+before it of a partition it revoked or assigned are dropped from the batch (:meth:`ForecastCheckpoint.gather`),
+since the partition is no longer this process's, or was taken back to its save and is read again from
+there. So no batch processes, saves or commits a partition this process does not hold.
+
+Step 4 is fenced (:mod:`pipeline.store`, "Fencing"): the assignment's claim makes every save of an earlier
+owner fail. A process frozen past its session timeout that wakes up and saves is refused
+(:class:`~pipeline.store.FencedWrite`): it does not commit those partitions' offsets, drops their state,
+and rejoins the group. The new owner's state is never overwritten by a partial one. Each save also names
+the incarnation of the windows topic (its topic ID): a state saved for an earlier incarnation is not
+resumed from (``kafka.on_new_topic``).
 
 Why: with live scoring on, a forecast depends on more than its window's context: on the calibration learned
 from every earlier window of its series, and its score on forecasts issued up to H windows before.
@@ -51,7 +62,9 @@ from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from pipeline.config import Settings
-from pipeline.store import HistoryStore
+from pipeline.kafka.group import request_rejoin, topic_id
+from pipeline.observability import TOPIC_INCARNATIONS
+from pipeline.store import FencedWrite, HistoryStore, Lease
 
 log = logging.getLogger("rollcast.forecast")
 
@@ -79,6 +92,9 @@ class ForecastCheckpoint:
         self.timeout_ms = int(settings.observability.shutdown_timeout_s * 1000)
         self.pending: dict[Any, Any] = {}  # TopicPartition -> OffsetAndMetadata, processed since the last save
         self.started: dict[Any, int] = {}  # TopicPartition -> first offset processed since the last save
+        self.leases: dict[Any, Lease] = {}  # TopicPartition -> the store's claim on its state
+        self._gathering: dict[Any, list[Any]] | None = None  # the batch being polled (see gather)
+        self.failed: Exception | None = None  # raised by an assignment in a rebalance callback
         self._last = time.monotonic()
 
     @property
@@ -87,6 +103,29 @@ class ForecastCheckpoint:
 
     def name(self, partition: int) -> str:
         return f"forecast/{self.settings.groups.forecast}/{self.settings.topics.windows}-{partition}.npz"
+
+    def gather(self, batch: dict[Any, list[Any]] | None) -> None:
+        """Polls for ``batch`` begin (``batch``) or end (None). A rebalance callback that runs meanwhile drops
+        the records gathered so far of the partitions it revokes or assigns."""
+        self._gathering = batch
+
+    def _drop_gathered(self, partitions: Iterable[Any]) -> None:
+        if self._gathering is None:
+            return
+        for tp in partitions:
+            dropped = self._gathering.pop(tp, None)
+            if dropped:
+                log.info("windows partition %d moved while its batch was polled: %d records of it before the "
+                         "rebalance are dropped", tp.partition, len(dropped))
+
+    def raise_failed(self) -> None:
+        """Raise the error an assignment met in a rebalance callback (kafka-python swallows it there): the
+        partition's state could not be claimed or loaded (a store outage, or a saved state of an earlier
+        incarnation of the topic with ``kafka.on_new_topic = "stop"``), so nothing may be processed."""
+        if self.failed is not None:
+            failed, self.failed = self.failed, None
+            request_rejoin(self.consumer)  # the next session's assignment claims, loads and seeks again
+            raise failed
 
     def begin(self, batch: dict[Any, list[Any]]) -> None:
         """Step 1: a batch is about to be processed (the scorer's state will move past it)."""
@@ -135,20 +174,38 @@ class ForecastCheckpoint:
         pending, self.pending = self.pending, {}
         self.started = {}
         # 4. save each partition's state, naming the offset it covers (raises: nothing is committed)
-        self._save(pending)
+        fenced = self._save(pending)
+        for tp in fenced:
+            del pending[tp]
         # 5. commit; bounded: kafka-python retries a commit forever while the coordinator is unknown
-        self.consumer.commit(pending, timeout_ms=self.timeout_ms)
+        if pending:
+            self.consumer.commit(pending, timeout_ms=self.timeout_ms)
+        if fenced:
+            request_rejoin(self.consumer)
 
-    def _save(self, offsets: dict[Any, Any]) -> None:
+    def _save(self, offsets: dict[Any, Any]) -> list[Any]:
+        """Save the state of each partition in ``offsets``; return those whose save was fenced (another process
+        owns them now: their state here is dropped)."""
         if self.state is None:
-            return
+            return []
+        fenced = []
         for tp, om in offsets.items():
-            self.store.write_state(self.name(tp.partition), self.state.save(tp.partition, om.offset))
+            try:
+                self.store.write_state(self.name(tp.partition), self.state.save(tp.partition, om.offset),
+                                       lease=self.leases.get(tp))
+            except FencedWrite as e:
+                log.warning("windows partition %d was fenced: %s; its scoring state is dropped, not saved or "
+                            "committed, and the group rejoined", tp.partition, e)
+                self.state.drop(tp.partition)
+                self.leases.pop(tp, None)
+                fenced.append(tp)
+        return fenced
 
     def revoked(self, partitions: Iterable[Any]) -> None:
         """Before partitions go: save what was processed of them (the next owner resumes from it) and forget
         their series. The commit is left to the next owner's resume (kafka-python cannot block in here)."""
         revoked = set(partitions)
+        self._drop_gathered(revoked)
         mine = {tp: om for tp, om in self.pending.items() if tp in revoked}
         for tp in mine:
             del self.pending[tp]
@@ -160,17 +217,30 @@ class ForecastCheckpoint:
         except Exception as e:  # noqa: BLE001 - the new owner then resumes from the previous save
             log.warning("could not save the scoring state of revoked partitions %s: %s",
                         sorted(tp.partition for tp in mine), e)
-        if self.state is not None:
-            for tp in revoked:
+        for tp in revoked:
+            self.leases.pop(tp, None)
+            if self.state is not None:
                 self.state.drop(tp.partition)
 
     def assigned(self, partitions: Iterable[Any]) -> None:
-        """Load each assigned partition's saved state and seek to the offset it covers (moved or kept: the
-        position the client library left is not relied on)."""
+        """Claim each assigned partition's saved state, load it and seek to the offset it covers (moved or
+        kept: the position the client library left is not relied on)."""
+        partitions = list(partitions)
+        self._drop_gathered(partitions)
         if self.state is None:
             return
+        incarnation = topic_id(self.consumer, self.settings.topics.windows)
         for tp in partitions:
-            data = self.store.read_state(self.name(tp.partition))
+            claim = self.store.claim_state(self.name(tp.partition), incarnation, self.settings.kafka.on_new_topic)
+            self.leases[tp] = claim.lease
+            if claim.new_topic:
+                TOPIC_INCARNATIONS.labels(tp.topic).inc()
+                log.warning("windows partition %d: its saved scoring state counts offsets of topic ID %s, %s is "
+                            "now topic ID %s: starting it afresh from the partition's beginning "
+                            "(kafka.on_new_topic = restart)", tp.partition, claim.previous_topic_id, tp.topic,
+                            incarnation)
+                self.consumer.seek_to_beginning(tp)
+            data = claim.data
             if data is None:
                 self.state.drop(tp.partition)
                 continue

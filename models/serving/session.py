@@ -105,8 +105,15 @@ def forecast_session(settings: Settings, forecaster: Forecaster, consumer: Any, 
     try:
         while not shutdown.is_set():
             batch = poll_promptly(consumer, 200)
+            checkpoint.raise_failed()
             if batch:
-                complete_batch(consumer, batch, settings.forecast.batch_wait_ms / 1000, BATCH_WAITS)
+                checkpoint.gather(batch)  # a rebalance meanwhile drops what it moved from the batch
+                try:
+                    complete_batch(consumer, batch, settings.forecast.batch_wait_ms / 1000, BATCH_WAITS)
+                finally:
+                    checkpoint.gather(None)
+                checkpoint.raise_failed()
+                batch = {tp: records for tp, records in batch.items() if records}
             health.polled()
             lag.update(consumer, batch)
             if batch or not consumer.assignment():  # the idle clock runs only while assigned
@@ -156,7 +163,11 @@ def rebalance_listener(forecaster: Forecaster, checkpoint: ForecastCheckpoint) -
             if assigned:
                 log.info("assigned partitions %s", sorted(tp.partition for tp in assigned))
             forecaster.assigned(tp.partition for tp in assigned)
-            checkpoint.assigned(assigned)
+            try:
+                checkpoint.assigned(assigned)
+            except Exception as e:  # kafka-python logs and swallows it: the session raises it after the poll
+                checkpoint.failed = checkpoint.failed or e
+                raise
 
     return _AssignmentLog()
 

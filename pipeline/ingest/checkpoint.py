@@ -29,6 +29,12 @@ after); it returns the offsets, and step 5, :meth:`Checkpoint.commit_offsets`,
 runs later in the consumer's thread. :meth:`Checkpoint.commit` runs all five
 in the caller's thread.
 
+Step 3 is fenced (:mod:`pipeline.store`, "Fencing"): each partition's write carries the lease its
+assignment claimed, and a process that lost the partition to another meanwhile (frozen past its session
+timeout, then thawed) is refused. Its staged windows are dropped, its state for the partition too, and
+the partition is left out of step 5; the ingestor then ignores the partition's records and rejoins the
+group (:meth:`pipeline.ingest.ingestor.Ingestor.assign` claims it again if the group gives it back).
+
 A restart after a crash at any step: the store's progress record says which
 offsets were already processed (their windows are in the store, their
 rejects in the DLQ); re-read events below that position only rebuild the
@@ -51,7 +57,7 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from pipeline.errors import RollcastError
 from pipeline.ingest import telemetry as metrics
-from pipeline.store import HistoryStore, Progress
+from pipeline.store import FencedWrite, HistoryStore, Lease, Progress
 from pipeline.windows import WindowState
 from pipeline.windows_io import WindowRouter
 
@@ -70,6 +76,7 @@ class PartitionRun:
     replay_until: int = -1  # offsets below this were processed before a restart
     position: int | None = None  # next offset to read; None until a record was seen
     closed: list[pl.DataFrame] = field(default_factory=list)  # closed since the last checkpoint
+    lease: Lease | None = None  # the store's claim on the partition (None: the only writer, e.g. a tool)
 
 
 class Checkpoint:
@@ -85,6 +92,7 @@ class Checkpoint:
         self.router = router
         self.timeout_s = timeout_s
         self.futures: list[Any] = []
+        self.fenced: set[int] = set()  # partitions whose write the store refused, until the ingestor takes them
 
     def commit(self, runs: dict[int, PartitionRun], blocking: bool = True) -> None:
         """Run the five steps for ``runs`` (partition -> state); ``blocking=False`` in rebalance callbacks."""
@@ -114,13 +122,21 @@ class Checkpoint:
                     "offsets were not committed, a restart redoes the work"
                 )
         offsets: dict[TopicPartition, OffsetAndMetadata] = {}
-        for p, run in runs.items():
+        for p, run in list(runs.items()):
             if run.position is None:
                 continue
             # 3. store write + progress record (the commit point), which keeps step 4's safe offset
             safe = run.state.commit_offset(run.position)
             windows = closed[p] if closed[p] is not None else pl.DataFrame(schema=run.state.spec.schema)
-            self.store.write_checkpoint(self.topic, p, windows, Progress(run.position, run.state.max_ts, safe))
+            try:
+                self.store.write_checkpoint(self.topic, p, windows, Progress(run.position, run.state.max_ts, safe),
+                                            lease=run.lease)
+            except FencedWrite as e:
+                # another process owns the partition now: what this one holds of it is dropped, not stored
+                log.warning("partition %d was fenced: %s; its state is dropped and the group rejoined", p, e)
+                self.fenced.add(p)
+                del runs[p]
+                continue
             run.closed.clear()
             for cause, n in _causes(windows):
                 metrics.WINDOWS_CLOSED.labels(cause=cause).inc(n)

@@ -15,7 +15,11 @@ after the last record it read and never rebuild those windows. Under a
 cooperative protocol a partition that stays is neither revoked nor assigned,
 and keeps its state. A partition lost without a clean revoke (the group
 evicted this consumer) is dropped without a checkpoint: another consumer may
-own it already.
+own it already. Every assignment claims the partition's progress record in
+the store (:meth:`pipeline.store.HistoryStore.claim`), which fences the
+writes of any earlier owner still running: a process that was frozen past its
+session timeout and wakes up is refused at its next checkpoint, drops the
+partition's state, ignores its records and rejoins the group.
 
 :meth:`Ingestor.submit` hands one poll to a single worker thread and returns
 at once, so the caller goes straight back to ``consumer.poll()``: kafka-python
@@ -56,6 +60,8 @@ from pipeline.ingest import telemetry as metrics
 from pipeline.ingest.checkpoint import Checkpoint, PartitionRun
 from pipeline.ingest.decode import LATE, ROW_BITS, Decoder, Rejected, _ipc_bytes, is_arrow
 from pipeline.ingest.dlq import DeadLetters
+from pipeline.kafka.group import request_rejoin, topic_id
+from pipeline.observability import TOPIC_INCARNATIONS
 from pipeline.store import HistoryStore, Progress
 from pipeline.windows import TumblingWindow, WindowState
 from pipeline.windows_io import WindowRouter
@@ -107,6 +113,8 @@ class Ingestor:
         self._checkpoint_running: Future[Any] | None = None
         self._worker_error: BaseException | None = None
         self.failed: Exception | None = None  # set by a rebalance callback that raised
+        self._fresh_topic: set[int] = set()  # partitions of the last assignment read from their beginning
+        self._rejoin_asked: set[int] = set()  # fenced partitions a rejoin was requested for
 
     # -- partitions -------------------------------------------------------------------------
 
@@ -118,11 +126,16 @@ class Ingestor:
         (a revoke checkpoints every partition that was read), so the library's starting position
         (the committed offset, else ``auto_offset_reset``) is right; so it is for a record written
         before ``safe`` was kept, read only by a new consumer, which starts at the committed offset.
+        A record of an earlier incarnation of the topic (``kafka.on_new_topic = "restart"``) is one of
+        offsets that mean nothing now: the partition is read from its beginning.
         """
         self.drain(blocking=False)
         for p, progress in self._assign(partitions).items():
-            if progress is not None and progress.safe is not None:
-                self.consumer.seek(TopicPartition(self.topic, p), progress.safe)
+            tp = TopicPartition(self.topic, p)
+            if p in self._fresh_topic:
+                self.consumer.seek_to_beginning(tp)
+            elif progress is not None and progress.safe is not None:
+                self.consumer.seek(tp, progress.safe)
                 log.info("partition %d: reading again from safe offset %d", p, progress.safe)
 
     def _assign(self, partitions: Iterable[int]) -> dict[int, Progress | None]:
@@ -130,22 +143,48 @@ class Ingestor:
         self.rebalancing = False
         self.last_assigned = time.monotonic()
         new = [p for p in partitions if p not in self.runs]
+        self.checkpointer.fenced.difference_update(new)
+        self._rejoin_asked.difference_update(new)
+        self._fresh_topic = set()
         if not new:
             return {}
-        # Recover first: it may move a committed checkpoint's windows into the store, and replay must
-        # see them as closed, or it would close (and store) them a second time.
-        recovered = {p: self.store.recover(self.topic, p) for p in new}
-        closed_until = self.store.max_window_end()
+        # Claim first: it fences every earlier owner's writes, and it moves a committed checkpoint's
+        # windows into the store, which replay must see as closed, or it would close (and store) them
+        # a second time.
+        incarnation = topic_id(self.consumer, self.topic)
+        claims = {p: self.store.claim(self.topic, p, incarnation, self.settings.kafka.on_new_topic) for p in new}
+        for p, claim in claims.items():
+            if claim.new_topic:
+                TOPIC_INCARNATIONS.labels(self.topic).inc()
+                self._fresh_topic.add(p)
+                log.warning("partition %d: its progress record counts offsets of topic ID %s, %s is now topic ID "
+                            "%s (deleted and created again, or a new broker): reading it from its beginning "
+                            "(kafka.on_new_topic = restart)", p, claim.previous_topic_id, self.topic, incarnation)
+        closed_until = self.store.max_window_end(*self._recent_bound([c.progress for c in claims.values()]))
         for p in new:
-            progress = recovered[p]
+            progress = claims[p].progress
             state = WindowState(self.spec, closed_until=dict(closed_until))
-            run = PartitionRun(state)
+            run = PartitionRun(state, lease=claims[p].lease)
             if progress is not None:
                 state.max_ts = progress.max_ts
                 run.replay_until = progress.position
             self.runs[p] = run
             log.info("assigned partition %d (resume after offset %d)", p, run.replay_until)
-        return recovered
+        return {p: c.progress for p, c in claims.items()}
+
+    def _recent_bound(self, progress: list[Progress | None]) -> tuple[int | None, int]:
+        """``(ends_from_ms, window_ms)`` for :meth:`~pipeline.store.HistoryStore.max_window_end`: the stored
+        windows a rebuilt partition can meet again. Its watermark is restored from its record, so an event
+        read again is late unless its window ends after the watermark; and a new window fills a gap only
+        back to ``max_gap_windows`` windows before it. So only series whose last window ends after
+        ``watermark - (max_gap_windows + 1) * length`` matter, and only the newest files are read. A
+        partition without a watermark (never checkpointed, or a new incarnation of the topic) may meet any
+        stored window: then the whole store is read (None)."""
+        if not progress or any(p is None or p.max_ts is None for p in progress):
+            return None, self.spec.duration_ms
+        oldest = min(p.max_ts for p in progress if p is not None and p.max_ts is not None)
+        return oldest - self.spec.grace_ms - (self.spec.max_gap_windows + 1) * self.spec.duration_ms, \
+            self.spec.duration_ms
 
     def revoke(self, partitions: Iterable[int]) -> None:
         """Checkpoint the revoked partitions, then forget them."""
@@ -157,9 +196,10 @@ class Ingestor:
             return
         self.drain(blocking=False)
         gone = {p: self.runs[p] for p in partitions if p in self.runs}
+        held = list(gone)
         if gone:
-            self.checkpointer.commit(gone, blocking=False)
-        for p in gone:
+            self.checkpointer.commit(gone, blocking=False)  # a fenced partition leaves `gone` unstored
+        for p in held:
             del self.runs[p]
             log.info("revoked partition %d", p)
 
@@ -262,6 +302,11 @@ class Ingestor:
                 self._checkpoint_running = None
         if offsets is not None:
             self.checkpointer.commit_offsets(offsets, blocking)
+        if blocking and self.checkpointer.fenced - self._rejoin_asked:
+            # another process owns these partitions: the group has moved on without this one; rejoin now
+            # rather than at the next failed heartbeat (their records are ignored until then)
+            self._rejoin_asked |= self.checkpointer.fenced
+            request_rejoin(self.consumer)
 
     def process(self, partition: int, records: Sequence[Any], now: float | None = None) -> None:
         """Decode, reject, window one partition's records (in offset order), in the caller's thread."""
@@ -277,6 +322,8 @@ class Ingestor:
             return
         run = self.runs.get(partition)
         if run is None:
+            if partition in self.checkpointer.fenced:  # owned by another process now: not this one's to read
+                return
             self._assign([partition])
             run = self.runs[partition]
         decoded = self.decoder.decode(records)

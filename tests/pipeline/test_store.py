@@ -159,10 +159,10 @@ def test_staging_no_record_names_is_discarded(store_location: str, monkeypatch) 
     store = HistoryStore(store_location)
     store.write_checkpoint(TOPIC, 0, FIRST, Progress(10, T0))
 
-    def crash(rel: str, data: bytes) -> None:
+    def crash(rel: str, data: bytes) -> bool:
         raise OSError("killed before the progress record was written")
 
-    monkeypatch.setattr(store, "_put_record", crash)
+    monkeypatch.setattr(store, "_create", crash)
     with pytest.raises(OSError, match="killed"):
         store.write_checkpoint(TOPIC, 0, SECOND, Progress(20, T0 + 30 * HOUR))
     assert len(pending_files(store)) == 2
@@ -199,8 +199,8 @@ def test_local_directory_entries_are_synced_before_the_record_names_them(tmp_pat
     real_fsync_dir = store_module._fsync_dir
     monkeypatch.setattr(store_module, "_fsync_dir", lambda path: (events.append(path), real_fsync_dir(path)))
     store = HistoryStore(str(tmp_path / "history"))
-    real_put_record = store._put_record
-    monkeypatch.setattr(store, "_put_record", lambda rel, data: (events.append("RECORD"), real_put_record(rel, data)))
+    real_create = store._create
+    monkeypatch.setattr(store, "_create", lambda rel, data: (events.append("RECORD"), real_create(rel, data))[1])
 
     store.write_checkpoint(TOPIC, 0, SECOND, Progress(20, T0 + 30 * HOUR))  # two days
     root = str(tmp_path / "history")
@@ -209,7 +209,8 @@ def test_local_directory_entries_are_synced_before_the_record_names_them(tmp_pat
     assert {str(tmp_path), root, f"{root}/_pending", f"{root}/_pending/{TOPIC}-0", stage} <= before
     after = set(events[events.index("RECORD") + 1:])
     days = {f"{root}/{d.name}" for d in (tmp_path / "history").iterdir() if d.name.startswith("day=")}
-    assert len(days) == 2 and days | {root, f"{root}/_progress"} <= after
+    assert len(days) == 2 and days | {root} <= after
+    assert f"{root}/_progress/{TOPIC}-0" in before | after
     assert store.read().equals(expected(SECOND))
 
 

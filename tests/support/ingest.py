@@ -81,7 +81,7 @@ def checkpoints(store: HistoryStore) -> tuple[bytes, ...]:
     File times would not do on S3 (one-second resolution). A read that races a replace on an
     object store may come back torn or fail; either reads as a change, which is what it is.
     """
-    found = store.fs.get_file_info(pafs.FileSelector(f"{store.root}/_progress", allow_not_found=True))
+    found = store.fs.get_file_info(pafs.FileSelector(f"{store.root}/_progress", allow_not_found=True, recursive=True))
     out = []
     for info in sorted(found, key=lambda i: i.path):
         if info.path.endswith(".json"):
@@ -97,11 +97,9 @@ def progress_positions(store: HistoryStore, topic: str, partitions: int) -> dict
     """The position each partition's progress record (the commit point in the store) holds."""
     out = {}
     for p in range(partitions):
-        try:
-            with store.fs.open_input_stream(f"{store.root}/_progress/{topic}-{p}.json") as f:
-                out[p] = json.loads(f.read())["position"]
-        except (FileNotFoundError, json.JSONDecodeError):  # none yet, or read while being replaced
-            pass
+        progress = store.progress(topic, p)
+        if progress is not None:
+            out[p] = progress.position
     return out
 
 

@@ -77,6 +77,9 @@ class ScriptedConsumer:
     def seek(self, partition: TopicPartition, offset: int) -> None:
         self.seeks.append((partition.partition, offset))
 
+    def seek_to_beginning(self, *partitions: TopicPartition) -> None:
+        self.seeks.extend((p.partition, 0) for p in partitions)
+
     def commit(self, offsets: dict[TopicPartition, OffsetAndMetadata], timeout_ms: int | None = None) -> None:
         if self.on_commit is not None:
             self.on_commit(offsets)
@@ -134,9 +137,10 @@ def test_without_scoring_every_batch_is_committed_and_nothing_is_saved(settings:
 def test_nothing_is_committed_when_a_save_fails(settings: Settings) -> None:
     consumer, state = ScriptedConsumer(0, 1), Seen()
     checkpoint = ForecastCheckpoint(settings, consumer, lambda: state)
-    # a directory where partition 1's record goes: its save fails in the store (a real OSError)
-    blocked = Path(settings.history_location) / "_state" / checkpoint.name(1)
-    blocked.mkdir(parents=True)
+    # a file where partition 1's record log goes: its save fails in the store (a real OSError)
+    blocked = Path(settings.history_location) / "_state" / f"{checkpoint.name(1)}.log"
+    blocked.parent.mkdir(parents=True)
+    blocked.write_bytes(b"")
 
     b = batch(p0=range(0, 5), p1=range(20, 23))
     checkpoint.begin(b)
@@ -146,7 +150,7 @@ def test_nothing_is_committed_when_a_save_fails(settings: Settings) -> None:
         checkpoint.flush()
     assert consumer.commits == []  # not partition 1's offset, nor partition 0's, whose save went through
     assert saved(settings, checkpoint, 0) == {"offset": 5, "seen": 5}
-    assert blocked.is_dir()
+    assert blocked.is_file()
 
 
 def test_a_failed_batch_goes_back_to_the_last_save(settings: Settings) -> None:
@@ -196,3 +200,70 @@ def test_revoked_partitions_are_saved_not_committed_and_their_next_owner_resumes
     ForecastCheckpoint(settings, other, lambda: other_state).assigned([tp(1), tp(2)])
     assert other.seeks == [(1, 23)]
     assert other_state.seen == {1: 3}
+
+
+def test_a_thawed_owner_saves_nothing_over_the_new_owners_state_and_commits_nothing(settings: Settings) -> None:
+    """Process A holds partition 0, freezes past its session timeout; the group gives the partition to B, which
+    claims its state, and goes on. A thaws and flushes what it processed before the pause: the store refuses the
+    save, A commits nothing for the partition and drops its state; B's save stands."""
+    a_consumer, a_state = ScriptedConsumer(0, 1), Seen()
+    a = ForecastCheckpoint(settings, a_consumer, lambda: a_state)
+    a.assigned([tp(0), tp(1)])
+    first = batch(p0=range(0, 5), p1=range(0, 2))
+    a.begin(first)
+    a_state.add(first)
+    a.processed(commits(first))
+    a.flush()
+    partial = batch(p0=range(5, 7), p1=range(2, 3))  # processed by A just before the pause
+    a.begin(partial)
+    a_state.add(partial)
+    a.processed(commits(partial))
+
+    b_consumer, b_state = ScriptedConsumer(0), Seen()
+    b = ForecastCheckpoint(settings, b_consumer, lambda: b_state)
+    b.assigned([tp(0)])
+    assert b_consumer.seeks == [(0, 5)] and b_state.seen == {0: 5}
+    more = batch(p0=range(5, 12))
+    b.begin(more)
+    b_state.add(more)
+    b.processed(commits(more))
+    b.flush()
+
+    a.flush()  # A thaws
+    assert a_consumer.commits == [{0: 5, 1: 2}, {1: 3}]  # partition 0's offset 7 is not committed
+    assert 0 not in a_state.seen and a_state.seen == {1: 3}
+    assert saved(settings, b, 0) == {"offset": 12, "seen": 12}
+
+
+def test_a_rebalance_during_a_batchs_polls_drops_what_it_moved(settings: Settings) -> None:
+    consumer, state = ScriptedConsumer(0, 1, 2), Seen()
+    checkpoint = ForecastCheckpoint(settings, consumer, lambda: state)
+    gathered = batch(p0=range(0, 3), p1=range(10, 12), p2=range(20, 21))
+    checkpoint.gather(gathered)
+    checkpoint.revoked([tp(1), tp(2)])  # inside a poll of complete_batch
+    checkpoint.assigned([tp(2)])  # partition 2 comes back: read again from its save
+    gathered.setdefault(tp(2), []).extend([Record(20), Record(21)])  # polled after the rebalance
+    checkpoint.gather(None)
+    assert {t.partition: [r.offset for r in rs] for t, rs in gathered.items()} == {0: [0, 1, 2], 2: [20, 21]}
+    checkpoint.revoked([tp(0)])  # after the batch was gathered: the batch is left alone
+    assert tp(0) in gathered
+
+
+def test_a_state_saved_for_an_earlier_topic_is_not_resumed(settings: Settings, monkeypatch) -> None:
+    import models.serving.checkpoint as module
+
+    consumer, state = ScriptedConsumer(0), Seen()
+    monkeypatch.setattr(module, "topic_id", lambda consumer, topic: "topic-1")
+    checkpoint = ForecastCheckpoint(settings, consumer, lambda: state)
+    checkpoint.assigned([tp(0)])
+    b = batch(p0=range(0, 4))
+    checkpoint.begin(b)
+    state.add(b)
+    checkpoint.processed(commits(b))
+    checkpoint.flush()
+
+    monkeypatch.setattr(module, "topic_id", lambda consumer, topic: "topic-2")  # deleted and created again
+    again, again_state = ScriptedConsumer(0), Seen()
+    again_state.seen[0] = 4
+    ForecastCheckpoint(settings, again, lambda: again_state).assigned([tp(0)])
+    assert again.seeks == [(0, 0)] and again_state.seen == {}

@@ -125,14 +125,14 @@ def test_nothing_is_committed_when_a_store_write_fails(settings: Settings, store
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     store = HistoryStore(store_location)
     topic = settings.topics.observations
-    put_record = store._put_record
+    create = store._create
 
-    def failing_put_record(rel: str, data: bytes) -> None:
-        if rel == f"_progress/{topic}-1.json":  # partition 1's commit point
+    def failing_create(rel: str, data: bytes) -> bool:
+        if rel.startswith(f"_progress/{topic}-1/"):  # partition 1's commit point
             raise OSError("no space left on device")
-        put_record(rel, data)
+        return create(rel, data)
 
-    monkeypatch.setattr(store, "_put_record", failing_put_record)
+    monkeypatch.setattr(store, "_create", failing_create)
     calls: list[str] = []
     ckpt, consumer = checkpoint(settings, Recorded(store, "store", calls), calls)
     partitions = runs()
@@ -146,3 +146,25 @@ def test_nothing_is_committed_when_a_store_write_fails(settings: Settings, store
     assert store.recover(topic, 1) is None
     assert store.read().select("series", "window_start").sort("series", "window_start").rows() == [("a", 0), ("a", 1000)]
     assert partitions[1].closed, "the failed partition keeps its closed windows"
+
+
+def test_a_fenced_partition_is_dropped_stored_nowhere_and_not_committed(settings: Settings,
+                                                                        store_location: str) -> None:
+    """This process claimed partitions 0 and 1, froze, and another process claimed partition 1 meanwhile (as
+    an assignment does). The checkpoint after the thaw stores and commits partition 0 only; partition 1's
+    windows are in no Parquet file, its state here is dropped, and the ingestor is told (``fenced``)."""
+    store = HistoryStore(store_location)
+    topic = settings.topics.observations
+    calls: list[str] = []
+    ckpt, consumer = checkpoint(settings, store, calls)
+    partitions = runs()
+    for p, run in partitions.items():
+        run.lease = store.claim(topic, p).lease
+    HistoryStore(store_location).claim(topic, 1)  # the other process
+
+    ckpt.commit(partitions)
+
+    assert consumer.committed == [{TopicPartition(topic, 0): 13}]
+    assert set(partitions) == {0, 2} and ckpt.fenced == {1}
+    assert store.read().select("series", "window_start").rows() == [("a", 0), ("a", 1000)]
+    assert store.progress(topic, 1) is None
