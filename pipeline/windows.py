@@ -39,7 +39,7 @@ Semantics, identical to processing the events one by one in offset order:
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import polars as pl
@@ -111,6 +111,11 @@ class WindowState:
     closed_until: dict[str, int] = field(default_factory=dict)
     last_seen: dict[str, float] = field(default_factory=dict)
     open: pl.DataFrame | None = None
+    # Where ``closed_until`` of a series not in it is looked up the first time the series is seen (None: it
+    # holds every series): a state rebuilt from the store with only its recent series' ends, the others
+    # read when they come back (see pipeline.ingest.ingestor.Ingestor._assign).
+    lookup: Callable[[list[str]], dict[str, int]] | None = None
+    _looked_up: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         if self.open is None:
@@ -150,6 +155,11 @@ class WindowState:
             return Added(events, pl.DataFrame(schema=self.spec.schema))
         prev_max = _MIN_TS if self.max_ts is None else self.max_ts
         keys = events.get_column("series").unique().to_list()
+        if self.lookup is not None:
+            unknown = [k for k in keys if k not in self.closed_until and k not in self._looked_up]
+            if unknown:
+                self.closed_until.update(self.lookup(unknown))
+                self._looked_up.update(unknown)
         ev = events.lazy().with_columns(window_start=self.spec.start_of(pl.col("ts"))).with_columns(
             _wm_before=pl.max_horizontal(pl.col("ts").cum_max().shift(1, fill_value=prev_max), pl.lit(prev_max))
             - self.spec.grace_ms

@@ -115,6 +115,7 @@ class Ingestor:
         self.failed: Exception | None = None  # set by a rebalance callback that raised
         self._fresh_topic: set[int] = set()  # partitions of the last assignment read from their beginning
         self._rejoin_asked: set[int] = set()  # fenced partitions a rejoin was requested for
+        self._incarnation: str | None = None  # the topic ID the partitions held were claimed in
 
     # -- partitions -------------------------------------------------------------------------
 
@@ -152,6 +153,7 @@ class Ingestor:
         # windows into the store, which replay must see as closed, or it would close (and store) them
         # a second time.
         incarnation = topic_id(self.consumer, self.topic)
+        self._incarnation = incarnation
         claims = {p: self.store.claim(self.topic, p, incarnation, self.settings.kafka.on_new_topic) for p in new}
         for p, claim in claims.items():
             if claim.new_topic:
@@ -160,10 +162,12 @@ class Ingestor:
                 log.warning("partition %d: its progress record counts offsets of topic ID %s, %s is now topic ID "
                             "%s (deleted and created again, or a new broker): reading it from its beginning "
                             "(kafka.on_new_topic = restart)", p, claim.previous_topic_id, self.topic, incarnation)
-        closed_until = self.store.max_window_end(*self._recent_bound([c.progress for c in claims.values()]))
+        bound = self._recent_bound([c.progress for c in claims.values()])
+        closed_until = self.store.max_window_end(bound, self.spec.duration_ms)
+        lookup = None if bound is None else self._lookup_closed
         for p in new:
             progress = claims[p].progress
-            state = WindowState(self.spec, closed_until=dict(closed_until))
+            state = WindowState(self.spec, closed_until=dict(closed_until), lookup=lookup)
             run = PartitionRun(state, lease=claims[p].lease)
             if progress is not None:
                 state.max_ts = progress.max_ts
@@ -172,19 +176,26 @@ class Ingestor:
             log.info("assigned partition %d (resume after offset %d)", p, run.replay_until)
         return {p: c.progress for p, c in claims.items()}
 
-    def _recent_bound(self, progress: list[Progress | None]) -> tuple[int | None, int]:
-        """``(ends_from_ms, window_ms)`` for :meth:`~pipeline.store.HistoryStore.max_window_end`: the stored
-        windows a rebuilt partition can meet again. Its watermark is restored from its record, so an event
-        read again is late unless its window ends after the watermark; and a new window fills a gap only
-        back to ``max_gap_windows`` windows before it. So only series whose last window ends after
-        ``watermark - (max_gap_windows + 1) * length`` matter, and only the newest files are read. A
-        partition without a watermark (never checkpointed, or a new incarnation of the topic) may meet any
-        stored window: then the whole store is read (None)."""
+    def _recent_bound(self, progress: list[Progress | None]) -> int | None:
+        """The window end from which a rebuilt partition's series are read from the store at assignment (the
+        ``ends_from_ms`` of :meth:`~pipeline.store.HistoryStore.max_window_end`); None: all of them.
+
+        A rebalance must not take a session timeout, and reading the last window of every series of a long
+        history could (issue: 100,000 series x 5,000 windows). The watermark is restored from the record, so
+        an event read again can only meet a stored window that ends after ``watermark - length``: the series
+        stored since then are read now, from the newest files only (Parquet footers). Any other series is
+        read the first time it is seen again (:attr:`~pipeline.windows.WindowState.lookup`), for the gap
+        rows back to its last window: outside the rebalance callback, and only for series that come back
+        after an idle spell. A partition without a watermark (never checkpointed, or a new incarnation of
+        the topic) may meet any stored window: then every series is read now."""
         if not progress or any(p is None or p.max_ts is None for p in progress):
-            return None, self.spec.duration_ms
+            return None
         oldest = min(p.max_ts for p in progress if p is not None and p.max_ts is not None)
-        return oldest - self.spec.grace_ms - (self.spec.max_gap_windows + 1) * self.spec.duration_ms, \
-            self.spec.duration_ms
+        return oldest - self.spec.grace_ms - self.spec.duration_ms
+
+    def _lookup_closed(self, series: list[str]) -> dict[str, int]:
+        """End of the last stored window of each of ``series`` (for :attr:`WindowState.lookup`)."""
+        return self.store.max_window_end(series=series)
 
     def revoke(self, partitions: Iterable[int]) -> None:
         """Checkpoint the revoked partitions, then forget them."""
@@ -251,8 +262,27 @@ class Ingestor:
         """Hand one ``consumer.poll()`` result (TopicPartition -> records) to the worker thread."""
         self._collect()
         items = [(tp.partition, records) for tp, records in batch.items() if records]
+        if items and self._topic_replaced():
+            return  # read again from the beginning once the group has assigned the new topic's partitions
         if items:
             self._enqueue(self._process_all, items, now)
+
+    def _topic_replaced(self) -> bool:
+        """Whether the topic was deleted and created again under this running consumer (its topic ID in the
+        client's metadata, refreshed every ``metadata_max_age_ms``, is not the one assigned). Then what is held
+        counts offsets of the old topic: it is dropped, unstored (the old topic's records are gone; its
+        closed windows were stored at earlier checkpoints), and the group rejoined, so that each partition is
+        claimed again as a new incarnation and read from its beginning (``kafka.on_new_topic``)."""
+        current = topic_id(self.consumer, self.topic)
+        if current is None or self._incarnation is None or current == self._incarnation:
+            return False
+        log.warning("%s was deleted and created again (topic ID %s, was %s): dropping the state of partitions "
+                    "%s and rejoining the group", self.topic, current, self._incarnation, sorted(self.runs))
+        self.drain()
+        self.runs.clear()
+        self._incarnation = None
+        request_rejoin(self.consumer)
+        return True
 
     def drain(self, blocking: bool = True) -> None:
         """Wait for all submitted work, commit the offsets of its checkpoints (asynchronously when
@@ -372,6 +402,8 @@ class Ingestor:
         self._collect()
         now = time.monotonic() if now is None else now
         if now - self._last_checkpoint < self.interval_s or self._checkpoint_running is not None:
+            return False
+        if self._topic_replaced():  # checked here too: no record may come (a position past the new topic's end)
             return False
         self._last_checkpoint = now
         self._checkpoint_running = self._enqueue(self._checkpoint_in_worker, now)
