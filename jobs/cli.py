@@ -4,6 +4,9 @@ Each job module exposes ``HELP`` (one line), ``add_arguments(parser)`` and
 ``run(settings, args) -> int``. The CLI builds the settings once (``--config``
 plus ``ROLLCAST_*`` variables), turns the project's errors into one clear
 message and a non-zero exit, and never prints a traceback for bad input.
+Exit codes: 0 done, 1 an error, 2 invalid settings, 4 a record batch that
+failed its checks stopped the job (``kafka.on_corrupt_batch = "stop"``),
+130 interrupted; each error class carries its own (``RollcastError.exit_code``).
 Job modules import their heavy dependencies (torch, mlflow) inside ``run``
 so that ``rollcast --help`` stays fast.
 
@@ -89,11 +92,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args._module.run(settings, args) or 0)
     except ConfigError as e:
         print(f"rollcast: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except RollcastError as e:
         logging.getLogger("rollcast").debug("error", exc_info=True)
         print(f"rollcast {args.command}: error: {e}", file=sys.stderr)
-        return 1
+        return e.exit_code
     except KeyboardInterrupt:
         return 130
 

@@ -72,6 +72,29 @@ class KafkaSettings(_Section):
         "lower cuts forecast latency on brokers that hold fetches, at the cost of more idle fetches)",
     )
 
+    dlq_max_message_bytes: int = Field(
+        1_000_000, ge=4096, description="the DLQ topic's max.message.bytes (and the producer's max_request_size): "
+        "no dead letter is sent larger. One that would be (a rejected value near the broker's limit plus "
+        "rollcast's headers) is sent with its value cut to fit and headers giving the original size and SHA-256; "
+        "its source topic, partition and offset headers say where the whole record is",
+    )
+    on_corrupt_batch: Literal["stop", "skip"] = Field(
+        "stop", description="a record batch that fails its checks (its CRC, or a record that cannot be parsed) "
+        "on corrupt_batch_attempts fetches of the same offset in a row: 'stop' ends the job with an error naming "
+        "the topic, partition, offset and this setting (exit code 4); 'skip' moves past the batch, logs an error "
+        "naming the offsets skipped and counts it. Both count it in rollcast_corrupt_batches_total{action}",
+    )
+    corrupt_batch_attempts: int = Field(
+        3, ge=1, description="fetches of one offset that must fail in a row before on_corrupt_batch applies; "
+        "fewer failures are fetched again (a bit flipped in transit)",
+    )
+    on_new_topic: Literal["restart", "stop"] = Field(
+        "restart", description="a progress record or saved state counts offsets of an earlier incarnation of its "
+        "topic (the topic was deleted and created again, or the embedded broker started empty; Kafka's topic ID "
+        "differs): 'restart' reads the partition from its beginning, logs it and counts it "
+        "(rollcast_topic_incarnation_changes_total); 'stop' ends the job with an error naming this setting",
+    )
+
     @field_validator("client")
     @classmethod
     def _known_client_keys(cls, v: dict[str, Any]) -> dict[str, Any]:

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 
 class RollcastError(Exception):
-    """Root of every error rollcast raises on purpose."""
+    """Root of every error rollcast raises on purpose; ``exit_code`` is the status ``rollcast`` exits with."""
+
+    exit_code = 1
 
 
 class ConfigError(RollcastError):
     """Settings are invalid; ``problems`` lists every one of them."""
+
+    exit_code = 2
 
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
@@ -23,6 +27,14 @@ class ConfigError(RollcastError):
 
 class BrokerUnavailable(RollcastError):
     """The Kafka bootstrap servers could not be reached in time."""
+
+
+class CorruptBatch(RollcastError):
+    """A record batch failed its checks (CRC) on every one of ``kafka.corrupt_batch_attempts`` fetches and
+    ``kafka.on_corrupt_batch`` is ``stop``. Not an outage: fetching again gets the same bytes, so the job
+    ends (exit code 4) instead of retrying, and says where the batch is."""
+
+    exit_code = 4
 
 
 class MlflowUnavailable(RollcastError):

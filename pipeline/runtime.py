@@ -81,6 +81,10 @@ def retry_sessions(
     """Run ``session()`` until it returns; after one of ``errors`` (a broker or history-store outage),
     pause (1 s, 2 s, 4 s, ... up to 30 s) and run it again.
 
+    Any other error ends the job: :class:`~pipeline.errors.CorruptBatch` (a record batch that failed its
+    checks on every fetch) is a :class:`~pipeline.errors.RollcastError`, never a Kafka error, because a new
+    session would fetch the same bytes and fail the same way, forever.
+
     ``resuming`` says in the warning what the job does about the failed session (rewinds, rebuilds);
     ``before_retry`` runs before every retry (topics the broker lost are created again). One warning
     per outage; retries log at debug. Returns False when a session failed after ``shutdown`` was set

@@ -130,13 +130,13 @@ def complete_batch(consumer: Any, batch: dict, wait_s: float, waits: Any = None)
     to ``wait_s``. A checkpoint's partitions often land in different fetches; forecasting each fetch on its
     own runs the inference and the messages twice and delays the second half by the first."""
 
-    from pipeline.kafka.clients import poll_promptly
+    from pipeline.kafka.clients import poll_checked, poll_promptly
 
     def extend(more: dict) -> None:
         for tp, records in more.items():
             batch.setdefault(tp, []).extend(records)
 
-    extend(consumer.poll(timeout_ms=0))
+    extend(poll_checked(consumer, 0))
     if wait_s <= 0:
         return
     owned = {tp.partition for tp in consumer.assignment()}

@@ -89,7 +89,7 @@ class Ingestor:
         self.spec = TumblingWindow.from_settings(settings.window)
         self.decoder = Decoder(settings.fields, settings.window.min_ts_ms, settings.window.max_ts_ms)
         self.store = store or HistoryStore(settings)
-        self.dlq = DeadLetters(producer, settings.topics.dlq)
+        self.dlq = DeadLetters(producer, settings.topics.dlq, settings.kafka.dlq_max_message_bytes)
         if windows_partitions is None:
             found = producer.partitions_for(settings.topics.windows)
             windows_partitions = len(found) if found else settings.kafka.partitions
