@@ -10,6 +10,7 @@ import glob
 import os
 import re
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -90,6 +91,14 @@ class _Stream(threading.Thread):
         if self.error is not None:
             raise AssertionError(f"producing observations failed: {self.error!r}") from self.error
         return self.sent
+
+
+def _exit_code(child: Child, timeout_s: float = 30) -> int | None:
+    """The exit status of a process sent one SIGTERM, or None if it did not exit in time."""
+    try:
+        return child.proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return None
 
 
 def _log(child: Child) -> str:
@@ -225,7 +234,9 @@ def test_frozen_processes_taken_over_then_thawed_store_every_window_once(setting
         for child in (a, b):  # SIGTERM both at once: neither is handed the other's partitions on the way out
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(child.pid, signal.SIGTERM)
-        codes = {"ingest-a": a.stop(timeout_s=30), "ingest-b": b.stop(timeout_s=30)}
+        # one SIGTERM each: Child.stop would send another, which a process already in interpreter shutdown
+        # (its handlers gone) dies of (-15)
+        codes = {"ingest-a": _exit_code(a), "ingest-b": _exit_code(b)}
     finally:
         stream.halt.set()
         for child in (a, b):
