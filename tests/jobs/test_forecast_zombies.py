@@ -46,7 +46,7 @@ ZOMBIE_ENV = {
     # that is processed and published but not saved, and its late save of it is what the fence must refuse
     "ROLLCAST_SCORING__CHECKPOINT_S": "3600",
 }
-FREEZE_S = 10.0  # > 3x the session timeout: the group evicts the frozen member
+FREEZE_S = 6.0  # 2x the session timeout, and at least until the other process took over (below)
 TAKEOVER_S = 45.0  # the longest a freeze waits for the other process to take over and work
 PARTITIONS = {0, 1, 2}
 SERIES = [f"z{i}" for i in range(9)]  # 2, 2 and 5 series in windows partitions 0, 1 and 2

@@ -60,7 +60,7 @@ def _kill9_restart_check(test_env: dict[str, str], tmp_path, n_obs: int, kills: 
 
 
 def test_kill9_at_random_points_then_restart_stores_every_window_once(settings, test_env, tmp_path):
-    _kill9_restart_check(test_env, tmp_path, n_obs=12_000, kills=3, seed=3)
+    _kill9_restart_check(test_env, tmp_path, n_obs=8_000, kills=2, seed=3)
 
 
 def test_kill9_with_the_store_on_s3_stores_every_window_once(settings, test_env, tmp_path, s3_uri):

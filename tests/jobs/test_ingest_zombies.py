@@ -42,7 +42,7 @@ ZOMBIE_ENV = {
     "ROLLCAST_KAFKA__SESSION_TIMEOUT_MS": str(SESSION_TIMEOUT_MS),
     "ROLLCAST_KAFKA__HEARTBEAT_INTERVAL_MS": "500",
 }
-FREEZE_S = 10.0  # > 3x the session timeout: the group evicts the frozen member
+FREEZE_S = 6.0  # 2x the session timeout, and at least until the other process took over (below)
 TAKEOVER_S = 30.0  # the longest a freeze waits for the other process to take over and checkpoint
 PARTITIONS = {0, 1, 2}
 SERIES = 8
