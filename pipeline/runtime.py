@@ -102,6 +102,9 @@ def retry_sessions(
             session()
             return True
         except errors as e:
+            fatal = _rollcast_cause(e)
+            if fatal is not None:  # a rebalance callback's own error, which kafka-python wraps in a KafkaError
+                raise fatal from e
             health.facts["last_error"] = f"{type(e).__name__}: {e}"
             if shutdown.is_set():
                 logger.error("could not finish the last step while stopping (%s); a restart redoes the "
@@ -164,3 +167,16 @@ def freeze_heap() -> int:
     gc.freeze()
     gc.enable()
     return gc.get_freeze_count()
+
+
+def _rollcast_cause(e: BaseException) -> BaseException | None:
+    """The error of a rebalance callback that ``e`` wraps when it is one of rollcast's own and not an outage
+    (e.g. :class:`~pipeline.store.TopicIncarnationChanged`): kafka-python re-raises a listener's exception
+    from ``poll()`` as ``KafkaError("User rebalance callback throws an error")``, which would otherwise be
+    retried as a Kafka outage, forever."""
+    from pipeline.errors import BrokerUnavailable, RollcastError, StoreUnavailable
+
+    cause = e.__cause__
+    if isinstance(cause, RollcastError) and not isinstance(cause, StoreUnavailable | BrokerUnavailable):
+        return cause
+    return None

@@ -44,10 +44,13 @@ entry of a log of immutable files, ``<log>/<seq>``, and the newest entry is the 
    reads the newest entry ``n``, finishes what it names (the moves of step 3 above), and creates entry
    ``n + 1`` with *create-if-absent*. The :class:`Lease` it returns holds ``n + 1``.
 2. Every later write under that lease creates the entry after the lease's, again only if absent, then
-   lists the log: an entry above its own means another writer claimed the log since (its own entry sat
-   in a gap left by pruning), so it deletes its entry, which no reader takes as the record since a
-   newer one exists, and is refused. A refused write raises :class:`FencedWrite`: nothing it staged is
-   moved into the dataset, so a refused checkpoint changes nothing a reader sees.
+   lists the log: an entry above its own means another writer claimed the log since, so it deletes its
+   entry, which no reader takes as the record since a newer one exists, and is refused
+   (:class:`FencedWrite`). Its entry either sat in a gap left by pruning, or was the newest for a moment
+   and a claim read it, finished its moves and carried its position into the claim's entry: then its
+   windows are stored once, as the new owner's. Otherwise nothing it staged is moved into the dataset.
+   What a checkpoint produced to Kafka before its store write (windows, dead letters) stays
+   at-least-once, as after a crash: a repeat of the same window with the same values.
 3. Two writers can never both create entry ``k``, so between a claim and any write of an older lease
    the older one is refused: its next entry exists already (the claim's) or a newer one does. Entries
    more than a few behind the newest are deleted after each write; the listing in step 2 keeps that
@@ -400,6 +403,11 @@ class HistoryStore:
                         out[series] = end
         return out
 
+    def series_ends(self) -> SeriesEnds:
+        """The end of each series' last stored window, read when asked for, newest day first
+        (:class:`SeriesEnds`), over the day directories there are now."""
+        return SeriesEnds(self, list(reversed(self._days(None, None))))
+
     def _series_stats(self, series: str | list[str] | None = None, files: list[str] | None = None) -> pl.DataFrame:
         """``series, windows, last_end`` of every stored series (or of ``series``), from one streamed
         pass over two columns of ``files`` (default: every file now): memory follows the number of
@@ -459,7 +467,6 @@ class HistoryStore:
             record = json.loads(raw) if raw is not None else {}
             if record.get("moves"):
                 self._apply_moves([tuple(m) for m in record["moves"]])
-            self._remove_dir(f"_pending/{name}")
             previous = record.get("topic_id")
             progress = _progress_of(record)
             new_topic = progress is not None and _differ(previous, topic_id)
@@ -472,11 +479,14 @@ class HistoryStore:
                 progress = None
             lease = Lease(log_dir, seq, topic_id or previous)
             entry = {**_record_of(progress), "checkpoint": None, "moves": [], "topic_id": lease.topic_id,
-                     "claimed_by": _owner()}
+                     "claimed_by": _owner(), "entry": uuid.uuid4().hex}
             try:
                 self._append(lease, json.dumps(entry).encode(), "json")
             except FencedWrite:
                 continue  # another claim took entry seq + 1 meanwhile: read it and claim after it
+            # Only now, with every earlier lease refused, is what an earlier owner staged and no record names
+            # garbage: removing it before the claim won could delete files a record about to win names.
+            self._remove_dir(f"_pending/{name}")
             return Claim(lease, progress, new_topic, previous if new_topic else None)
 
     @_io("writing a checkpoint")
@@ -503,7 +513,8 @@ class HistoryStore:
                 staged = f"{stage}/day={label}.parquet"
                 self._put_parquet(part.drop("_day").sort("series", "window_start").to_arrow(), staged)
                 moves.append((staged, f"day={label}/{ckpt}-{name}.parquet"))
-        record = {**_record_of(progress), "checkpoint": ckpt, "moves": moves, "topic_id": lease.topic_id}
+        record = {**_record_of(progress), "checkpoint": ckpt, "moves": moves, "topic_id": lease.topic_id,
+                  "entry": uuid.uuid4().hex}
         try:
             self._append(lease, json.dumps(record).encode(), "json")  # the commit point
         except FencedWrite:
@@ -516,7 +527,8 @@ class HistoryStore:
     @_io("recovering a checkpoint")
     def recover(self, topic: str, partition: int) -> Progress | None:
         """Finish or discard what a crash interrupted; return the partition's last progress (None: no
-        record, or one that starts the partition afresh). Claims nothing: :meth:`claim` is the writer's."""
+        record, or one that starts the partition afresh). For a store no other process writes (tools,
+        tests): it claims nothing, and discards staged files of any writer; the jobs use :meth:`claim`."""
         name = f"{topic}-{partition}"
         newest = self._newest(f"_progress/{name}", legacy=f"_progress/{name}.json")
         record = json.loads(newest[1]) if newest is not None else {}
@@ -682,16 +694,54 @@ class HistoryStore:
             if src.type == pafs.FileType.NotFound:
                 continue  # moved before a crash
             dst = self._path(final)
-            if self._local:
-                _makedirs(os.path.dirname(dst))
-                os.replace(src.path, dst)
-                _fsync_dir(os.path.dirname(dst))
-            else:
-                self.fs.move(src.path, dst)  # copy, then delete the source
+            try:
+                if self._local:
+                    _makedirs(os.path.dirname(dst))
+                    os.replace(src.path, dst)
+                    _fsync_dir(os.path.dirname(dst))
+                else:
+                    self.fs.move(src.path, dst)  # copy, then delete the source
+            except FileNotFoundError:
+                # moved meanwhile by a claim that took over the record naming it (the same move, the same bytes)
+                if self.fs.get_file_info(dst).type == pafs.FileType.NotFound:
+                    raise
 
     def _remove_dir(self, rel: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.fs.delete_dir(self._path(rel))
+
+
+class SeriesEnds:
+    """End of each series' last stored window, read lazily: :meth:`get` reads day directories newest first,
+    from where the previous call stopped, until every series asked for is found (a series' last window lies
+    in the newest day directory that holds it), keeping the ends of every series it passes. Over its life it
+    reads the store at most once, and a series that ended recently costs a read of the recent days only.
+    Not thread-safe (one ingest worker uses it)."""
+
+    def __init__(self, store: HistoryStore, days: list[str]):
+        self.store = store
+        self.days = days  # not read yet, newest first
+        self.ends: dict[str, int] = {}
+
+    def get(self, series: list[str]) -> dict[str, int]:
+        """``{series: end}`` of those of ``series`` that are stored (the others never were)."""
+        missing = {s for s in series if s not in self.ends}
+        while missing and self.days:
+            day = self.days.pop(0)
+            seen: dict[str, int] = {}
+            files = self.store._day_files(day)
+            if files:
+                dataset = ds.dataset(files, filesystem=self.store.fs, format="parquet")
+                for batch in dataset.to_batches(columns=["series", "window_end"], batch_size=1 << 20):
+                    if batch.num_rows:
+                        last = pl.from_arrow(batch).group_by("series").agg(pl.col("window_end").max())
+                        for name, end in zip(last["series"].to_list(), last["window_end"].to_list(), strict=True):
+                            if name not in seen or end > seen[name]:
+                                seen[name] = end
+            for name, end in seen.items():
+                self.ends.setdefault(name, end)  # a newer day already gave a later end
+            missing -= seen.keys()
+        return {s: self.ends[s] for s in series if s in self.ends}
 
 
 def _progress_of(record: dict[str, Any]) -> Progress | None:
@@ -715,7 +765,8 @@ def _differ(previous: str | None, current: str | None) -> bool:
 
 def _wrap_state(topic_id: str | None, data: bytes | None) -> bytes:
     """A state entry: a header line naming its topic incarnation, then the state's bytes (none: ``"empty"``)."""
-    header = json.dumps({"topic_id": topic_id, "empty": data is None, "by": _owner()}).encode()
+    header = json.dumps({"topic_id": topic_id, "empty": data is None, "by": _owner(),
+                         "entry": uuid.uuid4().hex}).encode()
     return _STATE_MAGIC + header + b"\n" + (data or b"")
 
 
@@ -784,12 +835,22 @@ class _S3Creator:
             except ClientError as e:
                 code = e.response.get("Error", {}).get("Code")
                 if code == "PreconditionFailed":
-                    return False
+                    # our own PUT may have landed and its answer been lost (botocore then retried): every entry
+                    # holds a nonce, so the same bytes there are this write, not another writer's
+                    return self._holds(bucket, key, data)
                 if code == "ConditionalRequestConflict" and attempt < 4:  # a concurrent PUT of the same key
                     time.sleep(0.05 * (attempt + 1))
                     continue
                 raise OSError(f"S3 PUT s3://{bucket}/{key}: {e}") from e
         return False
+
+    def _holds(self, bucket: str, key: str, data: bytes) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            return bool(self.client.get_object(Bucket=bucket, Key=key)["Body"].read() == data)
+        except ClientError:
+            return False
 
 
 def open_location(location: str) -> tuple[pafs.FileSystem, str]:

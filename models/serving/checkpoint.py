@@ -94,6 +94,7 @@ class ForecastCheckpoint:
         self.started: dict[Any, int] = {}  # TopicPartition -> first offset processed since the last save
         self.leases: dict[Any, Lease] = {}  # TopicPartition -> the store's claim on its state
         self._gathering: dict[Any, list[Any]] | None = None  # the batch being polled (see gather)
+        self._dropped: dict[Any, int] = {}  # TopicPartition -> first offset dropped from the batch polled
         self.failed: Exception | None = None  # raised by an assignment in a rebalance callback
         self._last = time.monotonic()
 
@@ -108,6 +109,8 @@ class ForecastCheckpoint:
         """Polls for ``batch`` begin (``batch``) or end (None). A rebalance callback that runs meanwhile drops
         the records gathered so far of the partitions it revokes or assigns."""
         self._gathering = batch
+        if batch is not None:
+            self._dropped = {}
 
     def _drop_gathered(self, partitions: Iterable[Any]) -> None:
         if self._gathering is None:
@@ -115,11 +118,13 @@ class ForecastCheckpoint:
         for tp in partitions:
             dropped = self._gathering.pop(tp, None)
             if dropped:
+                self._dropped.setdefault(tp, dropped[0].offset)
                 log.info("windows partition %d moved while its batch was polled: %d records of it before the "
                          "rebalance are dropped", tp.partition, len(dropped))
 
     def raise_failed(self) -> None:
-        """Raise the error an assignment met in a rebalance callback (kafka-python swallows it there): the
+        """Raise the error an assignment met in a rebalance callback (kafka-python 3.0 re-raises it from ``poll()``
+        wrapped in a ``KafkaError``, other versions only log it): the
         partition's state could not be claimed or loaded (a store outage, or a saved state of an earlier
         incarnation of the topic with ``kafka.on_new_topic = "stop"``), so nothing may be processed."""
         if self.failed is not None:
@@ -227,6 +232,9 @@ class ForecastCheckpoint:
         kept: the position the client library left is not relied on)."""
         partitions = list(partitions)
         self._drop_gathered(partitions)
+        for tp in partitions:
+            if tp in self._dropped:  # kept through the rebalance: the client's position is past what was dropped
+                self.consumer.seek(tp, self._dropped.pop(tp))
         if self.state is None:
             return
         incarnation = topic_id(self.consumer, self.settings.topics.windows)

@@ -165,7 +165,7 @@ def rebalance_listener(forecaster: Forecaster, checkpoint: ForecastCheckpoint) -
             forecaster.assigned(tp.partition for tp in assigned)
             try:
                 checkpoint.assigned(assigned)
-            except Exception as e:  # kafka-python logs and swallows it: the session raises it after the poll
+            except Exception as e:  # kafka-python 3.0 re-raises it wrapped, others only log it: kept for the session
                 checkpoint.failed = checkpoint.failed or e
                 raise
 

@@ -164,7 +164,7 @@ class Ingestor:
                             "(kafka.on_new_topic = restart)", p, claim.previous_topic_id, self.topic, incarnation)
         bound = self._recent_bound([c.progress for c in claims.values()])
         closed_until = self.store.max_window_end(bound, self.spec.duration_ms)
-        lookup = None if bound is None else self._lookup_closed
+        lookup = None if bound is None else self.store.series_ends().get
         for p in new:
             progress = claims[p].progress
             state = WindowState(self.spec, closed_until=dict(closed_until), lookup=lookup)
@@ -184,18 +184,15 @@ class Ingestor:
         history could (issue: 100,000 series x 5,000 windows). The watermark is restored from the record, so
         an event read again can only meet a stored window that ends after ``watermark - length``: the series
         stored since then are read now, from the newest files only (Parquet footers). Any other series is
-        read the first time it is seen again (:attr:`~pipeline.windows.WindowState.lookup`), for the gap
-        rows back to its last window: outside the rebalance callback, and only for series that come back
-        after an idle spell. A partition without a watermark (never checkpointed, or a new incarnation of
+        read the first time it is seen again (:attr:`~pipeline.windows.WindowState.lookup`,
+        :class:`~pipeline.store.SeriesEnds`: newest days first, at most one read of the store per
+        assignment), for the gap rows back to its last window: outside the rebalance callback, and only for
+        series that come back after an idle spell or are new. A partition without a watermark (never checkpointed, or a new incarnation of
         the topic) may meet any stored window: then every series is read now."""
         if not progress or any(p is None or p.max_ts is None for p in progress):
             return None
         oldest = min(p.max_ts for p in progress if p is not None and p.max_ts is not None)
         return oldest - self.spec.grace_ms - self.spec.duration_ms
-
-    def _lookup_closed(self, series: list[str]) -> dict[str, int]:
-        """End of the last stored window of each of ``series`` (for :attr:`WindowState.lookup`)."""
-        return self.store.max_window_end(series=series)
 
     def revoke(self, partitions: Iterable[int]) -> None:
         """Checkpoint the revoked partitions, then forget them."""
@@ -242,8 +239,9 @@ class Ingestor:
         return _Listener()
 
     def _rebalance_step(self, step: Any, tps: Any) -> None:
-        """Run ``revoke`` or ``assign`` for a rebalance callback. kafka-python logs and swallows a
-        callback's exception, so it is also kept for raise_failed()."""
+        """Run ``revoke`` or ``assign`` for a rebalance callback. The error is kept for raise_failed():
+        kafka-python 3.0 re-raises it from ``poll()`` wrapped in a ``KafkaError`` (which
+        :func:`pipeline.runtime.retry_sessions` unwraps), other versions only log it."""
         try:
             step(tp.partition for tp in tps)
         except Exception as e:
@@ -279,6 +277,9 @@ class Ingestor:
         log.warning("%s was deleted and created again (topic ID %s, was %s): dropping the state of partitions "
                     "%s and rejoining the group", self.topic, current, self._incarnation, sorted(self.runs))
         self.drain()
+        # the windows closed since the last checkpoint cannot be rebuilt (their records went with the old
+        # topic): stored under the old claim, whose record keeps the old topic ID, no offsets committed
+        self.checkpointer.make_durable(self.runs)
         self.runs.clear()
         self._incarnation = None
         request_rejoin(self.consumer)

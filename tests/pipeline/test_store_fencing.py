@@ -148,3 +148,18 @@ def test_max_window_end_from_a_bound_reads_only_recent_windows(store_location: s
     assert store.max_window_end(bound, HOUR) == everything
     assert store.max_window_end(T0 + 25 * HOUR, HOUR) == {"a": T0 + 40 * HOUR}  # b ended before the bound
     assert store.max_window_end(T0 + 50 * HOUR, HOUR) == {}
+
+
+def test_series_ends_reads_newest_days_first_and_only_as_far_as_needed(store_location: str) -> None:
+    store = HistoryStore(store_location)
+    day2 = windows(["a", "b"], [T0 + h * HOUR for h in range(24, 30)])  # the next day
+    store.write_checkpoint(TOPIC, 0, FIRST, Progress(1, None))
+    store.write_checkpoint(TOPIC, 0, windows(["c"], [T0 + 3 * HOUR]), Progress(2, None))
+    store.write_checkpoint(TOPIC, 0, day2, Progress(3, None))
+    ends = store.series_ends()
+    assert len(ends.days) == 2
+    assert ends.get(["a"]) == {"a": T0 + 30 * HOUR}
+    assert len(ends.days) == 1  # the older day was not needed
+    assert ends.get(["c", "new"]) == {"c": T0 + 4 * HOUR}  # a series never stored costs the rest, once
+    assert ends.days == [] and ends.get(["other"]) == {}
+    assert ends.get(["b", "a"]) == store.max_window_end(series=["a", "b"])

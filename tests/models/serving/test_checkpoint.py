@@ -245,6 +245,7 @@ def test_a_rebalance_during_a_batchs_polls_drops_what_it_moved(settings: Setting
     gathered.setdefault(tp(2), []).extend([Record(20), Record(21)])  # polled after the rebalance
     checkpoint.gather(None)
     assert {t.partition: [r.offset for r in rs] for t, rs in gathered.items()} == {0: [0, 1, 2], 2: [20, 21]}
+    assert consumer.seeks == [(2, 20)]  # kept by this process: read again from the first record dropped
     checkpoint.revoked([tp(0)])  # after the batch was gathered: the batch is left alone
     assert tp(0) in gathered
 
