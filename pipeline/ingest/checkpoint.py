@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import polars as pl
-from kafka.errors import RebalanceInProgressError
+from kafka.errors import CommitFailedError, KafkaTimeoutError, RebalanceInProgressError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from pipeline.errors import RollcastError
@@ -92,6 +92,8 @@ class Checkpoint:
         self.router = router
         self.timeout_s = timeout_s
         self.futures: list[Any] = []
+        # a commit waits at most this long: never long enough to hold up a rebalance the loop must poll for
+        self.commit_timeout_ms = 2000
         self.fenced: set[int] = set()  # partitions whose write the store refused, until the ingestor takes them
 
     def commit(self, runs: dict[int, PartitionRun], blocking: bool = True) -> None:
@@ -149,12 +151,15 @@ class Checkpoint:
         """Step 5: commit offsets returned by :meth:`make_durable` (in the consumer's thread)."""
         if offsets and blocking:
             try:
-                self.consumer.commit(offsets)
-            except RebalanceInProgressError:
+                self.consumer.commit(offsets, timeout_ms=self.commit_timeout_ms)
+            except (RebalanceInProgressError, CommitFailedError, KafkaTimeoutError) as e:
                 # The group is rebalancing (always so while a cooperative rebalance runs: the consumer
-                # keeps fetching). The progress record already holds what these offsets cover; a later
-                # checkpoint, or the revoke's, commits again, and a commit skipped means re-reading more.
-                log.info("commit deferred: the consumer group is rebalancing")
+                # keeps fetching), or moved on without this member, or the commit did not complete in time
+                # (a broker may hold a commit while the group rebalances, and this thread must get back to
+                # poll(), which the rebalance waits for). The progress record already holds what these
+                # offsets cover; a later checkpoint, or the revoke's, commits again, and a commit skipped
+                # means re-reading more.
+                log.info("commit deferred (%s): the consumer group is rebalancing", type(e).__name__)
         elif offsets:
             self.consumer.commit_async(offsets)
         metrics.CHECKPOINTS.inc()

@@ -53,7 +53,7 @@ class RecordingConsumer:
         self.calls = calls
         self.committed: list[dict[TopicPartition, int]] = []
 
-    def commit(self, offsets: dict) -> None:
+    def commit(self, offsets: dict, timeout_ms: int | None = None) -> None:
         self.calls.append("consumer.commit")
         self.committed.append({tp: om.offset for tp, om in offsets.items()})
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -51,12 +52,30 @@ class Member:
         self.producer.close()
 
 
+def _poll_into(member: Member, errors: list[BaseException]) -> None:
+    try:
+        member.poll()
+    except BaseException as e:  # noqa: BLE001 - raised in the test's thread by _until
+        errors.append(e)
+
+
 def _until(members: list[Member], done, what: str, timeout_s: float = 120) -> None:
+    """Poll every member, each in a thread of its own as separate processes would, until ``done()``.
+
+    Not one after the other in this thread: kafka-python 3.0's ``poll()`` waits inside a group join until
+    the join completes, beyond its timeout, and the join waits for the other member's next poll."""
     deadline = time.monotonic() + timeout_s
     while not done():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        for m in members:
-            m.poll()
+        errors: list[BaseException] = []
+
+        threads = [threading.Thread(target=_poll_into, args=(m, errors)) for m in members]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(max(1.0, deadline - time.monotonic()))
+        if errors:
+            raise errors[0]
 
 
 @pytest.mark.parametrize(
