@@ -373,10 +373,9 @@ class HistoryStore:
         return len(pc.unique(col))
 
     @_io("reading the series' last windows")
-    def max_window_end(self, ends_from_ms: int | None = None, window_ms: int = DAY_MS,
-                       series: list[str] | None = None) -> dict[str, int]:
-        """End of the last stored window of every series (or of ``series``: those stored); with
-        ``ends_from_ms``, of every series whose last window ends at or after it (the others are left out).
+    def max_window_end(self, ends_from_ms: int | None = None, window_ms: int = DAY_MS) -> dict[str, int]:
+        """End of the last stored window of every series; with ``ends_from_ms``, of every series whose last
+        window ends at or after it (the others are left out).
 
         With the bound (an ingest assignment's: only recent windows can meet replayed events, see
         :meth:`pipeline.ingest.ingestor.Ingestor.assign`) this reads only the day directories that can
@@ -384,7 +383,7 @@ class HistoryStore:
         and, there, only the files whose Parquet footer says they hold one: on a long history the cost
         follows the recent files, not the store."""
         if ends_from_ms is None:
-            stats = self._series_stats(series)
+            stats = self._series_stats()
             return dict(zip(stats["series"].to_list(), stats["last_end"].to_list(), strict=True))
         files = [f for f in self._files(ends_from_ms - window_ms, None)
                  if (end := self._max_window_end_of(f)) is not None and end >= ends_from_ms]
@@ -393,8 +392,6 @@ class HistoryStore:
             return out
         dataset = ds.dataset(files, filesystem=self.fs, format="parquet")
         flt = ds.field("window_end") >= ends_from_ms
-        if series is not None:
-            flt = flt & _series_filter(series)
         for batch in dataset.to_batches(columns=["series", "window_end"], filter=flt, batch_size=1 << 20):
             if batch.num_rows:
                 last = pl.from_arrow(batch).group_by("series").agg(pl.col("window_end").max())

@@ -123,10 +123,10 @@ class ForecastCheckpoint:
                          "rebalance are dropped", tp.partition, len(dropped))
 
     def raise_failed(self) -> None:
-        """Raise the error an assignment met in a rebalance callback (kafka-python 3.0 re-raises it from ``poll()``
-        wrapped in a ``KafkaError``, other versions only log it): the
-        partition's state could not be claimed or loaded (a store outage, or a saved state of an earlier
-        incarnation of the topic with ``kafka.on_new_topic = "stop"``), so nothing may be processed."""
+        """Raise the error an assignment met in a rebalance callback (kafka-python 3.0 re-raises it from
+        ``poll()`` wrapped in a ``KafkaError``, other versions only log it): the partition's state could not
+        be claimed or loaded (a store outage, or a saved state of an earlier incarnation of the topic with
+        ``kafka.on_new_topic = "stop"``), so nothing may be processed."""
         if self.failed is not None:
             failed, self.failed = self.failed, None
             request_rejoin(self.consumer)  # the next session's assignment claims, loads and seeks again

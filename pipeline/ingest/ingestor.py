@@ -187,8 +187,9 @@ class Ingestor:
         read the first time it is seen again (:attr:`~pipeline.windows.WindowState.lookup`,
         :class:`~pipeline.store.SeriesEnds`: newest days first, at most one read of the store per
         assignment), for the gap rows back to its last window: outside the rebalance callback, and only for
-        series that come back after an idle spell or are new. A partition without a watermark (never checkpointed, or a new incarnation of
-        the topic) may meet any stored window: then every series is read now."""
+        series that come back after an idle spell or are new. A partition without a watermark (never
+        checkpointed, or a new incarnation of the topic) may meet any stored window: then every series is
+        read now."""
         if not progress or any(p is None or p.max_ts is None for p in progress):
             return None
         oldest = min(p.max_ts for p in progress if p is not None and p.max_ts is not None)
@@ -268,18 +269,17 @@ class Ingestor:
     def _topic_replaced(self) -> bool:
         """Whether the topic was deleted and created again under this running consumer (its topic ID in the
         client's metadata, refreshed every ``metadata_max_age_ms``, is not the one assigned). Then what is held
-        counts offsets of the old topic: it is dropped, unstored (the old topic's records are gone; its
-        closed windows were stored at earlier checkpoints), and the group rejoined, so that each partition is
-        claimed again as a new incarnation and read from its beginning (``kafka.on_new_topic``)."""
+        counts offsets of the old topic: its closed windows are stored (under the old claim, no offsets
+        committed), its open windows dropped (their records went with the old topic), and the group rejoined,
+        so that each partition is claimed again as a new incarnation and read from its beginning
+        (``kafka.on_new_topic``)."""
         current = topic_id(self.consumer, self.topic)
         if current is None or self._incarnation is None or current == self._incarnation:
             return False
         log.warning("%s was deleted and created again (topic ID %s, was %s): dropping the state of partitions "
                     "%s and rejoining the group", self.topic, current, self._incarnation, sorted(self.runs))
         self.drain()
-        # the windows closed since the last checkpoint cannot be rebuilt (their records went with the old
-        # topic): stored under the old claim, whose record keeps the old topic ID, no offsets committed
-        self.checkpointer.make_durable(self.runs)
+        self.checkpointer.make_durable(self.runs)  # its record keeps the old topic ID
         self.runs.clear()
         self._incarnation = None
         request_rejoin(self.consumer)

@@ -16,7 +16,6 @@ import math
 import os
 import re
 import signal
-import subprocess
 import threading
 import time
 import uuid
@@ -33,7 +32,14 @@ from pipeline.store import HistoryStore, Progress
 from pipeline.windows import WINDOW_SCHEMA
 from tests.support import healthz, metric, read_topic, scrape, wait_for
 from tests.support.forecast import STEP, H, L, produce_windows
-from tests.support.ingest import INGEST_ENV, job_env, start_forecast, start_job
+from tests.support.ingest import (
+    INGEST_ENV,
+    child_log,
+    exit_code_after_sigterm,
+    job_env,
+    start_forecast,
+    start_job,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault]
 
@@ -151,17 +157,11 @@ def settled(expected: set[tuple[str, int]], windows: pl.DataFrame) -> set[tuple[
 # ----------------------------------------------------------------------------- processes
 
 
-def _log(child: Child) -> str:
-    try:
-        return child.log_path.read_text(errors="replace")
-    except FileNotFoundError:
-        return ""
-
 
 def _held(child: Child) -> set[int]:
     """The windows partitions ``child`` holds now, as its log tells (assigned, then revoked)."""
     held: set[int] = set()
-    for m in _PARTITION_EVENT.finditer(_log(child)):
+    for m in _PARTITION_EVENT.finditer(child_log(child)):
         parts = {int(p) for p in m.group(2).replace(",", " ").split()}
         held = held | parts if m.group(1) == "assigned" else held - parts
     return held
@@ -176,20 +176,12 @@ def _shared(a: Child, b: Child) -> bool:
 def _fenced(child: Child, port: int) -> tuple[int, int]:
     """``rollcast_fenced_writes_total`` of a running process (0 while the counter does not exist; from its
     log when it serves no /metrics), and its log lines saying a partition "was fenced"."""
-    lines = sum("was fenced" in line for line in _log(child).splitlines())
+    lines = sum("was fenced" in line for line in child_log(child).splitlines())
     samples = scrape(port)
     if not samples:
         return lines, lines
     return int(sum(v for (name, _), v in samples.items() if name == FENCED)), lines
 
-
-def _exit_code(child: Child, timeout_s: float = 30) -> int | None:
-    """The exit status of a process sent one SIGTERM (``Child.stop`` would send another, which a Python
-    process in interpreter shutdown, its handlers gone, dies of: -15)."""
-    try:
-        return child.proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return None
 
 
 def _zombie(frozen: Child, fport: int, other: Child, oport: int, stream: _Stream) -> float:
@@ -361,7 +353,7 @@ def test_frozen_forecast_processes_are_fenced_and_publish_what_an_unpaused_run_d
         for child in (a, b):  # SIGTERM both at once: neither is handed the other's partitions on the way out
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(child.pid, signal.SIGTERM)
-        codes = {name: _exit_code(child) for name, child in (("forecast-a", a), ("forecast-b", b))}
+        codes = {name: exit_code_after_sigterm(child) for name, child in (("forecast-a", a), ("forecast-b", b))}
         zombie_wall = time.monotonic() - started
 
         # the reference: one process, another group and history store, the same windows, no pause

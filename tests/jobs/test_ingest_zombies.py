@@ -10,7 +10,6 @@ import glob
 import os
 import re
 import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -27,6 +26,8 @@ from tests.support.ingest import (
     INGEST_ENV,
     WINDOW_KEYS,
     assert_frames_equal,
+    child_log,
+    exit_code_after_sigterm,
     make_observations,
     produce,
     reference,
@@ -93,25 +94,11 @@ class _Stream(threading.Thread):
         return self.sent
 
 
-def _exit_code(child: Child, timeout_s: float = 30) -> int | None:
-    """The exit status of a process sent one SIGTERM, or None if it did not exit in time."""
-    try:
-        return child.proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return None
-
-
-def _log(child: Child) -> str:
-    try:
-        return child.log_path.read_text(errors="replace")
-    except FileNotFoundError:
-        return ""
-
 
 def _held(child: Child) -> set[int]:
     """The partitions ``child`` holds now, as its log tells (assigned, then revoked or lost)."""
     held: set[int] = set()
-    for m in _PARTITION_EVENT.finditer(_log(child)):
+    for m in _PARTITION_EVENT.finditer(child_log(child)):
         (held.add if m.group(1) == "assigned" else held.discard)(int(m.group(2)))
     return held
 
@@ -136,7 +123,7 @@ def _fenced(child: Child, port: int) -> int:
     samples = scrape(port)
     if samples:
         return int(sum(v for (name, _), v in samples.items() if name == FENCED))
-    return sum("fenced" in line.lower() for line in _log(child).splitlines())
+    return sum("fenced" in line.lower() for line in child_log(child).splitlines())
 
 
 def _last_ends(store: HistoryStore) -> dict[str, int]:
@@ -236,7 +223,7 @@ def test_frozen_processes_taken_over_then_thawed_store_every_window_once(setting
                 os.killpg(child.pid, signal.SIGTERM)
         # one SIGTERM each: Child.stop would send another, which a process already in interpreter shutdown
         # (its handlers gone) dies of (-15)
-        codes = {"ingest-a": _exit_code(a), "ingest-b": _exit_code(b)}
+        codes = {"ingest-a": exit_code_after_sigterm(a), "ingest-b": exit_code_after_sigterm(b)}
     finally:
         stream.halt.set()
         for child in (a, b):

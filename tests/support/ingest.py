@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -144,6 +145,24 @@ def ingest_child(test_env: dict[str, str], tmp: Path, name: str, *args: str) -> 
     env = {**os.environ, **test_env, **INGEST_ENV, "ROLLCAST_KAFKA__MAX_POLL_RECORDS": "400"}
     argv = [sys.executable, "-m", "jobs.cli", "ingest", "--checkpoint-interval-s", "0.1", *args]
     return Child(name, argv, tmp / f"{name}.log", env=env).start()
+
+
+def child_log(child: Child) -> str:
+    """Everything ``child`` logged so far ("" before it wrote anything)."""
+    try:
+        return child.log_path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def exit_code_after_sigterm(child: Child, timeout_s: float = 30) -> int | None:
+    """The exit status of a process already sent one SIGTERM, or None if it did not exit in time
+    (``Child.stop`` would send another, which a Python process in interpreter shutdown, its handlers gone,
+    dies of: -15)."""
+    try:
+        return child.proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return None
 
 
 def wait_exit(child: Child, timeout_s: float = 60) -> int:
