@@ -16,10 +16,7 @@ exist and answer None / do nothing elsewhere, so a client without them only lose
 
 from __future__ import annotations
 
-import logging
 from typing import Any
-
-log = logging.getLogger(__name__)
 
 
 def topic_id(consumer: Any, topic: str) -> str | None:
