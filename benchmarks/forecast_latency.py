@@ -25,7 +25,9 @@ in pure Python (kafka-python plus ``json.loads``, ~20 us per record) would time
 the reader's own work, not when the forecasts became readable.
 With tansu, which answers a fetch only when ``fetch_max_wait_ms`` has passed,
 that setting (``--fetch-max-wait-ms``, used by the job and the reader) is a
-floor on each hop; a Kafka broker answers as soon as data arrives.
+floor on each hop; a Kafka broker answers as soon as data arrives. Unset, it is
+what the embedded stack (``rollcast up``) gives its jobs
+(``pipeline.processes.embedded_env``).
 
     python benchmarks/forecast_latency.py --series 1000 10000 --models tcn lstm --rounds 200
     python benchmarks/forecast_latency.py --series 1000 --fetch-max-wait-ms 2 --repeat 5   # the goal's count
@@ -80,7 +82,8 @@ def windows_at(series: list[str], index: int, rng: np.random.Generator) -> pl.Da
     )
 
 
-STAGES = ("arrival", "decode", "context", "inference", "messages", "send", "commit")
+# "scores" runs in the job's score thread, after the batch's forecasts are acknowledged (off the path timed)
+STAGES = ("arrival", "decode", "context", "inference", "scoring", "messages", "send", "commit", "scores")
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -103,7 +106,9 @@ def scrape(port: int) -> dict[str, float]:
 
 
 def run_case(bootstrap: str, model_name: str, n_series: int, rounds: int, context: int, horizon: int,
-             work: Path) -> dict:
+             work: Path, embedded: bool = True) -> dict:
+    """One case; ``embedded``: the broker is this benchmark's own tansu, and the job gets what the embedded
+    stack sets for it (``processes.embedded_env``) unless --fetch-max-wait-ms says otherwise."""
     suffix = f"{model_name}-{n_series}-{os.getpid()}-{int(time.time())}"
     metrics_port = processes.free_port()
     env = {
@@ -119,7 +124,8 @@ def run_case(bootstrap: str, model_name: str, n_series: int, rounds: int, contex
         "ROLLCAST_MODEL__CONTEXT": str(context),
         "ROLLCAST_OBSERVABILITY__METRICS_PORT": str(metrics_port),
         "ROLLCAST_OBSERVABILITY__LOG_LEVEL": "WARNING",
-        **({"ROLLCAST_KAFKA__FETCH_MAX_WAIT_MS": str(FETCH_WAIT_MS)} if FETCH_WAIT_MS is not None else {}),
+        **({"ROLLCAST_KAFKA__FETCH_MAX_WAIT_MS": str(FETCH_WAIT_MS)} if FETCH_WAIT_MS is not None
+           else processes.embedded_env(load_settings(env={})) if embedded else {}),
         **({"ROLLCAST_FORECAST__INFERENCE_THREADS": str(THREADS)} if THREADS is not None else {}),
     }
     settings: Settings = load_settings(env=env)
@@ -233,7 +239,9 @@ def main() -> None:
     ap.add_argument("--horizon", type=int, default=24)
     ap.add_argument("--bootstrap", help="use this broker instead of starting tansu")
     ap.add_argument("--fetch-max-wait-ms", type=int,
-                    help="kafka.fetch_max_wait_ms for the job and the reader (default: the setting's default)")
+                    help="kafka.fetch_max_wait_ms for the job and the reader (default: what the embedded stack "
+                    "sets, pipeline.processes.embedded_env, with this benchmark's own broker; the setting's "
+                    "default with --bootstrap)")
     ap.add_argument("--inference-threads", type=int,
                     help="forecast.inference_threads for the job (default: the setting's default)")
     ap.add_argument("--repeat", type=int, default=1,
@@ -255,7 +263,8 @@ def main() -> None:
                 # and rounds slowed as earlier cases' data piled up (p99 1.4 s for the last case of a run)
                 bootstrap, broker = processes.broker_unless_given(args.bootstrap, work / f"broker-{name}-{n}-{run}")
                 try:
-                    r = run_case(bootstrap, name, n, args.rounds, args.context, args.horizon, work)
+                    r = run_case(bootstrap, name, n, args.rounds, args.context, args.horizon, work,
+                                 embedded=broker is not None)
                 finally:
                     if broker is not None:
                         broker.stop()

@@ -36,6 +36,7 @@ class Stack:
     config_path: str | None
     bootstrap_servers: str = ""
     tracking_uri: str = ""
+    embedded_broker: bool = False  # the stack started the broker (tansu): jobs get processes.embedded_env
     children: list[Child] = field(default_factory=list)
     jobs: dict[str, Child] = field(default_factory=dict)
     restarts: dict[str, int] = field(default_factory=dict)
@@ -50,6 +51,8 @@ class Stack:
         env["ROLLCAST_KAFKA__BOOTSTRAP_SERVERS"] = self.bootstrap_servers
         env["ROLLCAST_MLFLOW__TRACKING_URI"] = self.tracking_uri
         env["ROLLCAST_DATA_DIR"] = str(self.settings.data_dir.resolve())
+        if self.embedded_broker:
+            env.update(processes.embedded_env(self.settings))
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
 
@@ -105,6 +108,7 @@ def start_services(settings: Settings, config_path: str | None) -> Stack:
             port = emb.broker_port or free_port()
             st.children.append(start_broker(broker_binary(emb.broker_bin), port, st.log_dir, emb.start_timeout_s))
             st.bootstrap_servers = f"127.0.0.1:{port}"
+            st.embedded_broker = True
         if settings.mlflow.tracking_uri:
             st.tracking_uri = settings.mlflow.tracking_uri
             processes.wait_for_mlflow(st.tracking_uri, settings.mlflow.connect_timeout_s)

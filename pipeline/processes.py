@@ -21,9 +21,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.errors import MlflowUnavailable, StackStartError
 from pipeline.runtime import http_ok
+
+if TYPE_CHECKING:
+    from pipeline.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +164,22 @@ def start_broker(binary: str, port: int, log_dir: Path, timeout_s: float = 30.0,
     ).start()
     child.wait_healthy(lambda: port_open("127.0.0.1", port), timeout_s)
     return child
+
+
+# tansu answers a fetch only when kafka.fetch_max_wait_ms has passed, data or not (a Kafka broker answers as soon
+# as fetch.min.bytes are there): each hop from a producer to a consumer waits that long, twice between a closed
+# window and its forecast. The embedded stack (`rollcast up`, `rollcast demo`) and the benchmarks that start
+# their own broker run the jobs with this wait unless it is configured (embedded_env). Lower waits cost idle
+# fetches: each consumer asks ~1000 / wait times a second while nothing arrives (BENCHMARKS.md, "Fetch wait").
+EMBEDDED_FETCH_MAX_WAIT_MS = 5
+
+
+def embedded_env(settings: Settings) -> dict[str, str]:
+    """Environment for jobs that run against the embedded broker: :data:`EMBEDDED_FETCH_MAX_WAIT_MS`, unless
+    ``kafka.fetch_max_wait_ms`` is set (in the config file or the environment)."""
+    if "fetch_max_wait_ms" in settings.kafka.model_fields_set:
+        return {}
+    return {"ROLLCAST_KAFKA__FETCH_MAX_WAIT_MS": str(EMBEDDED_FETCH_MAX_WAIT_MS)}
 
 
 def broker_unless_given(bootstrap: str | None, log_dir: Path) -> tuple[str, Child | None]:

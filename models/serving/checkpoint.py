@@ -6,8 +6,10 @@ runs steps 2 and 3, :func:`models.serving.session.forecast_session` step 1 and t
 
 1. :meth:`ForecastCheckpoint.begin`: before the batch is processed, note each partition's first offset
    in it, unless one is noted already since the last save: where a rewind (step 2) reads it again from.
-2. Forecast and score the batch, send the messages, and wait until the broker acknowledged every one
-   (:meth:`~pipeline.kafka.producer.BulkProducer.confirm`). If it did not, nothing below runs, and
+2. Forecast and score the batch, send the forecasts, and wait until the broker acknowledged every one
+   (:meth:`~pipeline.kafka.producer.BulkProducer.confirm`). The scores follow in the background
+   (:class:`~models.serving.score_sender.ScoreSender`); step 4 first waits until the broker acknowledged
+   every score sent so far (:attr:`ForecastCheckpoint.acknowledge`). If it did not, nothing below runs, and
    :meth:`ForecastCheckpoint.rewind` takes every partition processed since the last save back to that
    save, state and position (the saved state is loaded, or dropped where there is none, and the
    consumer seeks to the offset the save covers, else to the offset noted in step 1); the session
@@ -96,6 +98,9 @@ class ForecastCheckpoint:
         self._gathering: dict[Any, list[Any]] | None = None  # the batch being polled (see gather)
         self._dropped: dict[Any, int] = {}  # TopicPartition -> first offset dropped from the batch polled
         self.failed: Exception | None = None  # raised by an assignment in a rebalance callback
+        # returns once the broker acknowledged every score sent so far, raises if it did not: run before every
+        # save (a saved state never covers a score that may be lost). Set by each session (its score producer)
+        self.acknowledge: Callable[[], None] | None = None
         self._last = time.monotonic()
 
     @property
@@ -176,9 +181,12 @@ class ForecastCheckpoint:
         self._last = time.monotonic()
         if not self.pending:
             return
+        # 4. every score sent is acknowledged (raises: nothing is saved or committed, the caller rewinds)
+        if self.acknowledge is not None:
+            self.acknowledge()
         pending, self.pending = self.pending, {}
         self.started = {}
-        # 4. save each partition's state, naming the offset it covers (raises: nothing is committed)
+        # then save each partition's state, naming the offset it covers (raises: nothing is committed)
         fenced = self._save(pending)
         for tp in fenced:
             del pending[tp]
@@ -218,6 +226,8 @@ class ForecastCheckpoint:
             self.started.pop(tp, None)
         try:
             # 4. for the revoked partitions, without step 5
+            if mine and self.acknowledge is not None:
+                self.acknowledge()
             self._save(mine)
         except Exception as e:  # noqa: BLE001 - the new owner then resumes from the previous save
             log.warning("could not save the scoring state of revoked partitions %s: %s",

@@ -7,8 +7,10 @@ The consumer, the :class:`~models.serving.forecaster.Forecaster`, the scorer (:c
 its own. The checkpoint's module docstring lists the steps from a polled batch to its committed offsets.
 
 The path of one score, from a windows batch to the scores topic: :func:`process_batch` hands the batch and
-its inference to :meth:`models.scoring.scorer.Scorer.score_batch`, which settles earlier forecasts and
-builds the score messages (:mod:`pipeline.scores_io`'s format); :func:`process_batch` sends them.
+its inference to :meth:`models.scoring.scorer.Scorer.score_batch`, which settles earlier forecasts; once the
+batch's forecasts are acknowledged, :func:`process_batch` hands what was scored to the
+:class:`~models.serving.score_sender.ScoreSender`, which builds the score messages (:mod:`pipeline.scores_io`'s
+format) and sends them in the background, off the next batch's path.
 """
 
 from __future__ import annotations
@@ -22,14 +24,13 @@ import pyarrow as pa
 from models.scoring.accuracy import LiveAccuracy
 from models.scoring.scorer import Emitted, Scorer
 from models.serving.checkpoint import ForecastCheckpoint
+from models.serving.score_sender import ScoreSender
 from models.serving.telemetry import (
     BATCH_WAITS,
     END_TO_END_S,
     FORECASTS,
     LAG,
-    LIVE,
     MODEL_VERSION,
-    SCORES,
     SERIES,
     SKIPPED,
     STAGE_S,
@@ -98,8 +99,25 @@ def forecast_session(settings: Settings, forecaster: Forecaster, consumer: Any, 
     from pipeline.runtime import freeze_heap
 
     lag = LagTracker(LAG)
-    live = LiveAccuracy(settings.scoring.live_windows)
-    producer = BulkProducer(settings, **{"compression.type": settings.forecast.compression})
+    codec = {"compression.type": settings.forecast.compression}
+    producer = BulkProducer(settings, **codec)
+    try:  # scores go through a producer of their own: confirming the forecasts does not wait for them
+        scores = ScoreSender(settings, BulkProducer(settings, **codec), LiveAccuracy(settings.scoring.live_windows)) \
+            if scoring.scorer is not None else None
+    except BrokerUnavailable:
+        producer.close(1.0)
+        raise
+    checkpoint.acknowledge = None if scores is None else scores.confirm  # before every save of the state
+
+    def settled(batch: dict, step: Any, *args: Any) -> None:
+        """``step(*args)``; a broker or store error (a score or forecast not acknowledged, a save that failed)
+        takes what was processed since the last save back to it (the checkpoint's step 2), then raises."""
+        try:
+            step(*args)
+        except (KafkaError, BrokerUnavailable, StoreUnavailable):
+            checkpoint.rewind(batch)  # not committed: read it again, from the last saved state
+            raise
+
     last_data = time.monotonic()
     clean = False
     try:
@@ -119,21 +137,18 @@ def forecast_session(settings: Settings, forecaster: Forecaster, consumer: Any, 
             if batch or not consumer.assignment():  # the idle clock runs only while assigned
                 last_data = time.monotonic()
             if batch:
-                try:
-                    checkpoint.begin(batch)
-                    process_batch(batch, forecaster, producer, checkpoint, settings, live, scoring.scorer)
-                except (KafkaError, BrokerUnavailable, StoreUnavailable):
-                    checkpoint.rewind(batch)  # not committed: read it again, from the last saved state
-                    raise
+                checkpoint.begin(batch)
+                settled(batch, process_batch, batch, forecaster, producer, checkpoint, settings, scoring.scorer,
+                        scores)
             elif exit_when_idle_s is not None and time.monotonic() - last_data > exit_when_idle_s:
                 log.info("no windows for %.1fs; exiting", exit_when_idle_s)
                 break
             else:
-                checkpoint.processed({})  # a save that fell due while idle
+                settled({}, checkpoint.processed, {})  # a save that fell due while idle
             if watcher is not None:
                 new = watcher.take()
                 if new is not None:
-                    checkpoint.flush()  # what the old version served and scored is saved first
+                    settled({}, checkpoint.flush)  # what the old version served and scored is saved first
                     forecaster.swap(new)
                     scoring.swap(new)
                     freeze_heap()
@@ -141,10 +156,14 @@ def forecast_session(settings: Settings, forecaster: Forecaster, consumer: Any, 
                     # polled meanwhile is still forecast with the old one. From this line on, every batch
                     # is forecast with the new version.
                     serving(new, health)
-        checkpoint.flush()
+        settled({}, checkpoint.flush)
         clean = True
     finally:
-        producer.close(settings.observability.shutdown_timeout_s if clean else 1.0)
+        checkpoint.acknowledge = None
+        timeout_s = settings.observability.shutdown_timeout_s if clean else 1.0
+        producer.close(timeout_s)
+        if scores is not None:
+            scores.close(timeout_s)
 
 
 def rebalance_listener(forecaster: Forecaster, checkpoint: ForecastCheckpoint) -> Any:
@@ -173,13 +192,15 @@ def rebalance_listener(forecaster: Forecaster, checkpoint: ForecastCheckpoint) -
 
 
 def process_batch(batch: dict, forecaster: Forecaster, producer: BulkProducer, checkpoint: ForecastCheckpoint,
-                  settings: Settings, live: LiveAccuracy | None = None, scorer: Scorer | None = None) -> None:
-    """Windows of one poll -> forecasts and scores acknowledged by the broker -> offsets committed (after
-    the scoring state they cover is saved: steps 2 and 3 of :mod:`models.serving.checkpoint`).
+                  settings: Settings, scorer: Scorer | None = None, scores: ScoreSender | None = None) -> None:
+    """Windows of one poll -> forecasts acknowledged by the broker -> scores handed to ``scores`` -> offsets
+    processed (the checkpoint saves the scoring state and commits them when due, once the scores are
+    acknowledged too: steps 2 and 3 of :mod:`models.serving.checkpoint`).
 
     One batched inference (:meth:`~models.serving.forecaster.Forecaster.infer`); with ``scorer`` (scoring
     on), the batch's windows settle earlier forecasts and the scorer issues this batch's
-    (:meth:`~models.scoring.scorer.Scorer.score_batch`); the forecasts are sent, then the scores."""
+    (:meth:`~models.scoring.scorer.Scorer.score_batch`); the forecasts are sent and confirmed, then the
+    scores are built and sent in the background (:class:`~models.serving.score_sender.ScoreSender`)."""
     from kafka import OffsetAndMetadata
 
     t_start, wall_start = time.perf_counter(), time.time()
@@ -231,35 +252,16 @@ def process_batch(batch: dict, forecaster: Forecaster, producer: BulkProducer, c
             producer.send(topic, [(key.encode(), value, parts[key]) for key, value in messages])
             sent += len(messages)
             sending += time.perf_counter() - t0
-    if scored:  # built once the forecasts are on their way
-        t0 = time.perf_counter()
-        score_parts = forecaster.partitions_of(settings.topics.scores, producer)
-        producer.send(settings.topics.scores, [(key.encode(), value, score_parts[key])
-                                               for key, value in scored.messages()])
-        STAGE_S.labels("scores").observe(time.perf_counter() - t0)
     t0 = time.perf_counter()
-    # checkpoint step 2: raises unless the broker acknowledged every message: then offsets stay uncommitted
+    # checkpoint step 2: raises unless the broker acknowledged every forecast: then offsets stay uncommitted
     producer.confirm(topic, timeout_s=settings.observability.shutdown_timeout_s)
     t2 = time.perf_counter()
     STAGE_S.labels("send").observe(sending + t2 - t0)
     FORECASTS.inc(sent)
     if oldest_ts is not None:
         END_TO_END_S.observe(max(0.0, time.time() - oldest_ts / 1000))
-    if scored:
-        SCORES.inc(len(scored))
-        if live is not None:
-            _report_live(live, scored.totals(), settings.window.length_ms)
+    if scored and scores is not None:  # built and sent off this path; acknowledged before the state is saved
+        scores.submit(scored, forecaster.partitions_of(settings.topics.scores, producer))
     checkpoint.processed(commits)  # checkpoint steps 3, and 4 and 5 when a save is due
     STAGE_S.labels("commit").observe(time.perf_counter() - t2)
 
-
-def _report_live(live: LiveAccuracy, totals: list, step_ms: int) -> None:
-    """Add a batch's scores to the sliding sums; set the gauges of the versions they concern."""
-    versions = set()
-    for version, origin, sums in totals:
-        live.add(version, origin, step_ms, sums)
-        versions.add(version)
-    for version in versions:
-        figures = live.totals(version).as_dict()
-        for name, gauge in LIVE.items():
-            gauge.labels(version).set(figures[name])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -11,6 +12,8 @@ from pipeline.errors import BrokerUnavailable
 from pipeline.kafka.clients import _producer_keys
 
 log = logging.getLogger("pipeline.kafka")
+
+PARTITIONS_TTL_S = 10.0  # how long BulkProducer.partitions trusts the partition count it last got
 
 
 # kafka-python client keys (``kafka.client``) and their librdkafka names; a value function converts.
@@ -84,6 +87,7 @@ class BulkProducer:
         self.settings = settings
         self._producer = Producer({**rdkafka_config(settings), **overrides}, logger=log)
         self._failed: list[Any] = []  # delivery errors since the last confirm()
+        self._partition_counts: dict[str, tuple[float, int]] = {}  # topic -> (monotonic time asked, partitions)
         try:  # fail fast with the same clear error as the kafka-python clients
             self._producer.list_topics(timeout=settings.kafka.connect_timeout_s)
         except KafkaException as e:
@@ -93,7 +97,19 @@ class BulkProducer:
             ) from e
 
     def partitions(self, topic: str) -> int:
-        """Number of partitions of ``topic`` (0 if the broker does not know it)."""
+        """Number of partitions of ``topic`` (0 if the broker does not know it), asked of the broker at most
+        every :data:`PARTITIONS_TTL_S` while it is known: a metadata request is a round trip to the broker,
+        and the forecast job asks before every batch. A topic that lost partitions or went meanwhile fails
+        the sends to it (:meth:`confirm` raises), and the next session's producer asks again."""
+        cached = self._partition_counts.get(topic)
+        if cached is not None and time.monotonic() - cached[0] < PARTITIONS_TTL_S:
+            return cached[1]
+        n = self._ask_partitions(topic)
+        if n:
+            self._partition_counts[topic] = (time.monotonic(), n)
+        return n
+
+    def _ask_partitions(self, topic: str) -> int:
         from confluent_kafka import KafkaException
 
         try:

@@ -17,7 +17,7 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from models.serving.checkpoint import ForecastCheckpoint
 from pipeline.config import Settings, load_settings
-from pipeline.errors import StoreUnavailable
+from pipeline.errors import BrokerUnavailable, StoreUnavailable
 from pipeline.store import HistoryStore
 
 Record = namedtuple("Record", "offset")
@@ -151,6 +151,56 @@ def test_nothing_is_committed_when_a_save_fails(settings: Settings) -> None:
     assert consumer.commits == []  # not partition 1's offset, nor partition 0's, whose save went through
     assert saved(settings, checkpoint, 0) == {"offset": 5, "seen": 5}
     assert blocked.is_file()
+
+
+def test_a_save_waits_for_every_score_sent_and_a_score_not_acknowledged_saves_and_commits_nothing(
+    settings: Settings,
+) -> None:
+    """Scores are sent in the background (models.serving.score_sender); the checkpoint's ``acknowledge``
+    stands for its confirm: each save runs it first, and its failure stops the save and the commit."""
+    consumer, state = ScriptedConsumer(0), Seen()
+    checkpoint = ForecastCheckpoint(settings, consumer, lambda: state)
+    events: list[str] = []
+    fail = False
+
+    def acknowledge() -> None:
+        events.append("acknowledge")
+        if fail:
+            raise BrokerUnavailable("scores not delivered")
+
+    checkpoint.acknowledge = acknowledge
+    consumer.on_commit = lambda offsets: events.append(f"commit {saved(settings, checkpoint, 0)}")
+    first = batch(p0=range(0, 5))
+    checkpoint.begin(first)
+    state.add(first)
+    checkpoint.processed(commits(first))
+    assert events == []  # a save not due yet waits for nothing
+    checkpoint.flush()
+    assert events == ["acknowledge", "commit {'offset': 5, 'seen': 5}"]
+
+    second = batch(p0=range(5, 9))
+    checkpoint.begin(second)
+    state.add(second)
+    checkpoint.processed(commits(second))
+    fail = True
+    with pytest.raises(BrokerUnavailable):
+        checkpoint.flush()
+    assert saved(settings, checkpoint, 0) == {"offset": 5, "seen": 5} and consumer.commits == [{0: 5}]
+    checkpoint.rewind({})  # what the loop does on the error: back to the last save
+    assert consumer.seeks == [(0, 5)] and state.seen == {0: 5}
+
+    checkpoint.begin(second)  # read again, and this time its scores are acknowledged
+    state.add(second)
+    checkpoint.processed(commits(second))
+    checkpoint.revoked([tp(0)])  # a revoked partition is saved only once its scores are acknowledged
+    assert saved(settings, checkpoint, 0) == {"offset": 5, "seen": 5}
+    fail = False
+    checkpoint.assigned([tp(0)])
+    checkpoint.begin(second)
+    state.add(second)
+    checkpoint.processed(commits(second))
+    checkpoint.revoked([tp(0)])
+    assert saved(settings, checkpoint, 0) == {"offset": 9, "seen": 9}
 
 
 def test_a_failed_batch_goes_back_to_the_last_save(settings: Settings) -> None:
