@@ -1,7 +1,8 @@
 """Print the live accuracy of the served forecasts, per series and model version, from the scores topic.
 
 Reads the scores topic (one message per forecast whose windows have all closed, README "Message
-formats") from the beginning to its end, and prints per model version a table of every series:
+formats"; messages of the format before "format": 2, kept on the topic, are read too) from the
+beginning to its end, and prints per model version a table of every series:
 forecasts and points scored, MAE (and RMSE in --json), MAE relative to seasonal naive's on the same points,
 coverage of the served (calibrated) outer interval, coverage of the model's own interval, and the
 last window end of the newest forecast scored, with an "all series" row. A score published again (a restarted forecast job

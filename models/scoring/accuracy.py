@@ -1,8 +1,9 @@
 """Live accuracy: the sums of scored forecasts' errors, and the one rule that selects them.
 
 The scorer computes every per-step error of a batch of scored forecasts once
-(:func:`models.scoring.scorer.point_errors`); the forecast job publishes them
-(:func:`pipeline.scores_io.score_messages` only formats them) and sums them
+(:func:`models.scoring.scorer.point_errors`); the forecast job publishes the values they come from
+(:func:`pipeline.scores_io.score_messages`; a reader's :func:`~pipeline.scores_io.decode_score` derives
+the errors again, in the same way) and sums them
 (:meth:`~models.scoring.scorer.PointErrors.totals`) for its live gauges. :class:`LiveTotals` holds the
 sums of a set of scored points (MAE, RMSE, MAE relative to seasonal naive, coverage of the served and of
 the model's own interval).
@@ -19,6 +20,8 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Generic, TypeVar
+
+from pipeline.scores_io import as_score
 
 
 @dataclass
@@ -65,17 +68,23 @@ class LiveTotals:
 
 
 def totals_of(message: Mapping[str, Any]) -> LiveTotals:
-    """The sums of one decoded score message's known points."""
+    """The sums of one score message's known points: a score as :func:`pipeline.scores_io.decode_score`
+    gives it (either format on the topic), or as parsed from JSON (decoded here; not a score: no
+    points)."""
+    if "format" not in message or "abs_error" not in message:  # not decoded yet
+        message = as_score(message) or {}
     t = LiveTotals()
-    for p in message.get("points", ()):
-        if p.get("actual") is None or p.get("abs_error") is None:
+    columns = (message.get(k) or () for k in ("actual", "abs_error", "sq_error", "naive_abs_error", "inside",
+                                              "model_inside"))
+    for actual, err, sq, naive_err, inside, model_inside in zip(*columns, strict=False):
+        if actual is None or err is None:
             continue
         t.points += 1
-        t.abs_error += float(p["abs_error"])
-        t.sq_error += float(p["sq_error"])
-        t.naive_abs_error += float(p["naive_abs_error"]) if p.get("naive_abs_error") is not None else 0.0
-        t.inside += bool(p["inside"])
-        t.model_inside += bool(p["model_inside"])
+        t.abs_error += float(err)
+        t.sq_error += float(sq)
+        t.naive_abs_error += float(naive_err) if naive_err is not None else 0.0
+        t.inside += bool(inside)
+        t.model_inside += bool(model_inside)
     return t
 
 

@@ -1,7 +1,8 @@
 """Live accuracy in the train job: the scores topic read back, the drift trigger, live metrics in MLflow.
 
 The forecast job scores every forecast against the windows that settle it and publishes one message per
-scored forecast to ``topics.scores`` (:mod:`pipeline.scores_io`). :class:`LiveMonitor` reads that topic
+scored forecast to ``topics.scores`` (:mod:`pipeline.scores_io`; scores in the format before its format 2,
+kept on the topic across an upgrade, are read too). :class:`LiveMonitor` reads that topic
 in a background thread of the train job (consumer group ``groups.scores``, from the earliest offset; it
 only keeps sliding sums, so re-reading after a restart is harmless) into a
 :class:`~models.scoring.accuracy.LiveAccuracy` per model version, and

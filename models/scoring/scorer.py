@@ -41,8 +41,8 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -54,7 +54,7 @@ from models.scoring.accuracy import LiveTotals
 from models.scoring.calibration import QuantileTracker
 from pipeline.config import Settings
 from pipeline.contexts import target_values
-from pipeline.scores_io import score_messages
+from pipeline.scores_io import decode_score, score_messages
 
 log = logging.getLogger("rollcast.forecast")
 
@@ -98,9 +98,10 @@ class Forecasts(Protocol):
 @dataclass
 class PointErrors:
     """The errors of ``n`` scored forecasts at each of their ``H`` steps, ``(n, H)`` arrays (``pinball``
-    ``(n, H, Q)``) named as the score message's point fields (:mod:`pipeline.scores_io`). A step is
-    scored when ``known`` (its window had data: ``actual`` finite); at other steps the errors mean
-    nothing (NaN, or False)."""
+    ``(n, H, Q)``) named as the decoded score message's columns (:mod:`pipeline.scores_io`: the message
+    carries ``model_inside``, and :func:`~pipeline.scores_io.decode_score` derives the others from the
+    values it carries, in the same way). A step is scored when ``known`` (its window had data:
+    ``actual`` finite); at other steps the errors mean nothing (NaN, or False)."""
 
     known: np.ndarray
     actual: np.ndarray
@@ -112,10 +113,6 @@ class PointErrors:
     model_inside: np.ndarray  # within the model's own
     naive: np.ndarray  # seasonal naive's forecast from the same origin
     naive_abs_error: np.ndarray
-
-    def columns(self) -> dict[str, np.ndarray]:
-        """The arrays by field name (:func:`pipeline.scores_io.score_messages`' keyword arguments)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def totals(self) -> list[LiveTotals]:
         """The :class:`~models.scoring.accuracy.LiveTotals` of each forecast (as
@@ -185,12 +182,14 @@ class Emitted:
         return self._errors
 
     def messages(self) -> list[tuple[str, bytes]]:
-        """``(series, JSON bytes)`` per scored forecast (pipeline.scores_io's format)."""
+        """``(series, JSON bytes)`` per scored forecast (pipeline.scores_io's format): the values as the
+        scorer holds them (float32) and where each actual fell in the model's own interval."""
         if not self._parts:
             return []
         j = self._joined()
         return score_messages(j["names"], j["origins"], self.models, j["model_index"], j["issued_at"], self.step,
-                              self.calibrated, self.quantiles, **self._point_errors().columns())
+                              self.calibrated, self.quantiles, actual=j["actual"], served=j["served"],
+                              naive=j["naive"], model_inside=self._point_errors().model_inside)
 
     def totals(self) -> list[tuple[str, int, LiveTotals]]:
         """(model version, last_window_end, sums) per scored forecast, for the live metrics."""
@@ -203,8 +202,11 @@ class Emitted:
 
     @property
     def scores(self) -> list[dict[str, Any]]:
-        """The messages, decoded (for tests and tools)."""
-        return [json.loads(v) for _, v in self.messages()]
+        """The messages, decoded (:func:`pipeline.scores_io.decode_score`; for tests and tools)."""
+        decoded = [decode_score(v) for _, v in self.messages()]
+        if None in decoded:
+            raise ValueError("pipeline.scores_io built a score message its decode_score rejects (a bug)")
+        return [m for m in decoded if m is not None]
 
 
 @dataclass
@@ -354,7 +356,8 @@ class Scorer:
         occurrence = np.empty(n, dtype=np.int64)
         occurrence[order] = np.arange(n) - starts
         preds = np.asarray(preds, dtype=np.float32)
-        fresh_served: dict[int, np.ndarray] = {}
+        fresh_rows: list[np.ndarray] = []  # forecast rows issued in each round, and their served quantiles
+        fresh_served: list[np.ndarray] = []
         repeats: list[tuple[int, int, int]] = []  # (forecast row, series row, slot)
         for k in range(int(occurrence.max()) + 1):
             idx = np.flatnonzero(occurrence == k)
@@ -367,9 +370,8 @@ class Scorer:
                 with_fc = fi[fc_of[fi] >= 0]
                 if len(with_fc):
                     j = fc_of[with_fc]
-                    served = self._issue(rows[with_fc], ends[with_fc], preds[j], naive[j], issued_at)
-                    for jj, s in zip(j.tolist(), served, strict=True):
-                        fresh_served[jj] = s
+                    fresh_rows.append(j)
+                    fresh_served.append(self._issue(rows[with_fc], ends[with_fc], preds[j], naive[j], issued_at))
             for i in idx[~fresh].tolist():
                 if fc_of[i] < 0:
                     continue
@@ -378,10 +380,10 @@ class Scorer:
                     repeats.append((int(fc_of[i]), int(rows[i]), slot))
                 else:
                     out.repeats_not_held += 1
-        if fresh_served:
-            j = np.fromiter(fresh_served, dtype=np.int64)
-            out.issued.append(Issued(j, np.stack([fresh_served[x] for x in j.tolist()]), preds[j],
-                                     self.models[self.current], np.full(len(j), int(issued_at), np.int64)))
+        if fresh_rows:  # a window is in one round only: each forecast row is issued once
+            j = np.concatenate(fresh_rows)
+            out.issued.append(Issued(j, np.concatenate(fresh_served), preds[j], self.models[self.current],
+                                     np.full(len(j), int(issued_at), np.int64)))
         by_model: dict[int, list[tuple[int, int, int]]] = {}
         for item in repeats:
             by_model.setdefault(int(self.a["model"][item[1], item[2]]), []).append(item)
@@ -394,28 +396,23 @@ class Scorer:
         return out
 
     def _settle(self, rows: np.ndarray, ends: np.ndarray, values: np.ndarray, scores: Emitted) -> None:
-        """Record the actuals of windows ``ends`` (one per row), update the calibration, emit every
-        forecast of these rows whose last step is now settled or passed."""
+        """Record the actuals of windows ``ends`` (one per row; ``rows`` are distinct), update the calibration,
+        emit every forecast of these rows whose last step is now settled or passed."""
         a, H, step = self.a, self.horizon, self.step
-        upd_rows, upd_steps, upd_served, upd_actual = [], [], [], []
-        for h in range(1, H + 1):
-            origin = ends - h * step
-            slot = (origin // step) % H
-            hit = (a["issued"][rows, slot] == origin) & ~a["emitted"][rows, slot]
-            if not hit.any():
-                continue
-            r, s = rows[hit], slot[hit]
-            a["actual"][r, s, h - 1] = values[hit]
+        # window e settles step h of the forecast issued at e - h * step, which sits in that origin's slot:
+        # all H steps of every row at once, (n, H); a row's H origins fill H distinct slots
+        origin = ends[:, None] - step * np.arange(1, H + 1)
+        slot = (origin // step) % H
+        hit = (a["issued"][rows[:, None], slot] == origin) & ~a["emitted"][rows[:, None], slot]
+        if hit.any():
+            i, h = np.nonzero(hit)
+            r, s = rows[i], slot[i, h]
+            a["actual"][r, s, h] = values[i]
             if self.calibrate:
                 own = a["model"][r, s] == self.current
                 if own.any():
-                    upd_rows.append(r[own])
-                    upd_steps.append(np.full(int(own.sum()), h - 1))
-                    upd_served.append(a["served"][r[own], s[own], h - 1].astype(np.float64))
-                    upd_actual.append(values[hit][own])
-        if upd_rows:
-            self.tracker.update(np.concatenate(upd_rows), np.concatenate(upd_steps), np.concatenate(upd_served),
-                                np.concatenate(upd_actual))
+                    r, s, h = r[own], s[own], h[own]
+                    self.tracker.update(r, h, a["served"][r, s, h].astype(np.float64), values[i[own]])
         done = (a["issued"][rows] >= 0) & ~a["emitted"][rows] & (a["issued"][rows] + H * step <= ends[:, None])
         if done.any():
             rr, ss = np.nonzero(done)
@@ -451,16 +448,26 @@ class Scorer:
 
     def save(self, partition: int, offset: int) -> bytes:
         """The state of ``partition``'s series, covering its windows before ``offset``, as bytes."""
+        return self.snapshot(partition, offset)()
+
+    def snapshot(self, partition: int, offset: int) -> Callable[[], bytes]:
+        """:meth:`save`'s bytes of the state as it is now, made later by the function returned (the forecast
+        job serializes and writes them off its loop): this copies the partition's rows, the function encodes
+        the copy."""
         rows = np.flatnonzero(self.a["partition"][: len(self.names)] == partition)
-        buf = io.BytesIO()
         meta = {"format": STATE_FORMAT, "offset": int(offset), "horizon": self.horizon, "step_ms": self.step,
                 "quantiles": self.quantiles, "current": self.current,
                 "models": [[m.name, m.version] for m in self.models],
                 "series": [self.names[r] for r in rows.tolist()]}
-        arrays = {k: v[rows] for k, v in self.a.items()}
-        np.savez(buf, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
-                 offsets=self.tracker.offsets[rows], updates=self.tracker.updates[rows], **arrays)
-        return buf.getvalue()
+        arrays = {k: v[rows] for k, v in self.a.items()}  # copies (fancy indexing)
+        arrays.update(offsets=self.tracker.offsets[rows], updates=self.tracker.updates[rows])
+
+        def encode() -> bytes:
+            buf = io.BytesIO()
+            np.savez(buf, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **arrays)
+            return buf.getvalue()
+
+        return encode
 
     def load(self, partition: int, data: bytes) -> int | None:
         """Replace ``partition``'s series by a saved state; return its offset, or None (and keep nothing of

@@ -156,7 +156,7 @@ def forecast_session(settings: Settings, forecaster: Forecaster, consumer: Any, 
                     # polled meanwhile is still forecast with the old one. From this line on, every batch
                     # is forecast with the new version.
                     serving(new, health)
-        settled({}, checkpoint.flush)
+        settled({}, checkpoint.flush, True)  # written and committed before the session ends
         clean = True
     finally:
         checkpoint.acknowledge = None

@@ -16,6 +16,7 @@ import models
 from models.scoring.accuracy import LiveAccuracy
 from pipeline.config import Settings
 from pipeline.kafka.clients import make_producer
+from pipeline.scores_io import as_score
 from pipeline.store import HistoryStore, Progress
 from pipeline.windows_io import HEADERS
 from tests.support import rollcast, start_rollcast, wait_for
@@ -136,15 +137,18 @@ def test_forecasts_equal_offline_inference_and_survive_kill_9(
     abs_err, inside, n = 0.0, 0, 0
     for key, msgs in scores.items():
         assert all(m == msgs[0] for m in msgs), key  # a repeat after the restart carries the same values
-        for got, w in zip(msgs[0]["points"], want[key], strict=True):
+        got = as_score(msgs[0])  # the errors the message's values give, as every reader derives them
+        assert got is not None and msgs[0]["format"] == 2 and len(got["actual"]) == len(want[key])
+        for h, w in enumerate(want[key]):
             if w is None:
-                assert got["actual"] is None
+                assert got["actual"][h] is None
                 continue
-            assert got["abs_error"] == pytest.approx(w["abs_error"], abs=1e-5)
-            assert got["naive_abs_error"] == pytest.approx(w["naive_abs_error"], abs=1e-5)
-            assert got["pinball"] == pytest.approx(w["pinball"], abs=1e-5)
-            assert (got["inside"], got["model_inside"]) == (w["inside"], w["model_inside"])
-            abs_err, inside, n = abs_err + got["abs_error"], inside + got["inside"], n + 1
+            assert got["abs_error"][h] == pytest.approx(w["abs_error"], abs=1e-5)
+            assert got["naive_abs_error"][h] == pytest.approx(w["naive_abs_error"], abs=1e-5)
+            pinball = {f"{q:g}": v for q, v in zip(got["quantiles"], got["pinball"][h], strict=True)}
+            assert pinball == pytest.approx(w["pinball"], abs=1e-5)
+            assert (got["inside"][h], got["model_inside"][h]) == (w["inside"], w["model_inside"])
+            abs_err, inside, n = abs_err + got["abs_error"][h], inside + got["inside"][h], n + 1
     live = LiveAccuracy(1000)
     for msgs in scores.values():
         live.add_message(msgs[0])

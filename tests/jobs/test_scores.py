@@ -1,8 +1,9 @@
 """`rollcast scores` against a real broker.
 
-The score messages here are scripted by the test (in pipeline/scores_io.py's format), not produced by
-the forecast job: the command's figures are checked against sums computed here from the same
-scripted actuals, forecasts and intervals, independently of pipeline/scores_io.py.
+The score messages here are scripted by the test (in pipeline/scores_io.py's format 2, and some in the
+format before it, as a topic holds them after an upgrade), not produced by the forecast job: the
+command's figures are checked against sums computed here from the same scripted actuals, forecasts and
+intervals, independently of pipeline/scores_io.py.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import math
 import random
 import re
 import signal
+import struct
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,6 +49,11 @@ def scores_settings(test_env: dict[str, str]) -> Iterator[Settings]:
         admin.close()
 
 
+def f32(x: float) -> float:
+    """``x`` rounded to float32, as the forecast job's values are (format 2 carries float32)."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
 def raw_points(rng: random.Random, gap: bool = False) -> list[tuple | None]:
     """Three steps of (actual, forecast, served lo, served hi, model lo, model hi, naive); None: a gap."""
     out: list[tuple | None] = []
@@ -57,13 +64,20 @@ def raw_points(rng: random.Random, gap: bool = False) -> list[tuple | None]:
         actual = rng.uniform(0, 10)
         forecast = actual + rng.uniform(-2, 2)
         half, model_half = rng.uniform(0.3, 2.5), rng.uniform(0.2, 1.5)
-        out.append((actual, forecast, forecast - half, forecast + half, forecast - model_half,
-                    forecast + model_half, actual + rng.uniform(-3, 3)))
+        out.append(tuple(f32(x) for x in (actual, forecast, forecast - half, forecast + half, forecast - model_half,
+                                          forecast + model_half, actual + rng.uniform(-3, 3))))
     return out
 
 
-def message(series: str, model: str, version: str, k: int, raw: list[tuple | None]) -> dict:
+def message(series: str, model: str, version: str, k: int, raw: list[tuple | None], fmt: int = 2) -> dict:
     end = BASE + k * STEP
+    head = {"series": series, "last_window_end": end, "model": {"name": model, "version": version},
+            "issued_at": end + 1000, "step_ms": STEP, "calibrated": True, "quantiles": QUANTILES}
+    if fmt == 2:
+        return {"format": 2, **head, "actual": [None if r is None else r[0] for r in raw],
+                "served": [[1.0, 1.0, 1.0] if r is None else [r[2], r[1], r[3]] for r in raw],
+                "naive": [None if r is None else r[6] for r in raw],
+                "model_inside": [None if r is None else r[4] <= r[0] <= r[5] for r in raw]}
     points = []
     for h, r in enumerate(raw, start=1):
         ts = end + (h - 1) * STEP
@@ -77,14 +91,13 @@ def message(series: str, model: str, version: str, k: int, raw: list[tuple | Non
                        "sq_error": (actual - forecast) ** 2, "pinball": {"0.1": 0.0, "0.5": 0.0, "0.9": 0.0},
                        "inside": lo <= actual <= hi, "model_inside": mlo <= actual <= mhi, "naive": naive,
                        "naive_abs_error": abs(actual - naive)})
-    return {"series": series, "last_window_end": end, "model": {"name": model, "version": version},
-            "issued_at": end + 1000, "step_ms": STEP, "calibrated": True, "quantiles": QUANTILES, "points": points}
+    return {**head, "points": points}
 
 
-def expected(entries: list[tuple[str, str, str, int, list]]) -> dict:
+def expected(entries: list[tuple[str, str, str, int, list, int]]) -> dict:
     """Per version: per series and for all series, the figures computed from the raw points."""
     rows: dict[str, dict[str, list]] = {}
-    for series, _model, version, k, raw in entries:
+    for series, _model, version, k, raw, _fmt in entries:
         for key in (series, "all series"):
             rows.setdefault(version, {}).setdefault(key, []).append((k, raw))
     out: dict = {}
@@ -134,12 +147,14 @@ def check(got: dict, want: dict) -> None:
             assert got[key][name] == pytest.approx(value, rel=1e-9), (key, name)
 
 
-def scripted() -> list[tuple[str, str, str, int, list]]:
+def scripted() -> list[tuple[str, str, str, int, list, int]]:
     """Version 1 (tcn) scored for series a and b after windows 0-3, version 2 (lstm) for a after 2-4;
-    one gap step."""
+    one gap step. Version 1's first three windows in the format before format 2 (written before an
+    upgrade), the rest in format 2."""
     rng = random.Random(7)
-    entries = [(s, "tcn", "1", k, raw_points(rng, gap=(s, k) == ("b", 2))) for k in range(4) for s in ("a", "b")]
-    entries += [("a", "lstm", "2", k, raw_points(rng)) for k in range(2, 5)]
+    entries = [(s, "tcn", "1", k, raw_points(rng, gap=(s, k) == ("b", 2)), 1 if k < 3 else 2)
+               for k in range(4) for s in ("a", "b")]
+    entries += [("a", "lstm", "2", k, raw_points(rng), 2) for k in range(2, 5)]
     return entries
 
 

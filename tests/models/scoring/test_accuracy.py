@@ -1,6 +1,7 @@
 """Live accuracy (models.scoring.accuracy): the one rule (per version, last N windows, a repeat counts once)
-as LiveAccuracy and ``rollcast scores`` (models.scoring.report.Scores) both apply it. The per-step errors
-and their sums are tested with the scorer that computes them (tests/models/scoring/test_scorer.py)."""
+as LiveAccuracy and ``rollcast scores`` (models.scoring.report.Scores) both apply it, to scores of either
+format (pipeline.scores_io). The per-step errors and their sums are tested with the scorer that computes
+them (tests/models/scoring/test_scorer.py)."""
 
 from __future__ import annotations
 
@@ -16,12 +17,16 @@ from pipeline.scores_io import encode_scores
 Q = [0.1, 0.5, 0.9]
 
 
-def score(series: str, end: int, version: str = "1", abs_error: float = 1.0, step: int = 10) -> dict:
-    return {"series": series, "last_window_end": end, "model": {"name": "tcn", "version": version},
-            "issued_at": 0, "step_ms": step, "calibrated": True, "quantiles": Q,
-            "points": [{"h": 1, "ts": end, "actual": 1.0, "forecast": 1.0 + abs_error, "abs_error": abs_error,
-                        "sq_error": abs_error ** 2, "pinball": None, "inside": True, "model_inside": False,
-                        "naive": 1.0, "naive_abs_error": 2.0}]}
+def score(series: str, end: int, version: str = "1", abs_error: float = 1.0, step: int = 10, fmt: int = 1) -> dict:
+    """A one-step score message as parsed from JSON, in the format before format 2 (exact errors) or in 2."""
+    head = {"series": series, "last_window_end": end, "model": {"name": "tcn", "version": version},
+            "issued_at": 0, "step_ms": step, "calibrated": True, "quantiles": Q}
+    if fmt == 2:
+        return {"format": 2, **head, "actual": [1.0], "served": [[-9.0, 1.0 + abs_error, 9.0]], "naive": [3.0],
+                "model_inside": [False]}
+    return {**head, "points": [{"h": 1, "ts": end, "actual": 1.0, "forecast": 1.0 + abs_error, "abs_error": abs_error,
+                                "sq_error": abs_error ** 2, "pinball": None, "inside": True, "model_inside": False,
+                                "naive": 1.0, "naive_abs_error": 2.0}]}
 
 
 def test_a_repeat_counts_once_per_version_window_and_series() -> None:
@@ -65,7 +70,7 @@ def test_a_bounded_live_accuracy_drops_older_windows_and_forgets_their_repeats()
 def test_rollcast_scores_selects_what_live_accuracy_sums(last: int | None) -> None:
     rng = np.random.default_rng(last or 0)
     messages = [score(f"s{rng.integers(4)}", int(10 * rng.integers(12)), version=str(rng.integers(1, 3)),
-                      abs_error=float(rng.uniform())) for _ in range(80)]
+                      abs_error=float(rng.uniform()), fmt=int(rng.integers(1, 3))) for _ in range(80)]
     scores, live = Scores(), LiveAccuracy(windows=1000)
     for _, value in encode_scores(messages):
         assert scores.add_value(value)

@@ -1,9 +1,10 @@
 """The drift judgement (models.scoring.drift) as pure functions: its thresholds at their edges, the
-cooldown, and the monitor judging the champion on its last ``train.drift_windows`` windows only (no
-broker, no MLflow: scores are added to the monitor's sums directly)."""
+cooldown, and the monitor judging the champion on its last ``train.drift_windows`` windows only, from scores
+of either format (no broker, no MLflow: decoded scores are added to the monitor's sums directly)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from models.scoring.accuracy import LiveTotals
 from models.scoring.drift import LiveMonitor, cooled_down, drift_trigger, judge
 from pipeline.config import load_settings
+from pipeline.scores_io import decode_score
 
 RULES = {"factor": 2.0, "coverage_floor": 0.5, "min_points": 10, "windows": 24}
 
@@ -62,28 +64,39 @@ def test_the_cooldown_counts_from_the_last_cycle_whatever_started_it() -> None:
     assert drift_trigger(None, 1e9, 10) is None  # too few points
 
 
-def score(version: str, end: int, abs_error: float) -> dict:
-    points = [{"h": 1, "ts": end, "actual": 1.0, "forecast": 1.0 + abs_error, "abs_error": abs_error,
-               "sq_error": abs_error ** 2, "pinball": None, "inside": True, "model_inside": True, "naive": 0.0,
-               "naive_abs_error": 1.0}]
-    return {"series": "a", "last_window_end": end, "model": {"name": "tcn", "version": version}, "issued_at": 0,
-            "step_ms": 10, "calibrated": True, "quantiles": [0.1, 0.5, 0.9], "points": points * 5}
+def score(version: str, end: int, abs_error: float, fmt: int = 2) -> dict:
+    """A score read from the topic (decode_score) of five steps of ``abs_error``, naive's 1.0, all inside;
+    in the format the forecast job writes, or the one before it (still on a topic after an upgrade)."""
+    head = {"series": "a", "last_window_end": end, "model": {"name": "tcn", "version": version}, "issued_at": 0,
+            "step_ms": 10, "calibrated": True, "quantiles": [0.1, 0.5, 0.9]}
+    if fmt == 2:
+        msg = {"format": 2, **head, "actual": [1.0] * 5, "served": [[-100.0, 1.0 + abs_error, 100.0]] * 5,
+               "naive": [0.0] * 5, "model_inside": [True] * 5}
+    else:
+        points = [{"h": 1, "ts": end, "actual": 1.0, "forecast": 1.0 + abs_error, "abs_error": abs_error,
+                   "sq_error": abs_error ** 2, "pinball": None, "inside": True, "model_inside": True, "naive": 0.0,
+                   "naive_abs_error": 1.0}]
+        msg = {**head, "points": points * 5}
+    decoded = decode_score(json.dumps(msg).encode())
+    assert decoded is not None
+    return decoded
 
 
-def test_the_monitor_judges_only_the_last_drift_windows(tmp_path) -> None:
+@pytest.mark.parametrize("fmt", [2, 1])
+def test_the_monitor_judges_only_the_last_drift_windows(tmp_path, fmt: int) -> None:
     s = load_settings(env={"ROLLCAST_DATA_DIR": str(tmp_path), "ROLLCAST_TRAIN__DRIFT_WINDOWS": "4",
                            "ROLLCAST_TRAIN__DRIFT_MIN_POINTS": "20", "ROLLCAST_TRAIN__DRIFT_FACTOR": "2",
                            "ROLLCAST_TRAIN__DRIFT_COOLDOWN_MINUTES": "10"})
     m = LiveMonitor(s, last_cycle=0.0)
     for end in range(0, 100, 10):  # ten bad windows...
-        m.live.add_message(score("1", end, abs_error=5.0))
+        m.live.add_message(score("1", end, abs_error=5.0, fmt=fmt))
     m._champion = ("1", 1.0)
     assert m.judgement().by_mae and m.judgement().points == 20  # the last 4 windows, 5 points each
     for end in range(100, 140, 10):  # ...then four good ones: the bad ones fall out of the judged windows
-        m.live.add_message(score("1", end, abs_error=1.0))
+        m.live.add_message(score("1", end, abs_error=1.0, fmt=fmt))
     judged = m.judgement()
     assert judged is not None and not judged.drifted and judged.live_relative_mae == 1.0
-    m.live.add_message(score("1", 140, abs_error=20.0))
+    m.live.add_message(score("1", 140, abs_error=20.0, fmt=fmt))
     assert m.judgement().live_relative_mae == pytest.approx((3 * 5 + 5 * 20) / 20)
     m.last_cycle = -1e9  # long ago: outside the cooldown
     assert m.drift() is not None

@@ -79,9 +79,9 @@ def as_tuples(scores):
     for m in scores:
         key = (m["series"], m["last_window_end"])
         assert key not in out
-        out[key] = [None if p["actual"] is None else
-                    (p["abs_error"], [p["pinball"][f"{q:g}"] for q in Q], p["inside"], p["model_inside"])
-                    for p in m["points"]]
+        out[key] = [None if a is None else (err, pin, inside, model_inside)
+                    for a, err, pin, inside, model_inside in zip(m["actual"], m["abs_error"], m["pinball"],
+                                                                 m["inside"], m["model_inside"], strict=True)]
     return out
 
 
@@ -98,8 +98,11 @@ def test_scores_equal_an_offline_computation_over_the_sent_forecasts() -> None:
             assert g[0] == pytest.approx(w[0], abs=1e-6) and g[1] == pytest.approx(w[1], abs=1e-6)
             assert g[2:] == w[2:]
     m = next(m for m in scores if m["series"] == "s0")
-    assert m["points"][0]["naive"] == pytest.approx(0.2) and m["calibrated"] is True
-    assert [p["ts"] for p in m["points"]] == [m["last_window_end"] + h * STEP for h in range(H)]
+    assert m["naive"][0] == pytest.approx(0.2) and m["calibrated"] is True and len(m["actual"]) == H
+    for m in scores:  # the served quantiles as sent, to the bit (float32 written as float32)
+        [(served, _, _)] = sent[(m["series"], m["last_window_end"])]
+        np.testing.assert_array_equal(np.array(m["served"], dtype=np.float32), served)
+        assert m["forecast"] == [float(x) for x in served[:, 1]]
 
 
 def test_scores_and_served_quantiles_do_not_depend_on_batching() -> None:
@@ -155,8 +158,8 @@ def test_calibration_brings_an_overconfident_model_to_its_nominal_coverage() -> 
         out = scorer.run(["x"], np.array([i * STEP]), np.array([y]), np.zeros(1, dtype=np.int32), np.arange(1),
                          preds, np.zeros((1, H)), issued_at=i)
         for m in out.scores:
-            inside += [p["inside"] for p in m["points"]]
-            model_inside += [p["model_inside"] for p in m["points"]]
+            inside += m["inside"]
+            model_inside += m["model_inside"]
     burn = 3 * 500
     assert np.mean(model_inside[burn:]) < 0.3
     assert abs(np.mean(inside[burn:]) - 0.8) < 0.03
@@ -245,8 +248,15 @@ def test_the_sums_by_hand_and_as_the_messages_give_them() -> None:
             second.model_inside) == (3, 2.0, 2.0, 2.0, 1, 3)
     e = point_errors(actual, served, model_q, naive, Q)
     messages = score_messages(["a", "b"], np.array([100, 100]), [("tcn", "1")], np.array([0, 0]), np.array([7, 7]),
-                              10, True, Q, **e.columns())
-    for (series, value), want in zip(messages, e.totals(), strict=True):
+                              10, True, Q, actual=actual, served=served, naive=naive, model_inside=e.model_inside)
+    for i, ((series, value), want) in enumerate(zip(messages, e.totals(), strict=True)):
         msg = decode_score(value)
         assert msg is not None and msg["series"] == series
         assert totals_of(msg) == want
+        # the errors the reader derives are the scorer's, to the bit
+        known = e.known[i]
+        for name in ("abs_error", "sq_error", "inside", "model_inside", "naive_abs_error"):
+            want_col = [x.item() if k and not (isinstance(x.item(), float) and math.isnan(x)) else None
+                        for x, k in zip(getattr(e, name)[i], known, strict=True)]
+            assert msg[name] == want_col, name
+        assert msg["pinball"] == [row.tolist() if k else None for row, k in zip(e.pinball[i], known, strict=True)]

@@ -8,7 +8,9 @@ scorer's save/load/drop surface (``Seen``). Records are stand-ins holding an off
 from __future__ import annotations
 
 import json
+import threading
 from collections import namedtuple
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +50,9 @@ class Seen:
         for t, records in b.items():
             self.seen[t.partition] = self.seen.get(t.partition, 0) + len(records)
 
-    def save(self, partition: int, offset: int) -> bytes:
-        return json.dumps({"offset": offset, "seen": self.seen.get(partition, 0)}).encode()
+    def snapshot(self, partition: int, offset: int) -> Callable[[], bytes]:
+        data = json.dumps({"offset": offset, "seen": self.seen.get(partition, 0)}).encode()
+        return lambda: data
 
     def load(self, partition: int, data: bytes) -> int | None:
         saved = json.loads(data)
@@ -114,13 +117,13 @@ def test_each_state_is_saved_before_the_offsets_it_covers_are_committed(settings
         checkpoint.processed(commits(b))
     assert consumer.commits == [] and saved(settings, checkpoint, 0) is None  # not due yet
 
-    checkpoint.flush()
+    checkpoint.flush(wait=True)
     # one commit of the offset after each partition's last processed record; when it was made, the store
     # already held each partition's state, naming that same offset
     assert consumer.commits == [{0: 10, 1: 23}]
     assert seen_at_commit == [{0: {"offset": 10, "seen": 10}, 1: {"offset": 23, "seen": 3}}]
     assert consumer.timeouts == [7000]
-    checkpoint.flush()  # nothing processed since: no save, no commit
+    checkpoint.flush(wait=True)  # nothing processed since: no save, no commit
     assert consumer.commits == [{0: 10, 1: 23}]
 
 
@@ -147,7 +150,7 @@ def test_nothing_is_committed_when_a_save_fails(settings: Settings) -> None:
     state.add(b)
     checkpoint.processed(commits(b))
     with pytest.raises(StoreUnavailable):
-        checkpoint.flush()
+        checkpoint.flush(wait=True)
     assert consumer.commits == []  # not partition 1's offset, nor partition 0's, whose save went through
     assert saved(settings, checkpoint, 0) == {"offset": 5, "seen": 5}
     assert blocked.is_file()
@@ -175,7 +178,7 @@ def test_a_save_waits_for_every_score_sent_and_a_score_not_acknowledged_saves_an
     state.add(first)
     checkpoint.processed(commits(first))
     assert events == []  # a save not due yet waits for nothing
-    checkpoint.flush()
+    checkpoint.flush(wait=True)
     assert events == ["acknowledge", "commit {'offset': 5, 'seen': 5}"]
 
     second = batch(p0=range(5, 9))
@@ -184,7 +187,7 @@ def test_a_save_waits_for_every_score_sent_and_a_score_not_acknowledged_saves_an
     checkpoint.processed(commits(second))
     fail = True
     with pytest.raises(BrokerUnavailable):
-        checkpoint.flush()
+        checkpoint.flush(wait=True)
     assert saved(settings, checkpoint, 0) == {"offset": 5, "seen": 5} and consumer.commits == [{0: 5}]
     checkpoint.rewind({})  # what the loop does on the error: back to the last save
     assert consumer.seeks == [(0, 5)] and state.seen == {0: 5}
@@ -210,7 +213,7 @@ def test_a_failed_batch_goes_back_to_the_last_save(settings: Settings) -> None:
     checkpoint.begin(saved_batch)
     state.add(saved_batch)
     checkpoint.processed(commits(saved_batch))
-    checkpoint.flush()
+    checkpoint.flush(wait=True)
     acknowledged = batch(p0=range(5, 8), p1=range(30, 32))  # acknowledged, not saved yet
     checkpoint.begin(acknowledged)
     state.add(acknowledged)
@@ -225,7 +228,7 @@ def test_a_failed_batch_goes_back_to_the_last_save(settings: Settings) -> None:
     assert sorted(consumer.seeks) == [(0, 5), (1, 30), (2, 40)]
     assert state.seen == {0: 5, 3: 2}
     assert consumer.commits == [{0: 5}]
-    checkpoint.flush()  # what was rewound is no longer pending
+    checkpoint.flush(wait=True)  # what was rewound is no longer pending
     assert consumer.commits == [{0: 5}]
 
 
@@ -242,7 +245,7 @@ def test_revoked_partitions_are_saved_not_committed_and_their_next_owner_resumes
     checkpoint.revoked([tp(1)])
     assert saved(settings, checkpoint, 1) == {"offset": 23, "seen": 3}
     assert consumer.commits == [] and state.seen == {0: 5}
-    checkpoint.flush()  # partition 0 only: partition 1's commit is left to its next owner
+    checkpoint.flush(wait=True)  # partition 0 only: partition 1's commit is left to its next owner
     assert consumer.commits == [{0: 5}]
 
     other, other_state = ScriptedConsumer(1, 2), Seen()  # another process, given partitions 1 and 2
@@ -263,7 +266,7 @@ def test_a_thawed_owner_saves_nothing_over_the_new_owners_state_and_commits_noth
     a.begin(first)
     a_state.add(first)
     a.processed(commits(first))
-    a.flush()
+    a.flush(wait=True)
     partial = batch(p0=range(5, 7), p1=range(2, 3))  # processed by A just before the pause
     a.begin(partial)
     a_state.add(partial)
@@ -277,9 +280,9 @@ def test_a_thawed_owner_saves_nothing_over_the_new_owners_state_and_commits_noth
     b.begin(more)
     b_state.add(more)
     b.processed(commits(more))
-    b.flush()
+    b.flush(wait=True)
 
-    a.flush()  # A thaws
+    a.flush(wait=True)  # A thaws
     assert a_consumer.commits == [{0: 5, 1: 2}, {1: 3}]  # partition 0's offset 7 is not committed
     assert 0 not in a_state.seen and a_state.seen == {1: 3}
     assert saved(settings, b, 0) == {"offset": 12, "seen": 12}
@@ -311,10 +314,80 @@ def test_a_state_saved_for_an_earlier_topic_is_not_resumed(settings: Settings, m
     checkpoint.begin(b)
     state.add(b)
     checkpoint.processed(commits(b))
-    checkpoint.flush()
+    checkpoint.flush(wait=True)
 
     monkeypatch.setattr(module, "topic_id", lambda consumer, topic: "topic-2")  # deleted and created again
     again, again_state = ScriptedConsumer(0), Seen()
     again_state.seen[0] = 4
     ForecastCheckpoint(settings, again, lambda: again_state).assigned([tp(0)])
     assert again.seeks == [(0, 0)] and again_state.seen == {}
+
+
+class HeldSeen(Seen):
+    """A :class:`Seen` whose saves are encoded only once ``release`` is set (a slow write, in the writer thread)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def snapshot(self, partition: int, offset: int) -> Callable[[], bytes]:
+        encode = super().snapshot(partition, offset)
+
+        def held() -> bytes:
+            assert self.release.wait(10)
+            return encode()
+
+        return held
+
+
+def test_a_save_is_written_off_the_loop_and_committed_once_written(settings: Settings) -> None:
+    consumer, state = ScriptedConsumer(0), HeldSeen()
+    checkpoint = ForecastCheckpoint(settings, consumer, lambda: state)
+    consumer.on_commit = lambda offsets: seen_at_commit.append(saved(settings, checkpoint, 0))
+    seen_at_commit: list[dict | None] = []
+    first = batch(p0=range(0, 5))
+    checkpoint.begin(first)
+    state.add(first)
+    checkpoint.processed(commits(first))
+    checkpoint.flush()  # returns while the state is still being written
+    second = batch(p0=range(5, 7))
+    checkpoint.begin(second)
+    state.add(second)  # the loop goes on: the save in progress is of the state at the flush
+    checkpoint.processed(commits(second))
+    assert consumer.commits == [] and saved(settings, checkpoint, 0) is None
+    state.release.set()
+    checkpoint._saving.done.result(10)
+    checkpoint.processed({})  # the first call after the write commits what it covers, and only that
+    assert consumer.commits == [{0: 5}] and seen_at_commit == [{"offset": 5, "seen": 5}]
+    checkpoint.flush(wait=True)
+    assert consumer.commits == [{0: 5}, {0: 7}] and saved(settings, checkpoint, 0) == {"offset": 7, "seen": 7}
+
+
+def test_a_rewind_during_a_save_goes_back_to_it_and_a_failed_save_to_the_one_before(settings: Settings) -> None:
+    consumer, state = ScriptedConsumer(0, 1), HeldSeen()
+    state.release.set()
+    checkpoint = ForecastCheckpoint(settings, consumer, lambda: state)
+    first = batch(p0=range(0, 5))
+    checkpoint.begin(first)
+    state.add(first)
+    checkpoint.processed(commits(first))
+    checkpoint.flush(wait=True)
+
+    # partition 1's log is blocked by a file (a real OSError in the writer): the next save fails there
+    blocked = Path(settings.history_location) / "_state" / f"{checkpoint.name(1)}.log"
+    blocked.write_bytes(b"")
+    second = batch(p0=range(5, 8), p1=range(20, 22))
+    checkpoint.begin(second)
+    state.add(second)
+    checkpoint.processed(commits(second))
+    checkpoint.flush()
+    checkpoint._saving.done.exception(10)
+    with pytest.raises(StoreUnavailable):
+        checkpoint.processed({})  # the failed save is raised on the loop; nothing of it is committed
+    assert consumer.commits == [{0: 5}]
+    blocked.unlink()  # the outage is over
+    checkpoint.rewind({})  # what the loop does on the error
+    # partition 0's save went through before partition 1's failed: it resumes from it; partition 1 was never
+    # saved: from the first offset processed since the last save
+    assert sorted(consumer.seeks) == [(0, 8), (1, 20)]
+    assert state.seen == {0: 8}
