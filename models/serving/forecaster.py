@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
+from models.compiled import EAGER
 from models.data import known_any
 from models.scoring.scorer import Issued, ModelRef
 from models.serving.telemetry import INFERENCE_S, SERIES, SKIPPED, STAGE_S
@@ -36,6 +37,7 @@ from pipeline.store import HistoryStore
 from pipeline.windows_io import KeyPartitions
 
 if TYPE_CHECKING:
+    from models.compiled import OnnxModel
     from pipeline.kafka.producer import BulkProducer
 
 log = logging.getLogger("rollcast.forecast")
@@ -48,7 +50,8 @@ MESSAGE_CHUNK = 250
 
 @dataclass
 class LoadedModel:
-    """A registered version, loaded: the module and what serving needs of its config."""
+    """A registered version, loaded: the module, its compiled form when it has one that gives the module's
+    forecasts (:mod:`models.compiled`; that then serves), and what serving needs of its config."""
 
     name: str
     version: str
@@ -56,6 +59,17 @@ class LoadedModel:
     context: int
     horizon: int
     quantiles: list[float]
+    compiled: OnnxModel | None = None
+
+    @property
+    def runner(self) -> Any:
+        """What :func:`models.predict` runs: the compiled form, else the module (eager PyTorch)."""
+        return self.module if self.compiled is None else self.compiled
+
+    @property
+    def runtime(self) -> str:
+        """``"onnxruntime"`` when the compiled form serves, ``"eager"`` (PyTorch) when the module does."""
+        return EAGER if self.compiled is None else self.compiled.runtime
 
     @property
     def ref(self) -> ModelRef:
@@ -83,7 +97,13 @@ class Inference:
         return [Issued(np.arange(len(self.use)), self.preds, None, self.model, self.issued_at)]
 
 
-def load_saved_model(model_dir: Path, version: str) -> LoadedModel:
+def load_saved_model(model_dir: Path, version: str, threads: int | None = None, compiled: bool = True) -> LoadedModel:
+    """The model saved in ``model_dir``, with its ONNX graph in ONNX Runtime when it has one that gives the
+    module's forecasts (else a warning says why, and the module serves in eager PyTorch).
+
+    ``threads``: ONNX Runtime's intra-op threads; None: torch's, which the forecast job sets from
+    ``forecast.inference_threads`` before it loads a model. ``compiled=False``: the module serves even
+    when there is a graph."""
     import models
 
     module = models.load_model(model_dir)
@@ -95,6 +115,7 @@ def load_saved_model(model_dir: Path, version: str) -> LoadedModel:
         context=int(cfg.context),
         horizon=int(cfg.horizon),
         quantiles=[float(q) for q in cfg.quantiles],
+        compiled=models.load_compiled(model_dir, module, threads) if compiled else None,
     )
 
 
@@ -206,7 +227,7 @@ class Forecaster:
         contexts = ctx[use]
         t0 = time.perf_counter()
         STAGE_S.labels("context").observe(t0 - t_start)
-        preds = models.predict(self.model.module, contexts, window_end_ms=grid) if len(use) \
+        preds = models.predict(self.model.runner, contexts, window_end_ms=grid) if len(use) \
             else np.zeros((0, self.model.horizon, len(self.model.quantiles)), dtype=np.float32)
         t1 = time.perf_counter()
         INFERENCE_S.observe(t1 - t0)

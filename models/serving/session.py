@@ -50,11 +50,12 @@ log = logging.getLogger("rollcast.forecast")
 
 
 def serving(model: LoadedModel, health: Any, **facts: Any) -> None:
-    """From now on ``model`` is served: the version gauge, ``health``'s facts (``facts`` first) and the log
-    line "serving version N (name)"."""
+    """From now on ``model`` is served: the version gauge, ``health``'s facts (``facts`` first; ``runtime``:
+    "onnxruntime" or "eager", :attr:`~models.serving.forecaster.LoadedModel.runtime`) and the log line
+    "serving version N (name, runtime)"."""
     MODEL_VERSION.set(float(model.version) if model.version.isdigit() else -1)
-    health.facts.update(**facts, model=model.name, model_version=model.version)
-    log.info("serving version %s (%s)", model.version, model.name)
+    health.facts.update(**facts, model=model.name, model_version=model.version, runtime=model.runtime)
+    log.info("serving version %s (%s, %s)", model.version, model.name, model.runtime)
 
 
 class LiveScoring:

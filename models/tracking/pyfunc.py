@@ -4,8 +4,10 @@
 file>, artifacts={"model": <dir>, "serving": <json>})``; MLflow copies the file
 into the model and runs it at load time, where ``set_model`` below names the
 model object. Nothing is pickled: the forecaster is rebuilt by
-``models.load_model`` from its ``state_dict`` and JSON config. Loading needs the
-rollcast package installed (the model's requirements name it).
+``models.load_model`` from its ``state_dict`` and JSON config, and runs in ONNX
+Runtime when the model directory holds its ONNX graph and that gives the
+module's forecasts (``models.load_compiled``), else in eager PyTorch. Loading
+needs the rollcast package installed (the model's requirements name it).
 
 Input frame (recent closed windows, any order, at least ``context`` rows per series)::
 
@@ -108,7 +110,9 @@ class RollcastForecaster(PythonModel):
     def load_context(self, context: Any) -> None:
         import models
 
-        self.model = models.load_model(Path(context.artifacts["model"]))
+        model_dir = Path(context.artifacts["model"])
+        self.model = models.load_model(model_dir)
+        self.compiled = models.load_compiled(model_dir, self.model)  # None: the module runs
         self.serving = json.loads(Path(context.artifacts["serving"]).read_text())
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
@@ -116,7 +120,8 @@ class RollcastForecaster(PythonModel):
 
         cfg = self.model.config
         names, ends, ctx = frame_to_context(pd.DataFrame(model_input), int(cfg.context))
-        preds = np.asarray(models.predict(self.model, ctx, window_end_ms=ends))  # (B, H, Q)
+        runner = self.model if self.compiled is None else self.compiled
+        preds = np.asarray(models.predict(runner, ctx, window_end_ms=ends))  # (B, H, Q)
         return forecast_frame(names, ends[:, -1], preds, [float(q) for q in cfg.quantiles], int(self.serving["step_ms"]))
 
 

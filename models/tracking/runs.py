@@ -217,6 +217,8 @@ def _log_run(settings: Settings, cand: Candidate, data: CycleData, others: dict[
             plot_losses(cand, plots / "loss.png")
             plot_forecasts(cand, data, others, plots)
             mlflow.log_artifacts(str(plots), artifact_path="plots")
+            # config.json, weights.pt and, when the exporter can make it, the ONNX graph serving runs
+            # (models.compiled): all in the version's artifacts
             saved = save_model(cand.model, tmpdir / "model")
             serving = tmpdir / "serving.json"
             serving.write_text(json.dumps({
@@ -254,7 +256,7 @@ def _requirements() -> list[str]:
     from importlib.metadata import PackageNotFoundError, version
 
     reqs = []
-    for dist in ("rollcast", "torch", "pytorch-lightning", "mlflow", "numpy", "pandas", "polars"):
+    for dist in ("rollcast", "torch", "pytorch-lightning", "mlflow", "numpy", "pandas", "polars", "onnxruntime"):
         try:
             reqs.append(f"{dist}=={version(dist)}")
         except PackageNotFoundError:

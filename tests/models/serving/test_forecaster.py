@@ -123,3 +123,33 @@ def test_a_partition_assigned_again_takes_what_another_consumer_read_meanwhile_f
     offline = models.predict(module, contexts, window_end_ms=np.broadcast_to(grid, contexts.shape))
     want = {m[0]: json.loads(m[1]) for m in forecast_messages(["a", "b"], [last] * 2, offline, model, STEP, issued_at=1)}
     assert got[here] == want
+
+
+def test_a_saved_model_with_its_graph_is_served_by_onnx_runtime(tmp_path: Path) -> None:
+    """load_saved_model serves the ONNX graph saved with the weights; the inference equals the module's
+    within the compiled path's tolerance, gap row included (one gap rule, before either runs)."""
+    from models.compiled import ATOL, ONNXRUNTIME, RTOL
+    from models.serving.forecaster import Forecaster, load_saved_model
+    from pipeline.config import load_settings
+
+    s = load_settings(env={"ROLLCAST_DATA_DIR": str(tmp_path), "ROLLCAST_WINDOW__LENGTH_MS": str(STEP),
+                           "ROLLCAST_MODEL__CONTEXT": str(L), "ROLLCAST_CALIBRATION__ENABLED": "false"})
+    module = models.create_model("lstm", context=L, horizon=H, hidden=4, calendar=True)
+    for p in module.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    model = load_saved_model(models.save_model(module, tmp_path / "model"), "1")
+    assert model.runtime == ONNXRUNTIME
+    names = [f"s{i}" for i in range(5)]
+    windows = make_windows(names, L + 2)  # s0 has a gap row in its context
+    forecaster = Forecaster(s, model)
+    forecaster.add(windows.to_arrow())
+    last = int(windows["window_end"].max())
+    inference = forecaster.infer([(name, last) for name in names], issued_at=9)
+    assert inference is not None and inference.names == names
+    contexts = np.stack([windows.filter(pl.col("series") == n).sort("window_end")["last"].to_numpy()[-L:]
+                         for n in names])
+    assert np.isnan(contexts[0]).any()
+    grid = np.broadcast_to(last - STEP * np.arange(L - 1, -1, -1), contexts.shape)
+    np.testing.assert_array_equal(inference.preds, models.predict(model.compiled, contexts, window_end_ms=grid))
+    np.testing.assert_allclose(inference.preds, models.predict(module, contexts, window_end_ms=grid),
+                               rtol=RTOL, atol=ATOL)

@@ -36,7 +36,7 @@ from models.tracking.tags import (
 from models.train.cycle import Span
 from models.train.selection import Candidate
 from pipeline.config import Settings
-from tests.support.train import HOUR_MS, train_settings
+from tests.support.train import HOUR_MS, WEAK, drifting_daily_windows, train_settings, write_windows
 
 SPAN = Span(start_ms=0, end_ms=800 * HOUR_MS, series=3, windows=2400, train_windows=600, val_windows=60,
             holdout_windows=48)
@@ -126,3 +126,25 @@ def test_code_version_names_the_commit(dirty: bool, monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(subprocess, "run", fake_run)
     assert tracking.code_version() == "abc123def456" + ("+dirty" if dirty else "")
+
+
+@pytest.mark.slow
+def test_a_version_carries_its_onnx_graph_and_serving_and_pyfunc_run_it(mlflow_server: str, tmp_path: Path) -> None:
+    """The graph save_model writes is logged in the version's artifacts: the forecast job's download
+    serves it in ONNX Runtime, and so does the pyfunc model."""
+    import mlflow
+
+    from models.compiled import ONNX_FILE, ONNXRUNTIME
+    from models.serving.forecaster import load_saved_model
+    from models.tracking.runs import _requirements
+    from models.train.cycle import run_cycle
+
+    s = train_settings(mlflow_server, tmp_path / "data", **WEAK)
+    write_windows(s, drifting_daily_windows(800))
+    assert run_cycle(s).promoted == "1"
+    version, model_dir = tracking.champion(s)
+    assert (model_dir / ONNX_FILE).is_file()
+    assert load_saved_model(model_dir, version).runtime == ONNXRUNTIME
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{s.mlflow.registered_model}@{s.mlflow.champion_alias}")
+    assert pyfunc.unwrap_python_model().compiled is not None
+    assert any(r.startswith("onnxruntime==") for r in _requirements())  # what the pyfunc model installs
