@@ -4,8 +4,9 @@ For each registered model: training samples/s (Lightning fit, 1 epoch over
 synthetic sine samples) and the latency of one plain-PyTorch ``predict`` call
 for 1,000 series at L=96, H=24 (p50/p99 over --runs calls after a warm-up).
 Usage: python benchmarks/model_speed.py [--runs N] [--train-samples N] [--threads N] [--models NAME ...]
-(``--threads 1`` is what the forecast job uses by default; the process sets
-glibc's malloc thresholds as the job does, see ``keep_freed_heap``).
+[--inference-only] (``--threads 1`` is what the forecast job uses by default; the process sets
+glibc's malloc thresholds as the job does, see ``keep_freed_heap``; ``--inference-only`` skips the
+training column).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def main() -> None:
     parser.add_argument("--train-samples", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--models", nargs="+", default=None, help="default: every registered model")
+    parser.add_argument("--inference-only", action="store_true", help="skip training (no samples/s column)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -47,7 +49,9 @@ def main() -> None:
     for name in args.models or available_models():
         model = create_model(name, context=L, horizon=H, season=24, base_lag=24)
         n_params = sum(p.numel() for p in model.parameters())
-        if model.trainable:
+        if args.inference_only:
+            rate = "skipped"
+        elif model.trainable:
             s = synthetic(args.train_samples)
             train = Samples(s[:, :L, None].astype(np.float32), s[:, L:].astype(np.float32))
             rate = f"{fit(model, train, None, max_epochs=1, batch_size=256).samples_per_s:,.0f}"
