@@ -67,6 +67,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STEP = 60_000
 FETCH_WAIT_MS: int | None = None  # set from --fetch-max-wait-ms
 THREADS: int | None = None  # set from --inference-threads
+RUNTIME: str | None = None  # set from --runtime
 T0 = 1_700_000_000_000 // STEP * STEP
 WINDOW_END = r'"last_window_end":(\d+)'
 HEAD_BYTES = 160  # "series" (this benchmark's short names), "issued_at" and "last_window_end" come first
@@ -127,6 +128,7 @@ def run_case(bootstrap: str, model_name: str, n_series: int, rounds: int, contex
         **({"ROLLCAST_KAFKA__FETCH_MAX_WAIT_MS": str(FETCH_WAIT_MS)} if FETCH_WAIT_MS is not None
            else processes.embedded_env(load_settings(env={})) if embedded else {}),
         **({"ROLLCAST_FORECAST__INFERENCE_THREADS": str(THREADS)} if THREADS is not None else {}),
+        **({"ROLLCAST_FORECAST__RUNTIME": RUNTIME} if RUNTIME is not None else {}),
     }
     settings: Settings = load_settings(env=env)
     ensure_topics(settings)
@@ -134,6 +136,7 @@ def run_case(bootstrap: str, model_name: str, n_series: int, rounds: int, contex
     series = [f"s{i:05d}" for i in range(n_series)]
     history = pl.concat([windows_at(series, i, rng) for i in range(context)])
     HistoryStore(settings).write_checkpoint("seed", 0, history, Progress(0, None))
+    # saved as training saves it, with its ONNX graph: forecast.runtime says which form serves
     model_dir = models.save_model(models.create_model(model_name, context=context, horizon=horizon),
                                   work / suffix / "model")
 
@@ -244,13 +247,16 @@ def main() -> None:
                     "default with --bootstrap)")
     ap.add_argument("--inference-threads", type=int,
                     help="forecast.inference_threads for the job (default: the setting's default)")
+    ap.add_argument("--runtime", choices=["onnxruntime", "eager"],
+                    help="forecast.runtime for the job (default: the setting's default)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run every case this many times (each with a fresh broker and job), interleaved, and "
                     "say in how many runs p99 met --goal-ms: one run's p99 moves a lot on a shared host")
     ap.add_argument("--goal-ms", type=float, default=50.0, help="the p99 goal the summary counts (default 50)")
     args = ap.parse_args()
-    global FETCH_WAIT_MS, THREADS
-    FETCH_WAIT_MS, THREADS = args.fetch_max_wait_ms, args.inference_threads
+    global FETCH_WAIT_MS, THREADS, RUNTIME
+    FETCH_WAIT_MS, THREADS, RUNTIME = args.fetch_max_wait_ms, args.inference_threads, args.runtime
+    print(f"forecast.runtime: {args.runtime or Settings().forecast.runtime}\n")
     work = Path(tempfile.mkdtemp(prefix="rollcast-latency-"))
     print("| run | model | series | rounds | p50 (ms) | p99 (ms) | slowest (ms) | inference per batch (ms) "
           "| inference share |")

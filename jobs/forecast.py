@@ -3,7 +3,8 @@
 Consumes the windows topic in a consumer group, keeps the last L windows of
 each series in memory (rebuilt from the history store on start, so it can
 forecast at once), and for every batch of closed windows runs one batched
-inference in plain PyTorch with the model that carries the `champion` alias
+inference (eager PyTorch, or the version's ONNX graph in ONNX Runtime with
+``forecast.runtime = "onnxruntime"``) with the model that carries the `champion` alias
 in MLflow, producing one JSON forecast per (series, window) to the forecasts
 topic through librdkafka (:class:`~pipeline.kafka.producer.BulkProducer`; thousands of
 messages per batch). Offsets of the windows topic are committed only after the
@@ -68,7 +69,8 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     ensure_topics(settings)
 
     if args.model_dir:
-        model: LoadedModel | None = load_saved_model(args.model_dir, "local")
+        model: LoadedModel | None = load_saved_model(args.model_dir, "local",
+                                                     compiled=settings.forecast.runtime == "onnxruntime")
     else:
         model = champion_watch.wait_for_champion(settings, shutdown, health, on_reachable=metrics.MLFLOW_UP.set)
     if model is None:

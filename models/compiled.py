@@ -15,8 +15,10 @@ than in torch's oneDNN).
 no faster and moved forecasts by ~1e-2. The baselines use ``torch.quantile``, which the TorchScript
 exporter lacks: they have no graph (the dynamo exporter handles them, in 4-40 s per model).
 
-Whenever the graph is missing, fails to load, or differs from the module, the module serves eagerly
-and a warning says why; :attr:`OnnxModel.runtime` (``"onnxruntime"``) or :data:`EAGER` says which.
+So the forecast job serves the graph only with ``forecast.runtime = "onnxruntime"`` (default ``"eager"``);
+the pyfunc model always uses it. Whenever the graph is missing, fails to load, or differs from the
+module, the module serves eagerly and a warning says why; :attr:`OnnxModel.runtime` (``"onnxruntime"``)
+or :data:`EAGER` says which.
 """
 
 from __future__ import annotations

@@ -248,8 +248,16 @@ class TrainSettings(_Section):
 class ForecastSettings(_Section):
     champion_poll_s: float = Field(10.0, gt=0, description="how often to check the alias")
     inference_threads: int | None = Field(
-        1, ge=1, description="torch intra-op threads for inference; unset = torch's default (all cores). "
+        1, ge=1, description="intra-op threads for inference (torch, and ONNX Runtime); unset = torch's default "
+        "(all cores). "
         "One thread is faster for small batched models on a busy host (no OpenMP contention)",
+    )
+    runtime: Literal["eager", "onnxruntime"] = Field(
+        "eager", description="what runs the model: eager PyTorch, or the ONNX graph saved with every version "
+        "(models.compiled; eager when a version has none or it differs from the module). On this project's "
+        "CPU benchmarks eager is faster at 1,000 series and more (the TCN and HRNN have inference-only fast "
+        "paths; ONNX Runtime's convolutions and GRU are slower), ONNX Runtime at ~100 (BENCHMARKS.md, "
+        "'Compiled inference')",
     )
     compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
         "lz4", description="codec of the forecasts the job produces. JSON forecasts compress well: lz4 "

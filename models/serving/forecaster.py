@@ -1,5 +1,6 @@
 """Serving the champion: the model in use, the in-memory contexts of every series, and one batched
-inference per batch of closed windows in plain PyTorch (no Trainer in the hot path), encoded as
+inference per batch of closed windows (eager PyTorch without a Trainer, or the version's ONNX graph in
+ONNX Runtime: ``forecast.runtime``), encoded as
 forecast messages. Live scoring is not here: the forecast loop (:mod:`models.serving.session`) hands
 the inference to the scorer and the forecasts it issues back to :meth:`Forecaster.messages`.
 

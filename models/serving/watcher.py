@@ -38,7 +38,7 @@ def wait_for_champion(settings: Settings, shutdown: threading.Event, health: Any
             down, found = True, None
         if found is not None:
             version, model_dir = found
-            return load_saved_model(model_dir, version)
+            return load_saved_model(model_dir, version, compiled=settings.forecast.runtime == "onnxruntime")
         if not said:
             log.info("no %r alias on %s yet; waiting for the first promoted model",
                      settings.mlflow.champion_alias, settings.mlflow.registered_model)
@@ -104,7 +104,7 @@ class ChampionWatcher:
             if found is None or found[0] == self.version:
                 continue
             version, model_dir = found
-            model = load_saved_model(model_dir, version)
+            model = load_saved_model(model_dir, version, compiled=self.settings.forecast.runtime == "onnxruntime")
             log.info("champion moved: version %s -> %s (%s)", self.version, version, model.name)
             with self._lock:
                 self._pending = model
