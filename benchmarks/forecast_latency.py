@@ -126,7 +126,7 @@ def run_case(bootstrap: str, model_name: str, n_series: int, rounds: int, contex
         "ROLLCAST_OBSERVABILITY__METRICS_PORT": str(metrics_port),
         "ROLLCAST_OBSERVABILITY__LOG_LEVEL": "WARNING",
         **({"ROLLCAST_KAFKA__FETCH_MAX_WAIT_MS": str(FETCH_WAIT_MS)} if FETCH_WAIT_MS is not None
-           else processes.embedded_env(load_settings(env={})) if embedded else {}),
+           else processes.embedded_env(load_settings(env={}), "forecast") if embedded else {}),
         **({"ROLLCAST_FORECAST__INFERENCE_THREADS": str(THREADS)} if THREADS is not None else {}),
         **({"ROLLCAST_FORECAST__RUNTIME": RUNTIME} if RUNTIME is not None else {}),
     }

@@ -88,7 +88,7 @@ def main() -> None:
         st.start_job("ingest")
         replay.replay(settings, history)
         wait_for_windows(settings, history, args.timeout_s)
-        train = subprocess.run(st.job_argv("train", "--once"), env=st.job_env(), timeout=args.timeout_s,
+        train = subprocess.run(st.job_argv("train", "--once"), env=st.job_env("train"), timeout=args.timeout_s,
                                capture_output=True, text=True)
         if train.returncode != 0:
             sys.exit(f"train --once failed:\n{train.stderr[-3000:]}")

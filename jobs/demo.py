@@ -92,7 +92,7 @@ def run_pipeline(st: Stack, args: argparse.Namespace) -> None:
 
     if "train" in available_jobs(settings):
         step("2/5", "training the first model (rollcast train --once)")
-        train = subprocess.run(st.job_argv("train", "--once"), env=st.job_env(), timeout=args.timeout_s)
+        train = subprocess.run(st.job_argv("train", "--once"), env=st.job_env("train"), timeout=args.timeout_s)
         if train.returncode != 0:
             raise RollcastError(f"`rollcast train --once` failed with status {train.returncode}")
         st.start_job("train")  # from now on, retraining follows train.every_minutes / after_windows

@@ -45,14 +45,15 @@ class Stack:
     def log_dir(self) -> Path:
         return self.settings.data_dir / "logs"
 
-    def job_env(self) -> dict[str, str]:
-        """Environment for child jobs: ours, plus the endpoints this stack uses."""
+    def job_env(self, job: str = "") -> dict[str, str]:
+        """Environment for child jobs (``job``, the command): ours, plus the endpoints this stack uses and what
+        its broker needs (``processes.embedded_env``)."""
         env = dict(os.environ)
         env["ROLLCAST_KAFKA__BOOTSTRAP_SERVERS"] = self.bootstrap_servers
         env["ROLLCAST_MLFLOW__TRACKING_URI"] = self.tracking_uri
         env["ROLLCAST_DATA_DIR"] = str(self.settings.data_dir.resolve())
         if self.embedded_broker:
-            env.update(processes.embedded_env(self.settings))
+            env.update(processes.embedded_env(self.settings, job))
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
 
@@ -63,7 +64,7 @@ class Stack:
         return [*argv, name, *extra]
 
     def start_job(self, name: str, *extra: str) -> Child:
-        child = Child(name, self.job_argv(name, *extra), self.log_dir / f"{name}.log", env=self.job_env())
+        child = Child(name, self.job_argv(name, *extra), self.log_dir / f"{name}.log", env=self.job_env(name))
         child.start()
         self.children.append(child)
         self.jobs[name] = child

@@ -167,17 +167,19 @@ def start_broker(binary: str, port: int, log_dir: Path, timeout_s: float = 30.0,
 
 
 # tansu answers a fetch only when kafka.fetch_max_wait_ms has passed, data or not (a Kafka broker answers as soon
-# as fetch.min.bytes are there): each hop from a producer to a consumer waits that long, twice between a closed
-# window and its forecast. The embedded stack (`rollcast up`, `rollcast demo`) and the benchmarks that start
-# their own broker run the jobs with this wait unless it is configured (embedded_env). Lower waits cost idle
-# fetches: each consumer asks ~1000 / wait times a second while nothing arrives (BENCHMARKS.md, "Fetch wait").
+# as fetch.min.bytes are there): each hop from a producer to a consumer waits that long, and the forecast job's
+# fetch of the windows topic is one of the two between a closed window and its forecast. The embedded stack
+# (`rollcast up`, `rollcast demo`) and the benchmarks that start their own broker run the forecast job with this
+# wait unless it is configured (embedded_env). Not the other jobs: an idle consumer fetching every 5 ms takes
+# ~24% of a core, against ~3% at 100 ms (BENCHMARKS.md, "Fetch wait").
 EMBEDDED_FETCH_MAX_WAIT_MS = 5
 
 
-def embedded_env(settings: Settings) -> dict[str, str]:
-    """Environment for jobs that run against the embedded broker: :data:`EMBEDDED_FETCH_MAX_WAIT_MS`, unless
-    ``kafka.fetch_max_wait_ms`` is set (in the config file or the environment)."""
-    if "fetch_max_wait_ms" in settings.kafka.model_fields_set:
+def embedded_env(settings: Settings, job: str) -> dict[str, str]:
+    """Environment for ``job`` run against the embedded broker: for the forecast job
+    :data:`EMBEDDED_FETCH_MAX_WAIT_MS`, unless ``kafka.fetch_max_wait_ms`` is set (in the config file or the
+    environment)."""
+    if job != "forecast" or "fetch_max_wait_ms" in settings.kafka.model_fields_set:
         return {}
     return {"ROLLCAST_KAFKA__FETCH_MAX_WAIT_MS": str(EMBEDDED_FETCH_MAX_WAIT_MS)}
 
