@@ -5,6 +5,7 @@ and so do the ingest benchmarks, so they measure the loop the job runs.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -51,7 +52,6 @@ def consume_session(
 
     from pipeline.ingest.ingestor import Ingestor
     from pipeline.kafka.clients import make_consumer, make_producer, poll_promptly
-    from pipeline.runtime import freeze_heap
 
     producer = make_producer(settings)
     consumer = make_consumer(settings, settings.groups.ingest)
@@ -60,11 +60,7 @@ def consume_session(
     try:
         ingestor = Ingestor(settings, consumer, producer, checkpoint_interval_s=checkpoint_interval_s)
         consumer.subscribe([settings.topics.observations], listener=ingestor.listener())
-        # Started: the collector was off for the imports (jobs.cli.collector_off_during_start_up). They leave
-        # ~800,000 objects in `rollcast ingest` (its CLI imports every job's module, torch among them), and
-        # each full collection walked them all, holding the GIL the poll loop needs: 2.2 s in 4 collections
-        # over 400,000 records (BENCHMARKS.md). Frozen, a collection walks only what the session made.
-        freeze_heap()
+        gc.enable()  # started: the collector was off for the imports (jobs.cli.collector_off_during_start_up)
         last_data = time.monotonic()
         while not stop.is_set():
             batch = poll_promptly(consumer, poll_timeout_ms)

@@ -24,10 +24,6 @@ from typing import Any
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.errors import CorruptRecordError, KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
-from kafka.record.default_records import ControlRecord as _ControlRecord
-from kafka.record.default_records import DefaultRecord as _DefaultRecord
-from kafka.record.default_records import DefaultRecordBatch as _DefaultRecordBatch
-from kafka.record.util import decode_varint as _decode_varint
 from kafka.structs import TopicPartition
 
 from pipeline.config import KafkaSettings, Settings, require_bootstrap
@@ -38,77 +34,57 @@ from pipeline.kafka.headers import header_key
 log = logging.getLogger("pipeline.kafka")
 
 
-_NO_HEADERS: tuple = ()
-_LOG_APPEND_TIME = _DefaultRecordBatch.LOG_APPEND_TIME
+def _read_msg_keeping_bad_header_keys(self: Any, decode_varint: Callable[..., Any] | None = None) -> Any:
+    """kafka-python 3.0's ``DefaultRecordBatch._read_msg`` with one change: a header key that is not
+    UTF-8 is read as a :class:`HeaderKey` (see :func:`header_key`) instead of raising.
 
-
-def _read_msg_keeping_bad_header_keys(self: Any, decode_varint: Callable[..., Any] = _decode_varint) -> Any:
-    """kafka-python 3.0's ``DefaultRecordBatch._read_msg`` with two changes.
-
-    A header key that is not UTF-8 is read as a :class:`HeaderKey` (see :func:`header_key`) instead of
-    raising. Upstream decodes header keys strictly; a producer that sends a key of bad bytes made
+    Upstream decodes header keys strictly; a producer that sends a key of bad bytes made
     ``consumer.poll()`` raise (``CorruptRecordError`` wrapping a ``UnicodeDecodeError``) at that record
     on every try, so no retry or restart got past it: the partition was blocked for good. Read this
     way the record reaches the decoder and the dead-letter topic like any other.
-
-    A record without headers gets the empty tuple as its ``headers`` (upstream: a new empty list). Every
-    record the consumer returns (a ``ConsumerRecord`` tuple) held that list, so the garbage collector
-    tracked two containers per record, and walked them in every collection while a poll's records waited
-    for the ingest worker; with nothing mutable in it, the collector stops tracking a record at its first
-    collection. Everything rollcast does with headers reads them (``record.headers or ()``).
-
-    Otherwise it is upstream's code, its checks and errors (kept as upstream has them: ``__next__`` turns a
-    ``ValueError`` or ``IndexError`` into ``CorruptRecordError``), without its per-record look-ups of
-    module globals: it reads a record in ~10% less time than upstream.
     """
+    from kafka.record import default_records as dr
+
+    decode_varint = decode_varint or dr.decode_varint
     buffer = self._buffer
     pos = self._pos
     length, pos = decode_varint(buffer, pos)
     start_pos = pos
     _, pos = decode_varint(buffer, pos)  # attributes
     ts_delta, pos = decode_varint(buffer, pos)
-    timestamp_type = self.timestamp_type
-    timestamp = self.max_timestamp if timestamp_type == _LOG_APPEND_TIME else self.first_timestamp + ts_delta
+    timestamp = self.max_timestamp if self.timestamp_type == self.LOG_APPEND_TIME else self.first_timestamp + ts_delta
     offset_delta, pos = decode_varint(buffer, pos)
     offset = self.base_offset + offset_delta
-    n, pos = decode_varint(buffer, pos)  # key, value: nullable bytes
-    if n >= 0:
-        key = bytes(buffer[pos : pos + n])
-        pos += n
-    else:
-        key = None
-    n, pos = decode_varint(buffer, pos)
-    if n >= 0:
-        value = bytes(buffer[pos : pos + n])
-        pos += n
-    else:
-        value = None
+    fields = []
+    for _ in range(2):  # key, value: nullable bytes
+        n, pos = decode_varint(buffer, pos)
+        fields.append(bytes(buffer[pos : pos + n]) if n >= 0 else None)
+        pos += max(n, 0)
+    key, value = fields
     header_count, pos = decode_varint(buffer, pos)
     if header_count < 0:
-        raise CorruptRecordError(f"Found invalid number of record headers {header_count}")
-    headers: Any = _NO_HEADERS
-    if header_count:
-        headers = []
-        for _ in range(header_count):
-            h_key_len, pos = decode_varint(buffer, pos)
-            if h_key_len < 0:
-                raise CorruptRecordError(f"Invalid negative header key size {h_key_len}")
-            h_key = header_key(bytes(buffer[pos : pos + h_key_len]))
-            pos += h_key_len
-            h_value_len, pos = decode_varint(buffer, pos)
-            if h_value_len >= 0:
-                h_value = bytes(buffer[pos : pos + h_value_len])
-                pos += h_value_len
-            else:
-                h_value = None
-            headers.append((h_key, h_value))
+        raise dr.CorruptRecordError(f"Found invalid number of record headers {header_count}")
+    headers = []
+    for _ in range(header_count):
+        h_key_len, pos = decode_varint(buffer, pos)
+        if h_key_len < 0:
+            raise dr.CorruptRecordError(f"Invalid negative header key size {h_key_len}")
+        h_key = header_key(bytes(buffer[pos : pos + h_key_len]))
+        pos += h_key_len
+        h_value_len, pos = decode_varint(buffer, pos)
+        if h_value_len >= 0:
+            h_value = bytes(buffer[pos : pos + h_value_len])
+            pos += h_value_len
+        else:
+            h_value = None
+        headers.append((h_key, h_value))
     if pos - start_pos != length:
-        raise CorruptRecordError(
+        raise dr.CorruptRecordError(
             f"Invalid record size: expected to read {length} bytes in record payload, but instead read {pos - start_pos}"
         )
     self._pos = pos
-    cls = _ControlRecord if self.is_control_batch else _DefaultRecord
-    return cls(length, offset, timestamp, timestamp_type, key, value, headers)
+    cls = dr.ControlRecord if self.is_control_batch else dr.DefaultRecord
+    return cls(length, offset, timestamp, self.timestamp_type, key, value, headers)
 
 
 class BadBatchCrc(CorruptRecordError):
@@ -340,15 +316,6 @@ def poll_checked(consumer: Any, timeout_ms: int) -> dict:
 
 def make_consumer(settings: Settings, group_id: str | None, *topics: str, **overrides: Any) -> KafkaConsumer:
     """A consumer with manual commits (``enable_auto_commit=False``)."""
-    consumer = _connect(KafkaConsumer, settings, consumer_kwargs(settings, group_id, **overrides))
-    _GUARDS[consumer] = FetchGuard.of(settings.kafka)
-    if topics:
-        consumer.subscribe(list(topics))
-    return consumer
-
-
-def consumer_kwargs(settings: Settings, group_id: str | None, **overrides: Any) -> dict[str, Any]:
-    """The ``KafkaConsumer`` arguments of :func:`make_consumer` (benchmarks give them to a bare consumer)."""
     kwargs = client_kwargs(settings, _consumer_keys())
     kwargs.update(
         group_id=group_id,
@@ -365,7 +332,11 @@ def consumer_kwargs(settings: Settings, group_id: str | None, **overrides: Any) 
     # the next metadata refresh: every 10 s rather than kafka-python's 5 minutes (kafka.client may override).
     kwargs.setdefault("metadata_max_age_ms", settings.kafka.client.get("metadata_max_age_ms", 10_000))
     kwargs.update(overrides)
-    return kwargs
+    consumer = _connect(KafkaConsumer, settings, kwargs)
+    _GUARDS[consumer] = FetchGuard.of(settings.kafka)
+    if topics:
+        consumer.subscribe(list(topics))
+    return consumer
 
 
 def make_admin(settings: Settings) -> KafkaAdminClient:
