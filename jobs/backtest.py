@@ -62,8 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--last", type=int, help="use only the last N steps of every series")
     parser.add_argument("--out", type=Path, help="output directory (default: DATA_DIR/backtests/<source>)")
     parser.add_argument("--no-calibration", action="store_true",
-                        help="do not calibrate the quantiles online (default: calibrate as the forecast job does, "
-                        "with calibration.learning_rate and calibration.max_offset, when calibration.enabled)")
+                        help="do not calibrate the quantiles (default: calibrate as the forecast job does, with the "
+                        "calibration.* settings, starting from split-conformal offsets of the fit's validation span, "
+                        "when calibration.enabled)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -116,9 +117,12 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     calibration = settings.calibration if (settings.scoring.enabled and settings.calibration.enabled
                                            and not args.no_calibration) else None
     if calibration is not None:
-        console.print(f"calibration: online, as the forecast job (learning rate "
-                      f"{calibration.learning_rate:g}, offsets within +-{calibration.max_offset:g} widths, "
-                      f"on_new_champion={calibration.on_new_champion}), from 0 at the first origin")
+        start = ("split-conformal offsets from the fit's validation span" if calibration.start == "holdout"
+                 else "the model's own quantiles")
+        console.print(f"calibration: online, as the forecast job (experts "
+                      f"{', '.join(f'{r:g}' for r in calibration.expert_rates)}, guard {calibration.learning_rate:g}, "
+                      f"offsets within +-{calibration.max_offset:g} widths, on_new_champion="
+                      f"{calibration.on_new_champion}), from {start} at the first origin")
     else:
         console.print("calibration: off")
 

@@ -288,18 +288,48 @@ class ScoringSettings(_Section):
 
 
 class CalibrationSettings(_Section):
-    """Online conformal calibration of the served quantiles (quantile tracking, per series and step)."""
+    """Conformal calibration of the served quantiles (models/scoring/calibration.py): offsets from the
+    holdout at training time, adapted online per series and step (aggregated experts, a coverage guard)."""
 
     enabled: bool = Field(True, description="serve calibrated quantiles; the message keeps the model's own too")
+    start: Literal["holdout", "zero"] = Field(
+        "holdout", description="where a series without live state starts: the model version's split-conformal "
+        "offsets from its holdout (holdout) or the model's own quantiles (zero)",
+    )
+    expert_rates: list[float] = Field(
+        default_factory=lambda: [0.01, 0.05, 0.25, 1.0], min_length=1,
+        description="step sizes of the online experts, in model interval widths per settled window; the served "
+        "offset weights them by their recent pinball loss (DtACI)",
+    )
+    weight_rate: float = Field(2.0, ge=0, description="how fast the experts' weights follow their pinball loss")
+    mixing: float = Field(0.005, ge=0, lt=1, description="share of uniform weight mixed in after every update")
     learning_rate: float = Field(
-        0.05, gt=0, le=1, description="eta: how far one settled window moves a quantile's offset, in units of "
-        "the model's own outer interval width",
+        0.05, gt=0, le=1, description="eta of the coverage guard (quantile tracking on the served quantile), "
+        "which carries the long-run coverage guarantee",
+    )
+    shrink_windows: float = Field(
+        20.0, ge=0, description="a series with n windows of evidence serves n / (n + this) of its own offsets "
+        "and the rest of the pooled holdout ones (0: its own only)",
     )
     max_offset: float = Field(20.0, gt=0, description="offsets are clipped to +- this many interval widths")
     on_new_champion: Literal["keep", "reset"] = Field(
         "keep", description="a new champion starts from the offsets learned so far (keep) or from its own "
-        "quantiles (reset); only its own forecasts update them from then on",
+        "holdout offsets (reset, or its own quantiles with start = zero); only its own forecasts update them "
+        "from then on",
     )
+
+    @field_validator("expert_rates")
+    @classmethod
+    def _rates(cls, v: list[float]) -> list[float]:
+        if any(not 0 < r <= 10 for r in v):
+            raise ValueError("expert step sizes must lie in (0, 10]")
+        return v
+
+    def tracker_options(self) -> dict[str, Any]:
+        """The :class:`models.scoring.calibration.QuantileTracker` keyword arguments of these settings."""
+        return {"learning_rate": self.learning_rate, "max_offset": self.max_offset,
+                "expert_rates": tuple(self.expert_rates), "weight_rate": self.weight_rate, "mixing": self.mixing,
+                "shrink_windows": self.shrink_windows}
 
 
 class MlflowSettings(_Section):

@@ -17,7 +17,8 @@ State, per series (one row), bounded by the horizon H:
 - a ring of the last H forecasts issued (slot ``(last_window_end // step) % H``): the served and the
   model's own quantiles ``(H, Q)``, the seasonal-naive forecast ``(H,)``, the actuals seen so far, the
   model version and ``issued_at``;
-- the :class:`~models.scoring.calibration.QuantileTracker` offsets ``(H, Q)``;
+- the :class:`~models.scoring.calibration.QuantileTracker` state ``(H, Q)`` (experts, weights, guard), started
+  from the model version's holdout offsets;
 - the end of the last window processed.
 
 Each window of a series, in order: first it settles step ``h`` of the forecast issued ``h`` windows
@@ -51,14 +52,14 @@ import pyarrow as pa
 from models.base import seasonal_naive_index
 from models.data import fill_gaps
 from models.scoring.accuracy import LiveTotals
-from models.scoring.calibration import QuantileTracker
+from models.scoring.calibration import HoldoutOffsets, QuantileTracker
 from pipeline.config import Settings
 from pipeline.contexts import target_values
 from pipeline.scores_io import decode_score, score_messages
 
 log = logging.getLogger("rollcast.forecast")
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 1: one offset per (step, quantile), read as the start of every expert
 
 
 @dataclass(frozen=True)
@@ -236,7 +237,8 @@ def seasonal_naive(filled: np.ndarray, horizon: int, season: int) -> np.ndarray:
 class Scorer:
     """Pending forecasts, their settlement and the online calibration of every series (module docstring)."""
 
-    def __init__(self, settings: Settings, model: ModelRef, horizon: int, step_ms: int):
+    def __init__(self, settings: Settings, model: ModelRef, horizon: int, step_ms: int,
+                 prior: HoldoutOffsets | None = None):
         self.settings = settings
         self.calibrate = settings.calibration.enabled
         self.quantiles = list(model.quantiles)
@@ -248,8 +250,8 @@ class Scorer:
         self.current = 0  # index into self.models of the serving model
         self.rows: dict[str, int] = {}
         self.names: list[str] = []
-        self.tracker = QuantileTracker(self.quantiles, self.horizon, settings.calibration.learning_rate,
-                                       settings.calibration.max_offset)
+        self.tracker = QuantileTracker(self.quantiles, self.horizon, prior=self._prior(prior),
+                                       **settings.calibration.tracker_options())
         h, q = self.horizon, len(self.quantiles)
         self._shapes = {"issued": ((h,), np.int64, -1), "emitted": ((h,), np.bool_, True),
                         "issued_at": ((h,), np.int64, 0), "model": ((h,), np.int32, 0),
@@ -264,12 +266,24 @@ class Scorer:
     def compatible(self, model: ModelRef, horizon: int) -> bool:
         return list(model.quantiles) == self.quantiles and int(horizon) == self.horizon
 
-    def serve(self, model: ModelRef) -> None:
-        """A new champion (same quantiles and horizon): later forecasts are its; only they update the
-        calibration from now on; ``calibration.on_new_champion`` says whether its offsets start at 0."""
+    def _prior(self, prior: HoldoutOffsets | None) -> HoldoutOffsets | None:
+        """The holdout offsets series without live state start from (``calibration.start``), when they fit."""
+        if prior is None or self.settings.calibration.start != "holdout":
+            return None
+        if list(prior.quantiles) != self.quantiles or prior.horizon != self.horizon:
+            log.warning("the model's holdout offsets are of other quantiles or another horizon: not used")
+            return None
+        return prior
+
+    def serve(self, model: ModelRef, prior: HoldoutOffsets | None = None) -> None:
+        """A new champion (same quantiles and horizon) with its holdout offsets ``prior``: later forecasts are
+        its; only they update the calibration from now on; ``calibration.on_new_champion`` says whether every
+        series starts again from ``prior`` (reset) or keeps its offsets (keep; new series start from
+        ``prior``)."""
         self.current = self._model_index(model)
+        self.tracker.set_prior(self._prior(prior))
         if self.settings.calibration.on_new_champion == "reset":
-            self.tracker.reset()
+            self.tracker.reset(np.arange(len(self.names)), self.names)
 
     def _model_index(self, model: ModelRef) -> int:
         for i, m in enumerate(self.models):
@@ -281,8 +295,11 @@ class Scorer:
     # ------------------------------------------------------------------ rows
 
     def _rows(self, series: Sequence[str]) -> np.ndarray:
+        """The row of each of ``series``; a series seen for the first time gets one, its calibration started
+        from the model's holdout offsets (:meth:`QuantileTracker.reset`)."""
         rows = self.rows
         out = np.empty(len(series), dtype=np.int64)
+        first = len(self.names)
         for i, s in enumerate(series):
             r = rows.get(s)
             if r is None:
@@ -296,6 +313,8 @@ class Scorer:
             for k, (s, t, fill) in self._shapes.items():
                 self.a[k] = np.concatenate([self.a[k], np.full((extra, *s), fill, dtype=t)])
             self.tracker.grow(have + extra)
+        if need > first:
+            self.tracker.reset(np.arange(first, need), self.names[first:])
         return out
 
     # ------------------------------------------------------------------ one batch
@@ -412,7 +431,7 @@ class Scorer:
                 own = a["model"][r, s] == self.current
                 if own.any():
                     r, s, h = r[own], s[own], h[own]
-                    self.tracker.update(r, h, a["served"][r, s, h].astype(np.float64), values[i[own]])
+                    self.tracker.update(r, h, a["model_q"][r, s, h], a["served"][r, s, h], values[i[own]])
         done = (a["issued"][rows] >= 0) & ~a["emitted"][rows] & (a["issued"][rows] + H * step <= ends[:, None])
         if done.any():
             rr, ss = np.nonzero(done)
@@ -460,7 +479,7 @@ class Scorer:
                 "models": [[m.name, m.version] for m in self.models],
                 "series": [self.names[r] for r in rows.tolist()]}
         arrays = {k: v[rows] for k, v in self.a.items()}  # copies (fancy indexing)
-        arrays.update(offsets=self.tracker.offsets[rows], updates=self.tracker.updates[rows])
+        arrays.update(self.tracker.state(rows))
 
         def encode() -> bytes:
             buf = io.BytesIO()
@@ -475,7 +494,7 @@ class Scorer:
         self.drop(partition)
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             meta = json.loads(bytes(z["meta"]).decode())
-            if meta.get("format") != STATE_FORMAT or meta["horizon"] != self.horizon \
+            if meta.get("format") not in (1, STATE_FORMAT) or meta["horizon"] != self.horizon \
                     or meta["step_ms"] != self.step or meta["quantiles"] != self.quantiles:
                 log.warning("scoring state of windows partition %d is of another horizon, window or quantiles: "
                             "starting it afresh", partition)
@@ -489,8 +508,17 @@ class Scorer:
                 self.a[k][rows] = z[k]
             self.a["model"][rows] = remap[z["model"]]
             self.a["partition"][rows] = partition
-            self.tracker.offsets[rows] = z["offsets"]
-            self.tracker.updates[rows] = z["updates"]
+            if meta["format"] == 1:  # one offset per (step, quantile): every expert starts from it
+                old = {"cal_experts": np.repeat(z["offsets"][..., None], len(self.tracker.rates), axis=-1),
+                       "cal_weights": np.full((*z["offsets"].shape, len(self.tracker.rates)),
+                                              1.0 / len(self.tracker.rates)),
+                       "cal_guard": np.zeros(z["offsets"].shape), "cal_evidence": z["updates"].astype(np.float64),
+                       "cal_updates": z["updates"]}
+                self.tracker.load_state(rows, old)
+            elif not self.tracker.load_state(rows, z):
+                log.warning("calibration state of windows partition %d is of other expert steps: its series "
+                            "start from the model's holdout offsets", partition)
+                self.tracker.reset(rows, meta["series"])
         return int(meta["offset"])
 
     def drop(self, partition: int) -> None:
@@ -500,4 +528,4 @@ class Scorer:
             return
         for k, (_, _, fill) in self._shapes.items():
             self.a[k][rows] = fill
-        self.tracker.reset(rows)
+        self.tracker.reset(rows, [self.names[r] for r in rows.tolist()])

@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from models.compiled import EAGER
 from models.data import known_any
+from models.scoring.calibration import CALIBRATION_FILE, HoldoutOffsets
 from models.scoring.scorer import Issued, ModelRef
 from models.serving.telemetry import INFERENCE_S, SERIES, SKIPPED, STAGE_S
 from pipeline.config import Settings
@@ -61,6 +62,7 @@ class LoadedModel:
     horizon: int
     quantiles: list[float]
     compiled: OnnxModel | None = None
+    calibration: HoldoutOffsets | None = None  # its split-conformal offsets from the holdout, when saved
 
     @property
     def runner(self) -> Any:
@@ -117,7 +119,22 @@ def load_saved_model(model_dir: Path, version: str, threads: int | None = None, 
         horizon=int(cfg.horizon),
         quantiles=[float(q) for q in cfg.quantiles],
         compiled=models.load_compiled(model_dir, module, threads) if compiled else None,
+        calibration=load_holdout_offsets(model_dir),
     )
+
+
+def load_holdout_offsets(model_dir: Path) -> HoldoutOffsets | None:
+    """The holdout offsets saved with a model (:data:`~models.scoring.calibration.CALIBRATION_FILE`), or None
+    (a version trained before they were saved, or one whose file cannot be read: a warning says so)."""
+    path = Path(model_dir) / CALIBRATION_FILE
+    if not path.exists():
+        return None
+    try:
+        return HoldoutOffsets.from_json(path.read_text())
+    except (ValueError, KeyError, TypeError) as e:
+        log.warning("the model's holdout calibration offsets (%s) cannot be read, series start uncalibrated: %s",
+                    path, e)
+        return None
 
 
 class Forecaster:

@@ -65,7 +65,7 @@ class LiveScoring:
 
     def __init__(self, settings: Settings, model: LoadedModel):
         self.settings = settings
-        self.scorer = Scorer(settings, model.ref, model.horizon, settings.window.length_ms) \
+        self.scorer = Scorer(settings, model.ref, model.horizon, settings.window.length_ms, model.calibration) \
             if settings.scoring.enabled else None
 
     def swap(self, model: LoadedModel) -> None:
@@ -74,11 +74,12 @@ class LiveScoring:
         if self.scorer is None:
             return
         if self.scorer.compatible(model.ref, model.horizon):
-            self.scorer.serve(model.ref)
+            self.scorer.serve(model.ref, model.calibration)
         else:
             log.warning("version %s forecasts another horizon or other quantiles: forecasts of the previous "
                         "version still pending are not scored, and calibration starts afresh", model.version)
-            self.scorer = Scorer(self.settings, model.ref, model.horizon, self.settings.window.length_ms)
+            self.scorer = Scorer(self.settings, model.ref, model.horizon, self.settings.window.length_ms,
+                                 model.calibration)
 
 
 def forecast_session(settings: Settings, forecaster: Forecaster, consumer: Any, checkpoint: ForecastCheckpoint,

@@ -217,9 +217,13 @@ def _log_run(settings: Settings, cand: Candidate, data: CycleData, others: dict[
             plot_losses(cand, plots / "loss.png")
             plot_forecasts(cand, data, others, plots)
             mlflow.log_artifacts(str(plots), artifact_path="plots")
-            # config.json, weights.pt and, when the exporter can make it, the ONNX graph serving runs
-            # (models.compiled): all in the version's artifacts
+            # config.json, weights.pt, calibration.json (the holdout's split-conformal offsets) and, when the
+            # exporter can make it, the ONNX graph serving runs (models.compiled): all in the version's artifacts
             saved = save_model(cand.model, tmpdir / "model")
+            if cand.calibration is not None:  # the forecast job starts its calibration from these
+                text = cand.calibration.to_json()
+                (saved / cand.calibration.FILE).write_text(text)
+                mlflow.log_text(text, f"calibration/{cand.calibration.FILE}")
             serving = tmpdir / "serving.json"
             serving.write_text(json.dumps({
                 "step_ms": settings.window.length_ms,

@@ -32,7 +32,7 @@ from models.base import ForecastModel
 from models.data import SeriesMatrix, known_any, time_split
 from models.io import predict
 from models.registry import create_model
-from models.scoring.calibration import QuantileTracker
+from models.scoring.calibration import HoldoutOffsets, QuantileTracker, holdout_coverage, holdout_offsets
 from models.train.fit import FitResult, fit
 from models.train.sampling import training_samples
 from pipeline.config import CalibrationSettings, TrainSettings
@@ -57,7 +57,9 @@ class BacktestResult:
     # (S, n_origins, H, Q): the quantiles as the forecast job would have served them (calibrated online,
     # :func:`calibrate_sequentially`); None: not calibrated
     calibrated: np.ndarray | None = None
-    burn_in: int = 0  # the first origins, left out of coverage and calibrated coverage (not of point metrics)
+    burn_in: int = 0
+    # the split-conformal offsets each fit's calibration started from (one per fit; the baselines' one)
+    priors: list[HoldoutOffsets] = field(default_factory=list)  # the first origins, left out of coverage and calibrated coverage (not of point metrics)
 
 
 def origins_for(n_steps: int, context: int, horizon: int, n_origins: int, every: int | None = None) -> np.ndarray:
@@ -100,6 +102,50 @@ def forecast_at(model: ForecastModel, data: SeriesMatrix, origins: np.ndarray) -
         fc = predict(model, contexts, ends)
         out[:, a : a + len(chunk)] = fc.reshape(len(chunk), S, H, Q).transpose(1, 0, 2, 3)
     return out
+
+
+# contexts forecast to compute a model's split-conformal offsets (:func:`window_offsets`): the origins of
+# the span are thinned to stay within it
+CALIBRATION_CONTEXTS = 65536
+
+
+def window_offsets(model: ForecastModel, data: SeriesMatrix, first: int, end: int,
+                   max_offset: float = 20.0, max_contexts: int = CALIBRATION_CONTEXTS) -> HoldoutOffsets | None:
+    """Split-conformal offsets (:func:`models.scoring.calibration.holdout_offsets`) of ``model`` from its
+    forecasts at origins ``first .. end - H`` of ``data`` (every step, or every k-th so that at most
+    ``max_contexts`` contexts are forecast), scored against the actuals before ``end`` (gaps left out), with
+    the holdout coverage raw and calibrated (:func:`~models.scoring.calibration.holdout_coverage`). None
+    when the span holds no whole horizon after a context."""
+    cfg = model.config
+    L, H = cfg.context, cfg.horizon
+    first = max(int(first), L)
+    last = int(end) - H
+    if last < first:
+        return None
+    S = max(len(data.series), 1)
+    every = max(1, -(-(last - first + 1) * S // max_contexts))
+    origins = np.arange(first, last + 1, every)
+    preds = forecast_at(model, data, origins)
+    actuals = np.stack([data.values[:, o : o + H] for o in origins], axis=1).astype(np.float64)
+    if data.known is not None:
+        actuals = np.where(np.stack([data.known[:, o : o + H] for o in origins], axis=1), actuals, np.nan)
+    offsets = holdout_offsets(preds, actuals, data.series, cfg.quantiles, max_offset)
+    offsets.coverage = holdout_coverage(preds, actuals, data.series, cfg.quantiles, max_offset)
+    return offsets
+
+
+def fit_window_offsets(model: ForecastModel, data: SeriesMatrix, origin: int, train: TrainSettings,
+                       calibration: CalibrationSettings) -> HoldoutOffsets | None:
+    """What ``rollcast backtest`` starts the calibration from, before test origin ``origin``: the offsets of
+    ``model`` (:func:`window_offsets`) on the validation span of its fit (:func:`models.data.time_split`: data
+    the fit did not train on), or without one the last ``max(4 H, 10%)`` steps before ``origin``."""
+    cfg = model.config
+    try:
+        split = time_split(origin, cfg.context, cfg.horizon, train.validation_fraction)
+        start = split.val[0] if split.val[1] > split.val[0] else origin - max(4 * cfg.horizon, origin // 10)
+    except NotEnoughData:
+        start = origin - max(4 * cfg.horizon, origin // 10)
+    return window_offsets(model, data, start, origin, calibration.max_offset)
 
 
 def forecastable(data: SeriesMatrix, origins: np.ndarray, context: int) -> np.ndarray:
@@ -154,11 +200,14 @@ def rolling_origin(
     if probe.trainable and refit_every:
         starts = list(range(0, len(origins), refit_every))
     model = probe
+    priors: dict[int, HoldoutOffsets | None] = {}  # the calibration's start offsets, per version
     for a, b in zip(starts, [*starts[1:], len(origins)], strict=True):
         if probe.trainable:
             model = create_model(name, **config)
             fits.append(_fit_before(model, data, int(origins[a]), max_epochs, batch_size, seed, patience, train))
         versions[a:b] = len(fits)
+        if calibration is not None and calibration.enabled and calibration.start == "holdout":
+            priors[len(fits)] = fit_window_offsets(model, data, int(origins[a]), train, calibration)
         for c in range(a, b, PROGRESS_ORIGINS):  # batched, in pieces so that a progress bar moves
             d = min(b, c + PROGRESS_ORIGINS)
             forecasts[:, c:d] = forecast_at(model, data, origins[c:d])
@@ -166,7 +215,7 @@ def rolling_origin(
                 for i in range(c, d):
                     on_origin(i)
     return evaluate(probe, data, origins, season, forecasts=forecasts, name=name, fits=fits,
-                    calibration=calibration, versions=versions, burn_in=burn_in)
+                    calibration=calibration, versions=versions, burn_in=burn_in, priors=priors)
 
 
 PROGRESS_ORIGINS = 256  # origins forecast between two calls of rolling_origin's on_origin
@@ -192,6 +241,7 @@ def evaluate(
     calibration: CalibrationSettings | None = None,
     versions: np.ndarray | None = None,
     burn_in: int = 0,
+    priors: dict[int, HoldoutOffsets | None] | None = None,
 ) -> BacktestResult:
     """Score ``model`` at ``origins`` against the actuals, with MAE relative to naive and seasonal
     naive (season ``season``) forecast at the same origins: the evaluation of `rollcast backtest` and of
@@ -201,7 +251,7 @@ def evaluate(
     that refits between origins); by default they are made here from the true history before each origin.
 
     ``calibration`` (enabled): the quantiles are also calibrated online, origin after origin, as the
-    forecast job serves them (:func:`calibrate_sequentially`; ``versions`` as there); the result holds them
+    forecast job serves them (:func:`calibrate_sequentially`; ``versions`` and ``priors`` as there); the result holds them
     (``calibrated``) and the metrics add ``calibrated_coverage``, the coverage of their outer interval
     (``coverage`` stays the model's own). The median is not moved: every other metric is unchanged.
 
@@ -225,12 +275,13 @@ def evaluate(
         # forward across gaps, so the tracker sees NaN there instead
         settled = actuals if data.known is None else np.where(
             np.stack([data.known[:, o : o + H] for o in origins], axis=1), actuals, np.nan)
-        calibrated = calibrate_sequentially(forecasts, settled, origins, qs, calibration, versions)
+        calibrated = calibrate_sequentially(forecasts, settled, origins, qs, calibration, versions, priors,
+                                            data.series)
         scores["calibrated_coverage"] = M.coverage(actuals[:, measured], calibrated[:, measured, :, 0],
                                                    calibrated[:, measured, :, -1])
     return BacktestResult(name if name is not None else getattr(model, "name", ""), scores, forecasts, actuals,
                           origins, qs, data.series, list(fits or []), forecastable(data, origins, cfg.context),
-                          calibrated, burn_in)
+                          calibrated, burn_in, [p for p in (priors or {}).values() if p is not None])
 
 
 def calibrate_sequentially(
@@ -240,13 +291,17 @@ def calibrate_sequentially(
     quantiles: tuple[float, ...] | list[float],
     calibration: CalibrationSettings,
     versions: np.ndarray | None = None,
+    priors: dict[int, HoldoutOffsets | None] | None = None,
+    series: list[str] | None = None,
 ) -> np.ndarray:
     """The quantiles the forecast job would have served ``(S, n_origins, H, Q)`` (float32, as it sends
     them), for the model's ``forecasts`` ``(S, n_origins, H, Q)`` made at ``origins`` (strictly increasing
     time indices), with ``actuals`` ``(S, n_origins, H)`` (NaN: a gap, which settles nothing).
 
-    One :class:`~models.scoring.calibration.QuantileTracker` (row = series) with ``calibration``'s learning rate
-    and offset bound, as in :mod:`models.scoring.scorer`. Step ``h`` (0-based) of the forecast made at origin
+    One :class:`~models.scoring.calibration.QuantileTracker` (row = series) with ``calibration``'s settings,
+    as in :mod:`models.scoring.scorer`, started from ``priors[version]`` (the split-conformal offsets of the
+    model that made the first origin's forecasts; ``series`` names the rows, for their own offsets) or
+    from 0 without one. Step ``h`` (0-based) of the forecast made at origin
     ``o`` is the value at time index ``o + h``: the window that settles it. Time runs window by window:
     window ``t`` settles every forecast step ``(o, h)`` with ``o + h == t``, and a forecast at origin
     ``o'`` is served after window ``o' - 1`` has been settled (its context ends there). So the rule is:
@@ -259,7 +314,8 @@ def calibrate_sequentially(
     settlement uses the quantiles served for it, as live. ``versions`` ``(n_origins,)``: the model that
     made each origin's forecasts (a refit); from an origin whose version differs from the previous one,
     after the windows before it have settled, only that version's forecasts update the offsets, and
-    ``calibration.on_new_champion == "reset"`` starts them at 0, as when the forecast job swaps champions.
+    ``calibration.on_new_champion == "reset"`` starts them again from that version's prior, as when the
+    forecast job swaps champions.
     """
     forecasts = np.asarray(forecasts)
     S, n_origins, H, _ = forecasts.shape
@@ -267,8 +323,12 @@ def calibrate_sequentially(
     if len(origins) != n_origins or (n_origins > 1 and (np.diff(origins) <= 0).any()):
         raise ValueError("origins must be strictly increasing, one per forecast origin")
     versions = np.zeros(n_origins, dtype=np.int64) if versions is None else np.asarray(versions)
-    tracker = QuantileTracker(list(quantiles), H, calibration.learning_rate, calibration.max_offset, rows=S)
+    priors = priors or {}
+    names = list(series) if series is not None else [str(i) for i in range(S)]
+    tracker = QuantileTracker(list(quantiles), H, rows=S, prior=priors.get(int(versions[0])) if n_origins else None,
+                              **calibration.tracker_options())
     rows = np.arange(S)
+    tracker.reset(rows, names)
     served = np.empty(forecasts.shape, dtype=np.float32)
     # every forecast step (origin i, step h) and the time index that settles it, in time order
     event_i, event_h = np.divmod(np.arange(n_origins * H), H)
@@ -282,15 +342,17 @@ def calibrate_sequentially(
         done = upto
         if i > 0:
             own = versions[ei] == versions[i - 1]  # forecasts of the model serving while they settle
-            _settle(tracker, rows, ei[own], eh[own], served, actuals)
-            if versions[i] != versions[i - 1] and calibration.on_new_champion == "reset":
-                tracker.reset()
+            _settle(tracker, rows, ei[own], eh[own], forecasts, served, actuals)
+            if versions[i] != versions[i - 1]:
+                tracker.set_prior(priors.get(int(versions[i])))
+                if calibration.on_new_champion == "reset":
+                    tracker.reset(rows, names)
         served[:, i] = tracker.apply(rows, forecasts[:, i]).astype(np.float32)
     return served
 
 
-def _settle(tracker: QuantileTracker, rows: np.ndarray, ei: np.ndarray, eh: np.ndarray, served: np.ndarray,
-            actuals: np.ndarray) -> None:
+def _settle(tracker: QuantileTracker, rows: np.ndarray, ei: np.ndarray, eh: np.ndarray, forecasts: np.ndarray,
+            served: np.ndarray, actuals: np.ndarray) -> None:
     """Update ``tracker`` with the settled forecast steps ``(ei, eh)`` of every series: those whose windows
     closed between two consecutive origins. Origins are strictly increasing, so each step ``h`` settles
     at most one origin there (an update must not add two settlements of one offset before clipping),
@@ -300,6 +362,7 @@ def _settle(tracker: QuantileTracker, rows: np.ndarray, ei: np.ndarray, eh: np.n
     assert len(np.unique(eh)) == len(eh), "one settlement per horizon step between two origins"
     S, n = len(rows), len(ei)
     tracker.update(np.tile(rows, n), np.repeat(eh, S),
+                   forecasts[:, ei, eh].transpose(1, 0, 2).reshape(n * S, -1).astype(np.float64),
                    served[:, ei, eh].transpose(1, 0, 2).reshape(n * S, -1).astype(np.float64),
                    actuals[:, ei, eh].T.reshape(n * S))
 

@@ -178,6 +178,18 @@ def evaluate_on_holdout(model: Any, data: CycleData, settings: Settings) -> Back
     return evaluate(model, data.holdout, data.origins, settings.model.season)
 
 
+def holdout_calibration(model: Any, data: CycleData, settings: Settings) -> Any:
+    """The split-conformal offsets of ``model`` on the holdout of ``data`` (origins every step over the
+    holdout, thinned to a bounded number of contexts: :func:`models.train.backtest.window_offsets`), or None
+    when calibration is off or starts from zero."""
+    from models.train.backtest import window_offsets
+
+    cal = settings.calibration
+    if not (cal.enabled and settings.scoring.enabled and cal.start == "holdout"):
+        return None
+    return window_offsets(model, data.holdout, int(data.origins[0]), data.holdout.values.shape[1], cal.max_offset)
+
+
 def seasonal_naive_eval(settings: Settings, data: CycleData) -> BacktestResult:
     from models.train.backtest import baseline
 
@@ -310,8 +322,12 @@ def train_candidates(
             continue
         backtest = evaluate_on_holdout(model, data, settings)
         metrics = {f"holdout_{k}": v for k, v in backtest.metrics.items()}
+        calibration = holdout_calibration(model, data, settings)
+        if calibration is not None:  # coverage of the outer interval, raw and split-conformal (out of sample)
+            metrics.update({f"holdout_coverage_{k}": v for k, v in calibration.coverage.items()})
         cand = Candidate(model_type, config, model, result.train_loss, result.val_loss, metrics, backtest, seconds,
-                         cycle_kind=plan.kind, parent_version=plan.parent, warm_cycles=plan.warm_cycles)
+                         cycle_kind=plan.kind, parent_version=plan.parent, warm_cycles=plan.warm_cycles,
+                         calibration=calibration)
         cand.failure = validation_failure(cand)
         out.append(cand)
         log.info("%s: holdout MAE %.5g (relative to seasonal naive %.3g)%s", model_type, cand.mae,

@@ -43,6 +43,9 @@ class Candidate:
     cycle_kind: str = CYCLE_FULL  # or CYCLE_WARM
     parent_version: str | None = None  # the version a warm cycle fine-tuned
     warm_cycles: int = 0
+    # split-conformal offsets from the holdout (models.scoring.calibration.HoldoutOffsets), saved with the
+    # version for the forecast job to start its calibration from
+    calibration: Any = None
 
     @property
     def mae(self) -> float:

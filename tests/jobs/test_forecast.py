@@ -288,8 +288,11 @@ def test_a_new_champion_is_picked_up_without_restart(
         for name, rows in offline.groupby("series"):
             (live,) = seen[(name, t_live + HOUR_MS)]
             np.testing.assert_allclose([p["mean"] for p in live["points"]], rows["mean"], rtol=1e-5, atol=1e-6)
+            # the model's own quantiles (served ones are calibrated from the first forecast, from the
+            # version's holdout offsets)
+            assert live["calibrated"] is True
             for q in ("0.1", "0.9"):
-                np.testing.assert_allclose([p["quantiles"][q] for p in live["points"]], rows[f"q{q}"],
+                np.testing.assert_allclose([p["model_quantiles"][q] for p in live["points"]], rows[f"q{q}"],
                                            rtol=1e-5, atol=1e-6)
         assert set(offline["series"]) == {"sensor-0", "sensor-1", "sensor-2"}
 

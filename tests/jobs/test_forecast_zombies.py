@@ -277,13 +277,15 @@ def _differing(ours: dict[tuple[str, int], list[dict]], ref: dict[tuple[str, int
 
 def _state(settings: Settings, group: str, partition: int) -> tuple[int, dict[str, tuple[np.ndarray, np.ndarray]]] | None:
     """The saved scoring state of a windows partition (ForecastCheckpoint.name): the offset it covers, and
-    per series its calibration offsets ``(H, Q)`` and settled-window counts ``(H,)``."""
+    per series its calibration state (flattened) and settled-window counts ``(H,)``."""
     data = HistoryStore(settings).read_state(f"forecast/{group}/{settings.topics.windows}-{partition}.npz")
     if data is None:
         return None
     with np.load(io.BytesIO(data), allow_pickle=False) as z:
         meta = json.loads(bytes(z["meta"]).decode())
-        return int(meta["offset"]), {s: (z["offsets"][i].copy(), z["updates"][i].copy())
+        # the whole calibration state of each series: experts, weights and guard, and its settled windows
+        return int(meta["offset"]), {s: (np.concatenate([z["cal_experts"][i].ravel(), z["cal_weights"][i].ravel(),
+                                                         z["cal_guard"][i].ravel()]), z["cal_updates"][i].copy())
                                      for i, s in enumerate(meta["series"])}
 
 

@@ -28,6 +28,7 @@ from models.train.backtest import (
 from models.train.fit import FitResult
 from pipeline.config import load_settings
 from pipeline.errors import NotEnoughData
+from tests.models.scoring.test_calibration import ReferenceCell
 from tests.support import rollcast
 
 HOUR = 3_600_000
@@ -161,7 +162,7 @@ def test_cli_backtest_on_a_bundled_dataset(tmp_path: Path) -> None:
                  "--no-progress", "--out", str(out), env={"ROLLCAST_DATA_DIR": str(tmp_path)}, timeout=180)
     assert r.returncode == 0, r.stderr
     assert "seasonal_naive" in r.stdout and "MASE" in r.stdout
-    assert "calibrated coverage" in r.stdout and "learning rate 0.05" in r.stdout, r.stdout
+    assert "calibrated coverage" in r.stdout and "guard 0.05" in r.stdout and "split-conformal" in r.stdout, r.stdout
     table = pl.read_csv(out / "metrics.csv")
     assert table["model"].to_list() == ["lstm", "naive", "seasonal_naive"]
     assert table.filter(pl.col("model") == "naive")["rel_mae_naive"].item() == pytest.approx(1.0)
@@ -232,7 +233,13 @@ def _reference(fc, actuals, origins, cal, versions):
     the forecast of origin t is served (its context ends at t - 1), then the window t closes and settles
     step t - o of every earlier origin o (of the serving model)."""
     S, n_origins, H, Q = fc.shape
-    c = np.zeros((S, H, Q))
+    params = {"rates": tuple(cal.expert_rates), "beta": cal.weight_rate, "sigma": cal.mixing,
+              "n0": cal.shrink_windows, "eta": cal.learning_rate, "max_offset": cal.max_offset}
+
+    def fresh():  # no prior: every series starts from 0
+        return [[ReferenceCell([0.0] * Q, 0.0, [0.0] * Q, CAL_Q, **params) for _ in range(H)] for _ in range(S)]
+
+    c = fresh()
     served = np.full(fc.shape, np.nan, dtype=np.float32)
     current = versions[0]
     for t in range(int(origins[0]), int(origins[-1]) + 1):
@@ -241,8 +248,9 @@ def _reference(fc, actuals, origins, cal, versions):
             if versions[i] != current:
                 current = versions[i]
                 if cal.on_new_champion == "reset":
-                    c[:] = 0
-            served[:, i] = calibrate(fc[:, i].astype(np.float64), c.copy(), 1).astype(np.float32)
+                    c = fresh()
+            offsets = np.array([[cell.offsets() for cell in row] for row in c])
+            served[:, i] = calibrate(fc[:, i].astype(np.float64), offsets, 1).astype(np.float32)
         for j in range(n_origins):
             h = t - int(origins[j])
             if not (0 <= h < H) or versions[j] != current:
@@ -251,10 +259,8 @@ def _reference(fc, actuals, origins, cal, versions):
                 y = actuals[s, j, h]
                 if np.isnan(y):
                     continue
-                for q in (0, 2):
-                    below = float(y <= float(served[s, j, h, q]))
-                    c[s, h, q] = np.clip(c[s, h, q] + cal.learning_rate * (CAL_Q[q] - below),
-                                         -cal.max_offset, cal.max_offset)
+                c[s][h].update(fc[s, j, h].astype(np.float64).tolist(),
+                               served[s, j, h].astype(np.float64).tolist(), float(y))
     return served
 
 
@@ -389,7 +395,8 @@ def test_an_origin_every_window_serves_what_the_live_scorer_serves() -> None:
                        origin_every=1, calibration=_calibration())
     assert np.diff(r.origins).tolist() == [1] * 59 and r.origins[-1] == 160 - H
     S = len(data.series)
-    scorer = Scorer(load_settings(env={}), ModelRef("m", "1", list(r.quantiles)), H, step)
+    assert len(r.priors) == 1  # started from split-conformal offsets of the span before the first origin
+    scorer = Scorer(load_settings(env={}), ModelRef("m", "1", list(r.quantiles)), H, step, r.priors[0])
     live = np.full_like(r.calibrated, np.nan)
     values = np.where(known, data.values, np.nan)  # live, a gap window has no value
     for i, origin in enumerate(r.origins):  # window origin - 1 closes, then the forecast at origin is issued
@@ -454,15 +461,24 @@ def test_refits_with_an_origin_every_window(monkeypatch: pytest.MonkeyPatch) -> 
     o = r.origins.tolist()
     assert [origin for _, origin in fitted] == [o[0], o[5], o[10]] and len(r.fits) == 3
     by_model = {m: [] for m, _ in fitted}
+    fit_origin = dict(fitted)
     for m, batch in calls:
-        if m in by_model:  # not a baseline
+        # not a baseline, nor the forecasts of the fit's validation span the calibration starts from (all
+        # of them before the fit's first test origin)
+        if m in by_model and min(batch) >= fit_origin[m]:
             by_model[m] += batch
+        elif m in by_model:
+            assert max(batch) <= fit_origin[m] - 4
     assert list(by_model.values()) == [o[0:5], o[5:10], o[10:12]]
     assert seen == list(range(12))
     cal, settled = _calibration(ON_NEW_CHAMPION="reset"), r.actuals.astype(np.float64)
-    swaps = calibrate_sequentially(r.forecasts, settled, r.origins, r.quantiles, cal, np.repeat([1, 2, 3], [5, 5, 2]))
+    assert len(r.priors) == 3  # each fit's calibration starts from its own split-conformal offsets
+    priors = dict(zip([1, 2, 3], r.priors, strict=True))
+    swaps = calibrate_sequentially(r.forecasts, settled, r.origins, r.quantiles, cal, np.repeat([1, 2, 3], [5, 5, 2]),
+                                   priors, r.series)
     np.testing.assert_array_equal(r.calibrated, swaps)  # a new champion at each refit
-    assert not np.array_equal(r.calibrated, calibrate_sequentially(r.forecasts, settled, r.origins, r.quantiles, cal))
+    assert not np.array_equal(r.calibrated, calibrate_sequentially(r.forecasts, settled, r.origins, r.quantiles, cal,
+                                                                   priors=priors, series=r.series))
 
 
 def test_plots_draw_forecasts_of_origins_at_least_h_apart(tmp_path: Path) -> None:
