@@ -172,8 +172,8 @@ class HoldoutOffsets:
 
 def holdout_offsets(preds: np.ndarray, actuals: np.ndarray, series: Sequence[str], quantiles: Sequence[float],
                     max_offset: float = MAX_OFFSET, min_series_windows: int = MIN_SERIES_WINDOWS) -> HoldoutOffsets:
-    """:class:`HoldoutOffsets` from the model's forecasts ``(S, O, H, Q)`` of a holdout and its actuals
-    ``(S, O, H)`` (NaN: unknown, left out), for series ``series``.
+    """:class:`HoldoutOffsets` from the model's forecasts ``(S, n_origins, H, Q)`` of a holdout and its actuals
+    ``(S, n_origins, H)`` (NaN: unknown, left out), for series ``series``.
 
     Per step and level, the split-conformal offset (:func:`conformal_quantile`) of the pooled scores, and
     of each series' own where it has ``min_series_windows`` known windows at every step (at a level whose
@@ -181,8 +181,8 @@ def holdout_offsets(preds: np.ndarray, actuals: np.ndarray, series: Sequence[str
     the model's own quantile; every offset is clipped to ``+-max_offset``."""
     q = [float(x) for x in quantiles]
     median = q.index(0.5)
-    S, O, H, Q = preds.shape
-    scores = scores_of(preds, actuals, median)  # (S, O, H, Q)
+    S, n_origins, H, Q = preds.shape
+    scores = scores_of(preds, actuals, median)  # (S, n_origins, H, Q)
     pooled = np.zeros((H, Q))
     for h in range(H):
         for j, tau in enumerate(q):
@@ -190,9 +190,9 @@ def holdout_offsets(preds: np.ndarray, actuals: np.ndarray, series: Sequence[str
                 c = conformal_quantile(scores[:, :, h, j].ravel(), tau)
                 pooled[h, j] = 0.0 if np.isnan(c) else c
     own: dict[str, tuple[np.ndarray, int]] = {}
-    known = np.isfinite(np.asarray(actuals, dtype=np.float64))  # (S, O, H)
+    known = np.isfinite(np.asarray(actuals, dtype=np.float64))  # (S, n_origins, H)
     for i, name in enumerate(series):
-        n = int(known[i].sum(axis=0).min()) if O else 0
+        n = int(known[i].sum(axis=0).min()) if n_origins else 0
         if n < min_series_windows:
             continue
         offs = np.zeros((H, Q))
@@ -204,7 +204,7 @@ def holdout_offsets(preds: np.ndarray, actuals: np.ndarray, series: Sequence[str
         # takes the pooled offset
         offs = np.where(np.isfinite(offs), offs, pooled)
         own[str(name)] = (np.clip(offs, -max_offset, max_offset), n)
-    windows = int(known.sum(axis=(0, 1)).min()) if S and O else 0
+    windows = int(known.sum(axis=(0, 1)).min()) if S and n_origins else 0
     return HoldoutOffsets(q, H, np.clip(pooled, -max_offset, max_offset), windows, own)
 
 

@@ -211,9 +211,9 @@ def test_conformal_quantile_is_split_conformal(n: int) -> None:
 
 def test_holdout_offsets_equal_an_independent_split_conformal_computation() -> None:
     rng = np.random.default_rng(7)
-    S, O, Hh, q = 4, 60, 3, [0.1, 0.5, 0.9]
-    preds = np.sort(rng.normal(size=(S, O, Hh, 3)), axis=-1) * np.array([1.0, 2.0, 3.0, 4.0])[:, None, None, None]
-    actuals = rng.normal(0.3, 1.5, (S, O, Hh))
+    S, NO, Hh, q = 4, 60, 3, [0.1, 0.5, 0.9]
+    preds = np.sort(rng.normal(size=(S, NO, Hh, 3)), axis=-1) * np.array([1.0, 2.0, 3.0, 4.0])[:, None, None, None]
+    actuals = rng.normal(0.3, 1.5, (S, NO, Hh))
     actuals[3, :35] = np.nan  # 25 known windows: too few for its own offsets (MIN_SERIES_WINDOWS = 40)
     names = ["a", "b", "c", "d"]
     got = holdout_offsets(preds, actuals, names, q)
@@ -223,7 +223,7 @@ def test_holdout_offsets_equal_an_independent_split_conformal_computation() -> N
             pooled_scores = []
             for i in range(S):
                 own = []
-                for o in range(O):
+                for o in range(NO):
                     if np.isnan(actuals[i, o, h]):
                         continue
                     p = preds[i, o, h]
@@ -231,14 +231,14 @@ def test_holdout_offsets_equal_an_independent_split_conformal_computation() -> N
                 pooled_scores += own
                 if names[i] in got.series:
                     assert got.series[names[i]][0][h, j] == pytest.approx(split_conformal(own, tau), abs=1e-12)
-                    assert got.series[names[i]][1] == O
+                    assert got.series[names[i]][1] == NO
             assert got.pooled[h, j] == pytest.approx(split_conformal(pooled_scores, tau), abs=1e-12)
         assert got.pooled[h, 1] == 0.0
     start, evidence = got.for_series(["a", "d", "new"])
     np.testing.assert_array_equal(start[0], got.series["a"][0])
     np.testing.assert_array_equal(start[1], got.pooled)
     np.testing.assert_array_equal(start[2], got.pooled)
-    assert evidence.tolist() == [O, 0, 0]
+    assert evidence.tolist() == [NO, 0, 0]
     back = HoldoutOffsets.from_json(got.to_json())
     np.testing.assert_allclose(back.pooled, got.pooled, atol=1e-6)
     np.testing.assert_allclose(back.series["b"][0], got.series["b"][0], atol=1e-6)
@@ -326,9 +326,9 @@ def test_an_abrupt_scale_shift_is_recovered_within_the_stated_windows() -> None:
 
 def test_holdout_coverage_reports_raw_and_out_of_sample_calibrated() -> None:
     rng = np.random.default_rng(5)
-    S, O = 20, 80
-    preds = np.broadcast_to(np.array([-0.5, 0.0, 0.5]), (S, O, 1, 3))
-    actuals = rng.normal(0, 1, (S, O, 1))
+    S, NO = 20, 80
+    preds = np.broadcast_to(np.array([-0.5, 0.0, 0.5]), (S, NO, 1, 3))
+    actuals = rng.normal(0, 1, (S, NO, 1))
     cov = holdout_coverage(preds, actuals, [str(i) for i in range(S)], [0.1, 0.5, 0.9])
     inside = (np.abs(actuals) <= 0.5).mean()
     assert cov["raw"] == pytest.approx(inside)
