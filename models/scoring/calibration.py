@@ -25,8 +25,9 @@ an offset ``e_k`` tracked with its own step ``gamma_k`` (``calibration.expert_ra
 
     e_k <- clip(e_k + gamma_k * (tau - 1{s <= e_k}))
 
-weighted by their recent pinball loss ``l_k = rho_tau(s - e_k)``: ``p_k <- p_k exp(-beta l_k)``,
-normalised, then mixed with the uniform, ``p <- (1 - sigma) p + sigma / K`` (``calibration.weight_rate``
+weighted by their recent pinball loss, summed over the levels of the (series, step) (the quantile score
+of the set the expert's step size gives; one weight per expert and (series, step), shared by the levels),
+``l_k = sum_tau rho_tau(s_tau - e_k,tau)``: ``p_k <- p_k exp(-beta l_k)``, normalised, then mixed with the uniform, ``p <- (1 - sigma) p + sigma / K`` (``calibration.weight_rate``
 and ``calibration.mixing``; the mixing lets a slow expert take over again after a burst). A small step
 is stable on a steady stream, a large one recovers from a shift within tens of windows, and the weights
 move to whichever has been right lately. On 200 series whose model interval stays 0.4 times too narrow
@@ -79,6 +80,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.quantiles import interval_indices
+
 # a model interval narrower than this share of the median's magnitude (or 1e-9 absolute) is taken as
 # that wide, so offsets can still widen a collapsed interval
 MIN_RELATIVE_WIDTH = 1e-6
@@ -89,7 +92,7 @@ CALIBRATION_FILE = "calibration.json"
 CALIBRATION_FORMAT = 1
 
 # defaults of the calibration.* settings (pipeline.config.CalibrationSettings)
-EXPERT_RATES = (0.01, 0.05, 0.25, 1.0)
+EXPERT_RATES = (0.01, 0.1, 1.0)
 GUARD_RATE = 0.05
 WEIGHT_RATE = 2.0
 MIXING = 0.005
@@ -210,16 +213,17 @@ def holdout_offsets(preds: np.ndarray, actuals: np.ndarray, series: Sequence[str
 
 def holdout_coverage(preds: np.ndarray, actuals: np.ndarray, series: Sequence[str], quantiles: Sequence[float],
                      max_offset: float = MAX_OFFSET) -> dict[str, float]:
-    """Coverage of the outer interval on a holdout ``(S, O, H, Q)``: the model's own (``raw``) and, honestly
+    """Coverage of the interval (:func:`pipeline.quantiles.interval_indices`) on a holdout ``(S, O, H, Q)``: the model's own (``raw``) and, honestly
     out of sample, ``calibrated`` with offsets from the first half of the origins applied to the second
     half (the offsets a model version ships are from all of them)."""
     q = list(quantiles)
     median = q.index(0.5)
+    lo, hi = interval_indices(q)
     actuals = np.asarray(actuals, dtype=np.float64)
     known = np.isfinite(actuals)
 
     def cover(p: np.ndarray, y: np.ndarray, k: np.ndarray) -> float:
-        inside = (p[..., 0] <= y) & (y <= p[..., -1])
+        inside = (p[..., lo] <= y) & (y <= p[..., hi])
         return float(inside[k].mean()) if k.any() else float("nan")
 
     out = {"raw": cover(np.asarray(preds, dtype=np.float64), actuals, known)}
@@ -257,7 +261,7 @@ class QuantileTracker:
         self.levels = np.where(np.arange(len(self.quantiles)) == self.median, 0.0, 1.0)  # 0: the median
         H, Q, K = self.horizon, len(self.quantiles), len(self.rates)
         self.experts = np.zeros((0, H, Q, K))
-        self.weights = np.zeros((0, H, Q, K))
+        self.weights = np.zeros((0, H, K))  # shared by the levels of a (row, step)
         self.guard = np.zeros((0, H, Q))
         self.evidence = np.zeros((0, H))  # windows behind each row's own offsets: holdout + settled live
         self.updates = np.zeros((0, H), dtype=np.int64)  # settled windows seen live per step
@@ -329,7 +333,7 @@ class QuantileTracker:
 
     def served_offsets(self, rows: np.ndarray) -> np.ndarray:
         """The offsets served for ``rows`` ``(n, H, Q)`` (module docstring)."""
-        own = (self.experts[rows] * self.weights[rows]).sum(-1) + self.guard[rows]
+        own = (self.experts[rows] * self.weights[rows][:, :, None, :]).sum(-1) + self.guard[rows]
         n = self.evidence[rows][..., None]
         lam = n / (n + self.shrink_windows) if self.shrink_windows > 0 else np.ones_like(n)
         return (lam * own + (1.0 - lam) * self.pooled) * self.levels
@@ -373,21 +377,34 @@ class QuantileTracker:
 
     def _update(self, rows: np.ndarray, steps: np.ndarray, model_q: np.ndarray, served: np.ndarray,
                 actual: np.ndarray) -> None:
+        """One settlement per (row, step) in ``rows, steps`` (distinct cells): on flat views of the state,
+        one gather and one scatter per array (the forecast job settles H cells per series and batch)."""
         tau, levels, M = self.quantiles, self.levels, self.max_offset
+        H, Q, K = self.horizon, len(tau), len(self.rates)
+        cell = rows * H + steps
+        experts = self.experts.reshape(-1, Q, K)  # views: the arrays are contiguous
+        weights = self.weights.reshape(-1, K)
+        guard = self.guard.reshape(-1, Q)
         s = scores_of(model_q, actual, self.median)  # (N, Q)
-        cell = (rows, steps)
-        e = self.experts[cell]  # (N, Q, K)
+        e = experts[cell]  # (N, Q, K) copies
         d = s[..., None] - e
-        loss = np.maximum(tau[None, :, None] * d, (tau[None, :, None] - 1.0) * d)
-        hit = d <= 0  # s <= e_k
-        self.experts[cell] = np.clip(e + self.rates * (tau[None, :, None] - hit) * levels[None, :, None], -M, M)
-        w = self.weights[cell] * np.exp(-self.weight_rate * (loss - loss.min(-1, keepdims=True)))
-        w /= w.sum(-1, keepdims=True)
-        self.weights[cell] = (1.0 - self.mixing) * w + self.mixing / len(self.rates)
+        g = tau[None, :, None] - (d <= 0)  # tau - 1{s <= e_k}: the step's sign and the pinball slope
+        # each expert's pinball loss rho_tau(s - e_k), summed over the levels (the median's is 0): the
+        # quantile score of the set it serves
+        loss = np.einsum("nqk,nqk,q->nk", d, g, levels)
+        e += (self.rates * levels[:, None]) * g
+        np.clip(e, -M, M, out=e)
+        experts[cell] = e
+        loss -= loss.min(-1, keepdims=True)
+        loss *= -self.weight_rate
+        w = weights[cell] * np.exp(loss, out=loss)
+        w *= (1.0 - self.mixing) / w.sum(-1, keepdims=True)
+        w += self.mixing / K
+        weights[cell] = w
         covered = actual[:, None] <= served  # (N, Q): at or below the served quantile
-        self.guard[cell] = np.clip(self.guard[cell] + self.learning_rate * (tau - covered) * levels, -M, M)
-        self.evidence[cell] += 1.0
-        self.updates[cell] += 1
+        guard[cell] = np.clip(guard[cell] + self.learning_rate * levels * (tau - covered), -M, M)
+        self.evidence.reshape(-1)[cell] += 1.0
+        self.updates.reshape(-1)[cell] += 1
 
 
 def calibrate(preds: np.ndarray, offsets: np.ndarray, median: int) -> np.ndarray:

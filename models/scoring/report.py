@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from models.scoring.accuracy import LastWindows, LiveTotals, totals_of
+from pipeline.quantiles import nominal_coverage
 from pipeline.scores_io import decode_score
 
 log = logging.getLogger("rollcast.scores")
@@ -36,7 +37,7 @@ class Score:
     version: str
     last_window_end: int
     step_ms: int
-    nominal: float | None  # the served outer interval's nominal coverage (highest - lowest quantile)
+    nominal: float | None  # the nominal coverage of the interval measured (pipeline.quantiles)
     totals: LiveTotals
 
 
@@ -62,7 +63,7 @@ class Scores:
             qs = [float(q) for q in msg.get("quantiles") or ()]
             score = Score(msg["series"], str(model.get("name", "")), str(model["version"]),
                           msg["last_window_end"], int(msg.get("step_ms") or 1),
-                          max(qs) - min(qs) if len(qs) >= 2 else None, totals)
+                          nominal_coverage(qs) if len(qs) >= 2 else None, totals)
         except (KeyError, TypeError, ValueError):
             log.debug("skipping a malformed score of %s", msg.get("series"))
             return False

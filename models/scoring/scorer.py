@@ -52,9 +52,12 @@ import pyarrow as pa
 from models.base import seasonal_naive_index
 from models.data import fill_gaps
 from models.scoring.accuracy import LiveTotals
+from models.scoring.anomaly import outside, tail_probability
 from models.scoring.calibration import HoldoutOffsets, QuantileTracker
+from pipeline.anomalies_io import anomaly_messages
 from pipeline.config import Settings
 from pipeline.contexts import target_values
+from pipeline.quantiles import interval_indices, level_indices
 from pipeline.scores_io import decode_score, score_messages
 
 log = logging.getLogger("rollcast.forecast")
@@ -135,13 +138,14 @@ def point_errors(actual: np.ndarray, served: np.ndarray, model_q: np.ndarray, na
     served = served.astype(np.float64)
     naive = np.asarray(naive, dtype=np.float64)
     point = served[..., list(quantiles).index(0.5)]
+    lo, hi = interval_indices(quantiles)
     diff = actual - point
     err = actual[..., None] - served
     return PointErrors(
         known=np.isfinite(actual), actual=actual, forecast=point, abs_error=np.abs(diff), sq_error=diff * diff,
         pinball=np.maximum(q * err, (q - 1) * err),
-        inside=(served[..., 0] <= actual) & (actual <= served[..., -1]),
-        model_inside=(model_q[..., 0] <= actual) & (actual <= model_q[..., -1]),
+        inside=(served[..., lo] <= actual) & (actual <= served[..., hi]),
+        model_inside=(model_q[..., lo] <= actual) & (actual <= model_q[..., hi]),
         naive=naive, naive_abs_error=np.abs(actual - naive))
 
 
@@ -160,15 +164,38 @@ class Emitted:
     def __init__(self, scorer: Scorer):
         self.models = [(m.name, m.version) for m in scorer.models]
         self.step, self.calibrated, self.quantiles = scorer.step, scorer.calibrate, scorer.quantiles
+        self.anomaly_level = scorer.anomaly_level
         self._parts: list[dict[str, Any]] = []
+        self._anomalies: list[dict[str, Any]] = []
         self._errors: PointErrors | None = None
 
     def add(self, **arrays: Any) -> None:
         self._parts.append(arrays)
         self._errors = None
 
+    def add_anomalies(self, **arrays: Any) -> None:
+        self._anomalies.append(arrays)
+
     def __len__(self) -> int:
+        """Scored forecasts (score messages)."""
         return sum(len(p["names"]) for p in self._parts)
+
+    def __bool__(self) -> bool:
+        """Anything to send: scores or anomalies."""
+        return bool(self._parts or self._anomalies)
+
+    @property
+    def anomaly_count(self) -> int:
+        return sum(len(p["names"]) for p in self._anomalies)
+
+    def anomaly_messages(self) -> list[tuple[str, bytes]]:
+        """``(series, JSON bytes)`` per anomaly flagged in the batch (:mod:`pipeline.anomalies_io`)."""
+        if not self._anomalies:
+            return []
+        j = {k: ([x for p in self._anomalies for x in p[k]] if k == "names"
+                 else np.concatenate([p[k] for p in self._anomalies])) for k in self._anomalies[0]}
+        return anomaly_messages(j["names"], j["ts"], j["actual"], j["forecast"], j["lower"], j["upper"], j["tail"],
+                                float(self.anomaly_level), self.models, j["model_index"], j["issued_at"], self.step)
 
     def _joined(self) -> dict[str, Any]:
         if len(self._parts) > 1:
@@ -252,6 +279,10 @@ class Scorer:
         self.names: list[str] = []
         self.tracker = QuantileTracker(self.quantiles, self.horizon, prior=self._prior(prior),
                                        **settings.calibration.tracker_options())
+        # anomalies: settled actuals outside the served anomalies.level interval (models.scoring.anomaly)
+        pair = level_indices(self.quantiles, settings.anomalies.level) if settings.anomalies.enabled else None
+        self.anomaly_level = settings.anomalies.level if pair is not None else None
+        self.anomaly_pair = pair
         h, q = self.horizon, len(self.quantiles)
         self._shapes = {"issued": ((h,), np.int64, -1), "emitted": ((h,), np.bool_, True),
                         "issued_at": ((h,), np.int64, 0), "model": ((h,), np.int32, 0),
@@ -427,6 +458,8 @@ class Scorer:
             i, h = np.nonzero(hit)
             r, s = rows[i], slot[i, h]
             a["actual"][r, s, h] = values[i]
+            if self.anomaly_pair is not None:
+                self._flag(r[h == 0], s[h == 0], values[i[h == 0]], scores)
             if self.calibrate:
                 own = a["model"][r, s] == self.current
                 if own.any():
@@ -436,6 +469,22 @@ class Scorer:
         if done.any():
             rr, ss = np.nonzero(done)
             self._emit(rows[rr], ss, scores)
+
+    def _flag(self, rows: np.ndarray, slots: np.ndarray, actual: np.ndarray, scores: Emitted) -> None:
+        """Anomalies among the actuals settling step 1 of the forecasts in (row, slot): those outside the
+        served anomaly interval, with their tail probability (:mod:`models.scoring.anomaly`)."""
+        if not len(rows):
+            return
+        served = self.a["served"][rows, slots, 0].astype(np.float64)  # (n, Q): step 1 of each forecast
+        out = outside(served, self.anomaly_pair, actual)
+        if not out.any():
+            return
+        rows, slots, actual, served = rows[out], slots[out], np.asarray(actual, dtype=np.float64)[out], served[out]
+        lo, hi = self.anomaly_pair
+        scores.add_anomalies(names=[self.names[r] for r in rows.tolist()], ts=self.a["issued"][rows, slots],
+                             actual=actual, forecast=served[:, self.median], lower=served[:, lo], upper=served[:, hi],
+                             tail=tail_probability(served, self.quantiles, actual),
+                             model_index=self.a["model"][rows, slots], issued_at=self.a["issued_at"][rows, slots])
 
     def _issue(self, rows: np.ndarray, ends: np.ndarray, preds: np.ndarray, naive: np.ndarray,
                issued_at: int) -> np.ndarray:
@@ -510,7 +559,7 @@ class Scorer:
             self.a["partition"][rows] = partition
             if meta["format"] == 1:  # one offset per (step, quantile): every expert starts from it
                 old = {"cal_experts": np.repeat(z["offsets"][..., None], len(self.tracker.rates), axis=-1),
-                       "cal_weights": np.full((*z["offsets"].shape, len(self.tracker.rates)),
+                       "cal_weights": np.full((*z["offsets"].shape[:-1], len(self.tracker.rates)),
                                               1.0 / len(self.tracker.rates)),
                        "cal_guard": np.zeros(z["offsets"].shape), "cal_evidence": z["updates"].astype(np.float64),
                        "cal_updates": z["updates"]}

@@ -19,7 +19,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from models.serving.telemetry import LIVE, SCORES, STAGE_S
+from models.serving.telemetry import ANOMALIES, LIVE, SCORES, STAGE_S
 from pipeline.config import Settings
 
 if TYPE_CHECKING:
@@ -46,11 +46,12 @@ class ScoreSender:
         self._pending: list[Future[None]] = []
         self._failed: BaseException | None = None  # once a score failed, every later call raises it
 
-    def submit(self, scored: Emitted, partitions: KeyPartitions) -> None:
-        """Build and send ``scored``'s messages in the background (``partitions``: the scores topic's)."""
+    def submit(self, scored: Emitted, partitions: KeyPartitions, anomaly_partitions: KeyPartitions | None = None) -> None:
+        """Build and send ``scored``'s messages in the background (``partitions``: the scores topic's;
+        ``anomaly_partitions``: the anomalies topic's, needed when ``scored`` flagged any)."""
         with self._lock:
             self._raise_failed()
-            self._pending.append(self._pool.submit(self._send, scored, partitions))
+            self._pending.append(self._pool.submit(self._send, scored, partitions, anomaly_partitions))
 
     def confirm(self) -> None:
         """Return when every score submitted so far is built, sent and acknowledged by the broker; raise
@@ -61,7 +62,9 @@ class ScoreSender:
             try:
                 for f in pending:
                     f.result()
-                self.producer.confirm(self.topic, timeout_s=self.settings.observability.shutdown_timeout_s)
+                # one flush of the producer acknowledges both topics' messages
+                self.producer.confirm(f"{self.topic} or {self.settings.topics.anomalies}",
+                                      timeout_s=self.settings.observability.shutdown_timeout_s)
             except BaseException as e:
                 self._failed = e  # the state in memory covers scores the broker may not have: never saved now
                 raise
@@ -80,11 +83,18 @@ class ScoreSender:
         if self._failed is not None:
             raise self._failed
 
-    def _send(self, scored: Emitted, partitions: KeyPartitions) -> None:
+    def _send(self, scored: Emitted, partitions: KeyPartitions, anomaly_partitions: KeyPartitions | None) -> None:
         t0 = time.perf_counter()
         messages = scored.messages()
         self.producer.send(self.topic, [(key.encode(), value, partitions[key]) for key, value in messages])
         SCORES.inc(len(messages))
+        flagged = scored.anomaly_messages()
+        if flagged:
+            if anomaly_partitions is None:
+                raise ValueError("anomalies flagged without the anomalies topic's partitions (a bug)")
+            self.producer.send(self.settings.topics.anomalies,
+                               [(key.encode(), value, anomaly_partitions[key]) for key, value in flagged])
+            ANOMALIES.inc(len(flagged))
         if self.live is not None:
             report_live(self.live, scored.totals(), self.settings.window.length_ms)
         STAGE_S.labels("scores").observe(time.perf_counter() - t0)

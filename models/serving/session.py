@@ -263,7 +263,8 @@ def process_batch(batch: dict, forecaster: Forecaster, producer: BulkProducer, c
     if oldest_ts is not None:
         END_TO_END_S.observe(max(0.0, time.time() - oldest_ts / 1000))
     if scored and scores is not None:  # built and sent off this path; acknowledged before the state is saved
-        scores.submit(scored, forecaster.partitions_of(settings.topics.scores, producer))
+        scores.submit(scored, forecaster.partitions_of(settings.topics.scores, producer),
+                      forecaster.partitions_of(settings.topics.anomalies, producer) if scored.anomaly_count else None)
     checkpoint.processed(commits)  # checkpoint steps 3, and 4 and 5 when a save is due
     STAGE_S.labels("commit").observe(time.perf_counter() - t2)
 

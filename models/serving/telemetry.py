@@ -18,6 +18,7 @@ __all__ = [
     "BATCH_WAITS",
     "LAG",
     "SCORES",
+    "ANOMALIES",
     "LIVE",
     "SKIPPED",
     "INFERENCE_S",
@@ -41,6 +42,8 @@ BATCH_WAITS = Counter(
     ["outcome"],
 )
 LAG = Gauge("rollcast_forecast_consumer_lag", "Windows messages behind the partition's end", ["partition"])
+ANOMALIES = Counter("rollcast_forecast_anomalies_total",
+                    "Settled actuals outside the served anomalies.level interval (messages on topics.anomalies)")
 SCORES = Counter("rollcast_forecast_scores_total", "Score messages produced (forecasts whose windows all closed)")
 LIVE = {
     name: Gauge(f"rollcast_live_{name}", f"{what}, over the forecasts issued in the last scoring.live_windows "

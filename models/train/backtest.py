@@ -37,6 +37,7 @@ from models.train.fit import FitResult, fit
 from models.train.sampling import training_samples
 from pipeline.config import CalibrationSettings, TrainSettings
 from pipeline.errors import NotEnoughData
+from pipeline.quantiles import interval_indices
 
 BASELINES = ("naive", "seasonal_naive")
 
@@ -267,7 +268,7 @@ def evaluate(
     baselines = {base: forecast_at(baseline(base, cfg.context, H, qs, season), data, origins) for base in BASELINES}
     insample = data.values[:, : int(origins[0])]
     check_burn_in(burn_in, len(origins))
-    scores = score(forecasts, actuals, insample, season, cfg.median_index, baselines, burn_in)
+    scores = score(forecasts, actuals, insample, season, cfg.median_index, baselines, burn_in, qs)
     measured = slice(burn_in, None)  # the origins the coverages count
     calibrated = None
     if calibration is not None and calibration.enabled:
@@ -277,8 +278,9 @@ def evaluate(
             np.stack([data.known[:, o : o + H] for o in origins], axis=1), actuals, np.nan)
         calibrated = calibrate_sequentially(forecasts, settled, origins, qs, calibration, versions, priors,
                                             data.series)
-        scores["calibrated_coverage"] = M.coverage(actuals[:, measured], calibrated[:, measured, :, 0],
-                                                   calibrated[:, measured, :, -1])
+        lo, hi = interval_indices(qs)
+        scores["calibrated_coverage"] = M.coverage(actuals[:, measured], calibrated[:, measured, :, lo],
+                                                   calibrated[:, measured, :, hi])
     return BacktestResult(name if name is not None else getattr(model, "name", ""), scores, forecasts, actuals,
                           origins, qs, data.series, list(fits or []), forecastable(data, origins, cfg.context),
                           calibrated, burn_in, [p for p in (priors or {}).values() if p is not None])
@@ -392,6 +394,7 @@ def score(
     median_index: int,
     baselines: dict[str, np.ndarray] | None = None,
     burn_in: int = 0,
+    quantiles: tuple[float, ...] | list[float] | None = None,
 ) -> dict[str, float]:
     """Metrics of ``forecasts (S, O, H, Q)`` against ``actuals (S, O, H)``, averaged over origins and series
     (coverage without the first ``burn_in`` origins).
@@ -399,6 +402,7 @@ def score(
     MASE is averaged over series, each scaled by its own in-sample seasonal-naive MAE.
     """
     point = forecasts[..., median_index]
+    lo, hi = (0, forecasts.shape[-1] - 1) if quantiles is None else interval_indices(quantiles)
     out = {
         "mae": M.mae(actuals, point),
         "rmse": M.rmse(actuals, point),
@@ -406,7 +410,7 @@ def score(
         "mase": float(np.nanmean([
             M.mase(actuals[s], point[s], insample[s], season) for s in range(len(actuals))
         ])),
-        "coverage": M.coverage(actuals[:, burn_in:], forecasts[:, burn_in:, :, 0], forecasts[:, burn_in:, :, -1]),
+        "coverage": M.coverage(actuals[:, burn_in:], forecasts[:, burn_in:, :, lo], forecasts[:, burn_in:, :, hi]),
     }
     for base, fc in (baselines or {}).items():
         base_mae = M.mae(actuals, fc[..., median_index])

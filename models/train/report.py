@@ -22,6 +22,7 @@ from models.train.backtest import BacktestResult, rolling_origin
 from pipeline.config import Settings
 from pipeline.datasets import ColumnMap
 from pipeline.errors import DatasetError
+from pipeline.quantiles import interval_indices
 
 METRIC_COLUMNS = ("mae", "rmse", "smape", "mase", "coverage", "calibrated_coverage", "rel_mae_naive",
                   "rel_mae_seasonal_naive")
@@ -101,7 +102,8 @@ def print_table(console: Any, results: list[BacktestResult]) -> None:
     if results:
         r = results[0]
         qs, n = r.quantiles, len(r.origins)
-        title += f" (interval q{qs[0]:g}-q{qs[-1]:g}, nominal coverage {qs[-1] - qs[0]:.2g}"
+        lo, hi = interval_indices(qs)
+        title += f" (interval q{qs[lo]:g}-q{qs[hi]:g}, nominal coverage {qs[hi] - qs[lo]:.2g}"
         if r.burn_in:
             title += (f"; coverage and calibrated coverage over origins {r.burn_in + 1}-{n}, the first "
                       f"{r.burn_in} (burn-in) excluded; other metrics over all {n} origins")

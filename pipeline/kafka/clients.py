@@ -370,6 +370,7 @@ def ensure_topics(settings: Settings, names: list[str] | None = None, partitions
         settings.topics.windows,
         settings.topics.forecasts,
         settings.topics.scores,
+        settings.topics.anomalies,
     ]
     admin = make_admin(settings)
     try:

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from benchmarks.calibration import figures, interval_scores
+from benchmarks.calibration import figures, interval_quantiles, interval_scores
 from benchmarks.datasets_public import DATASETS, LOADERS
 
 
@@ -52,6 +52,30 @@ def test_figures_without_calibration_report_raw_only():
                              actuals=np.zeros((1, 2, 1)), origins=np.array([5, 6]), series=["a"])
     f = figures(result, SimpleNamespace(known=None), first=50)
     assert f["pooled"]["all"]["calibrated"] is None and np.isnan(f["width_ratio"])
+
+
+def test_the_interval_bounds_are_picked_by_value_not_position():
+    assert interval_quantiles((0.1, 0.5, 0.9), 0.8) == (0, 2)
+    assert interval_quantiles((0.01, 0.1, 0.5, 0.9, 0.99), 0.8) == (1, 3)
+    assert interval_quantiles((0.01, 0.1, 0.5, 0.9, 0.99), 0.98) == (0, 4)
+    with pytest.raises(ValueError, match="lack"):
+        interval_quantiles((0.05, 0.5, 0.95), 0.8)
+
+
+def test_figures_score_the_80_interval_when_the_quantiles_are_wider():
+    S, n_origins, H = 1, 2, 1
+    forecasts = np.zeros((S, n_origins, H, 5))
+    forecasts[..., :] = [-10.0, -1.0, 0.0, 1.0, 10.0]  # 0.01, 0.1, 0.5, 0.9, 0.99
+    actuals = np.array([[[0.5], [5.0]]])  # inside the 80% interval, then outside it (inside the 98%)
+    result = SimpleNamespace(quantiles=(0.01, 0.1, 0.5, 0.9, 0.99), forecasts=forecasts, calibrated=forecasts,
+                             actuals=actuals, origins=np.array([3, 4]), series=["a"])
+    f = figures(result, SimpleNamespace(known=None), first=50)
+    assert f["interval_quantiles"] == [0.1, 0.9] and f["alpha"] == pytest.approx(0.2)
+    assert f["nominal_coverage"] == pytest.approx(0.8)
+    assert f["pooled"]["all"]["raw"]["coverage"] == pytest.approx(0.5)
+    assert f["pooled"]["all"]["raw"]["width"] == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="0.95"):
+        figures(result, SimpleNamespace(known=None), first=50, interval=0.9)
 
 
 def test_every_public_dataset_has_a_loader_and_a_sensible_backtest_shape():

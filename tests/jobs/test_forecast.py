@@ -68,9 +68,35 @@ from tests.support.forecast import (
 
 
 
+QUANTILES = [0.01, 0.1, 0.5, 0.9, 0.99]  # the default: anomalies are flagged outside q0.01-q0.99
+
+
+def offline_anomalies(seen: dict, windows: pl.DataFrame) -> dict[tuple[str, int], str]:
+    """(series, window start) -> side of every actual outside the served q0.01-q0.99 of step 1 of the
+    forecast issued when the window before it closed (its last_window_end is the window's start)."""
+    out = {}
+    for s, start, count, mean in windows.select("series", "window_start", "count", "mean").iter_rows():
+        msgs = seen.get((s, start))
+        if not msgs or not count:
+            continue
+        q = msgs[0]["points"][0]["quantiles"]
+        lo, hi = float(np.float32(q["0.01"])), float(np.float32(q["0.99"]))
+        if mean < lo or mean > hi:
+            out[(s, start)] = "below" if mean < lo else "above"
+    return out
+
+
+def collect_anomalies(settings: Settings, expected: set[tuple[str, int]], timeout: float) -> dict:
+    """Anomaly messages by (series, ts) (their last_window_end is their ts), read until every ``expected``
+    one is there."""
+    from tests.support.forecast import _collect
+
+    return _collect(settings, settings.topics.anomalies, "anomalies", expected, timeout)
+
+
 @pytest.fixture
 def model_dir(tmp_path: Path) -> Path:
-    model = models.create_model("tcn", context=L, horizon=H, seed=3)
+    model = models.create_model("tcn", context=L, horizon=H, seed=3, quantiles=QUANTILES)
     return models.save_model(model, tmp_path / "model")
 
 
@@ -83,6 +109,10 @@ def test_forecasts_equal_offline_inference_and_survive_kill_9(
 ) -> None:
     series = ["a", "b", "c"]
     windows = make_windows(series, 40)
+    # a spike far outside any interval, in the windows the kill interrupts: an anomaly
+    spike_at = windows["window_start"].min() + 24 * STEP
+    windows = windows.with_columns(pl.when((pl.col("series") == "b") & (pl.col("window_start") == spike_at))
+                                   .then(pl.col("mean") + 1e4).otherwise(pl.col("mean")).alias("mean"))
     stored = windows.filter(pl.col("window_start") < windows["window_start"].min() + 12 * STEP)
     live = windows.join(stored, on=["series", "window_start"], how="anti")
     HistoryStore(settings).write_checkpoint("seed", 0, stored, Progress(0, None))
@@ -117,6 +147,9 @@ def test_forecasts_equal_offline_inference_and_survive_kill_9(
         scored = {k for k in expected if k[1] + H * STEP <= last}
         scores = collect_scores(settings, scored, 60)
         assert proc.wait(60) == 0, (tmp_path / "f2.log").read_text()[-2000:]
+        flagged = offline_anomalies(seen, windows)
+        assert ("b", spike_at) in flagged
+        anomalies = collect_anomalies(settings, set(flagged), 60)  # the job has exited: all of them are there
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -132,6 +165,12 @@ def test_forecasts_equal_offline_inference_and_survive_kill_9(
     # equal to an offline computation from the forecast messages and the windows
     for key, msgs in seen.items():  # served (calibrated) quantiles repeat exactly too
         assert all(m["points"] == msgs[0]["points"] for m in msgs), key
+    # anomalies: exactly the actuals outside the served 98% interval of the forecast one window before,
+    # none missing after the kill, repeats identical
+    assert set(anomalies) == set(flagged)
+    for key, msgs in anomalies.items():
+        assert all(m == msgs[0] for m in msgs), key
+        assert msgs[0]["side"] == flagged[key] and msgs[0]["level"] == 0.98 and msgs[0]["tail_probability"] < 0.02
     assert set(scores) == scored
     want = offline_scores({k: seen[k][0] for k in scored}, windows, season=24)
     abs_err, inside, n = 0.0, 0, 0
@@ -195,8 +234,8 @@ def test_an_independent_kafka_client_reads_forecasts_as_json(
         assert rec.key.decode() == msg["series"] == "x"
         assert set(msg) == {"series", "issued_at", "last_window_end", "model", "step_ms", "calibrated", "points"}
         assert msg["calibrated"] is True  # the default: served quantiles calibrated, the model's own kept
-        assert len(msg["points"]) == H and set(msg["points"][0]["quantiles"]) == {"0.1", "0.5", "0.9"}
-        assert set(msg["points"][0]["model_quantiles"]) == {"0.1", "0.5", "0.9"}
+        assert len(msg["points"]) == H and set(msg["points"][0]["quantiles"]) == {f"{q:g}" for q in QUANTILES}
+        assert set(msg["points"][0]["model_quantiles"]) == {f"{q:g}" for q in QUANTILES}
     assert sorted(json.loads(r.value)["last_window_end"] for r in records) == windows["window_end"].to_list()[-3:]
 
 
@@ -289,8 +328,9 @@ def test_a_new_champion_is_picked_up_without_restart(
             (live,) = seen[(name, t_live + HOUR_MS)]
             np.testing.assert_allclose([p["mean"] for p in live["points"]], rows["mean"], rtol=1e-5, atol=1e-6)
             # the model's own quantiles (served ones are calibrated from the first forecast, from the
-            # version's holdout offsets)
+            # version's holdout offsets: they already differ from the model's own)
             assert live["calibrated"] is True
+            assert any(p["quantiles"] != p["model_quantiles"] for p in live["points"])
             for q in ("0.1", "0.9"):
                 np.testing.assert_allclose([p["model_quantiles"][q] for p in live["points"]], rows[f"q{q}"],
                                            rtol=1e-5, atol=1e-6)

@@ -221,3 +221,47 @@ def test_scores_with_none_yet_and_follow(scores_settings: Settings, test_env: di
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_scores_anomalies_lists_the_anomalies_topic_once_each(test_env: dict[str, str]) -> None:
+    """Anomaly messages (pipeline.anomalies_io's format, as the scorer builds them; not produced by the
+    forecast job here) on a topic of the test's own, one repeated and one stray record among them."""
+    import numpy as np
+
+    from pipeline.anomalies_io import anomaly_messages
+    from pipeline.kafka.clients import ensure_topics, make_admin, make_producer
+
+    test_env["ROLLCAST_TOPICS__ANOMALIES"] = f"anomalies-{uuid.uuid4().hex[:10]}"
+    s = load_settings(env=test_env)
+    ensure_topics(s, [s.topics.anomalies])
+    hour = 3_600_000
+    msgs = anomaly_messages(["a", "b", "a"], np.array([5 * hour, 2 * hour, 9 * hour]), np.array([9.5, -4.0, 12.25]),
+                            np.zeros(3), np.full(3, -2.0), np.full(3, 2.0), np.array([1e-5, 3e-3, 1e-9]), 0.98,
+                            [("tcn", "1"), ("tcn", "2")], np.array([0, 0, 1]), np.array([1, 2, 3]), hour)
+    producer = make_producer(s)
+    try:
+        for key, value in [*msgs, msgs[0], ("junk", b"{not an anomaly")]:
+            producer.send(s.topics.anomalies, key=key.encode(), value=value)
+        producer.flush(timeout=30)
+    finally:
+        producer.close()
+    try:
+        r = rollcast("scores", "--anomalies", "--json", *IDLE, env=test_env)
+        assert r.returncode == 0, r.stderr
+        got = json.loads(r.stdout)
+        assert [(m["series"], m["ts"], m["side"], m["model"]["version"]) for m in got] == [
+            ("b", 2 * hour, "below", "1"), ("a", 5 * hour, "above", "1"), ("a", 9 * hour, "above", "2")]
+        assert got[1]["actual"] == 9.5 and got[1]["lower"] == -2.0 and got[1]["tail_probability"] == 1e-5
+        r = rollcast("scores", "--anomalies", "--series", "a", *IDLE, env=test_env)
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.strip().splitlines()
+        assert len(lines) == 2 and all(line.startswith("a  ") for line in lines), r.stdout
+        assert "actual 9.5 above the 98% interval [-2, 2]" in lines[0] and "v2" in lines[1]
+    finally:
+        admin = make_admin(s)
+        try:
+            admin.delete_topics([s.topics.anomalies])
+        except Exception as e:  # noqa: BLE001 - cleanup must not fail the test
+            logging.getLogger(__name__).warning("could not delete the test topic: %s", e)
+        finally:
+            admin.close()

@@ -69,6 +69,19 @@ def test_cycles_log_runs_register_versions_and_gate_the_champion(mlflow_server: 
     plots = {a.path for a in client.list_artifacts(c1.run_id, "plots")}
     assert "plots/loss.png" in plots
     assert sum(path.startswith("plots/forecast_") and path.endswith(".png") for path in plots) == 3
+    # the holdout's split-conformal offsets: with the version's model (the forecast job starts from them)
+    # and as a run artifact, with the holdout coverage raw and calibrated (out of sample) as metrics
+    for key in ("holdout_coverage_raw", "holdout_coverage_calibrated_second_half"):
+        assert 0.0 <= run.data.metrics[key] <= 1.0, key
+    from models.serving.forecaster import load_holdout_offsets
+
+    mlflow.set_tracking_uri(mlflow_server)
+
+    model_dir = Path(mlflow.artifacts.download_artifacts(f"runs:/{c1.run_id}/calibration", dst_path=str(tmp_path / "cal")))
+    offsets = load_holdout_offsets(model_dir)
+    assert offsets is not None and offsets.horizon == 12 and offsets.quantiles == s.model.quantiles
+    assert offsets.pooled.shape == (12, len(s.model.quantiles)) and offsets.windows > 0
+    assert offsets.coverage["raw"] == pytest.approx(run.data.metrics["holdout_coverage_raw"])
 
     v1 = client.get_model_version(name, "1")
     assert v1.run_id == c1.run_id

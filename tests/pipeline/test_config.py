@@ -15,7 +15,7 @@ def test_defaults_build_without_any_source() -> None:
     assert s.topics.observations == "observations"
     assert s.topics.dlq == "observations.dlq"
     assert s.kafka.bootstrap_servers is None
-    assert s.model.quantiles == [0.1, 0.5, 0.9]
+    assert s.model.quantiles == [0.01, 0.1, 0.5, 0.9, 0.99]
 
 
 def test_toml_then_env_override(tmp_path: Path) -> None:
@@ -102,3 +102,14 @@ def test_window_targets_are_the_aggregates() -> None:
     assert e.value.problems == [
         "window.target: Input should be 'count', 'first', 'last', 'min', 'max', 'mean' or 'sum' (got \"median\")"
     ]
+
+
+def test_the_anomaly_level_needs_its_quantiles() -> None:
+    bad = {"ROLLCAST_MODEL__QUANTILES": "[0.1, 0.5, 0.9]"}
+    with pytest.raises(ConfigError) as e:
+        load_settings(env=bad)
+    text = str(e.value)
+    assert "anomalies.level 0.98 needs the quantiles 0.01 and 0.99" in text and "anomalies.enabled = false" in text
+    assert load_settings(env={**bad, "ROLLCAST_ANOMALIES__ENABLED": "false"}).model.quantiles == [0.1, 0.5, 0.9]
+    assert load_settings(env={**bad, "ROLLCAST_ANOMALIES__LEVEL": "0.8"}).anomalies.level == 0.8
+    assert load_settings(env={**bad, "ROLLCAST_SCORING__ENABLED": "false"}).anomalies.enabled

@@ -28,7 +28,7 @@ from models.scoring.calibration import (
 QUANTILES = [0.05, 0.25, 0.5, 0.75, 0.95]
 MEDIAN = QUANTILES.index(0.5)
 ETA, MAX_OFFSET = 0.05, 20.0
-RATES = (0.01, 0.05, 0.25, 1.0)
+RATES = (0.01, 0.1, 1.0)
 BETA, SIGMA, N0 = 2.0, 0.005, 20.0
 ROWS, H, T = 3, 2, 3000
 
@@ -57,7 +57,7 @@ class ReferenceCell:
         self.q, self.median = list(quantiles), list(quantiles).index(0.5)
         self.rates, self.beta, self.sigma, self.n0, self.eta, self.max = rates, beta, sigma, n0, eta, max_offset
         self.e = [[c] * len(rates) for c in start]
-        self.p = [[1.0 / len(rates)] * len(rates) for _ in start]
+        self.p = [1.0 / len(rates)] * len(rates)  # shared by the levels
         self.g = [0.0 for _ in start]
         self.n = evidence
         self.pooled = pooled
@@ -66,22 +66,24 @@ class ReferenceCell:
         lam = self.n / (self.n + self.n0) if self.n0 > 0 else 1.0
         out = []
         for j in range(len(self.q)):
-            own = sum(p * e for p, e in zip(self.p[j], self.e[j], strict=True)) + self.g[j]
+            own = sum(p * e for p, e in zip(self.p, self.e[j], strict=True)) + self.g[j]
             out.append(0.0 if j == self.median else lam * own + (1 - lam) * self.pooled[j])
         return out
 
     def update(self, pred: list[float], served: list[float], y: float) -> None:
         width = max(pred[-1] - pred[0], max(1e-6 * abs(pred[self.median]), 1e-9))
+        losses = [0.0] * len(self.rates)  # each expert's pinball loss, summed over the levels
         for j, tau in enumerate(self.q):
             if j == self.median:
                 continue
             s = (y - pred[j]) / width
-            losses = [max(tau * (s - e), (tau - 1) * (s - e)) for e in self.e[j]]
+            for k, e in enumerate(self.e[j]):
+                losses[k] += max(tau * (s - e), (tau - 1) * (s - e))
             self.e[j] = [min(max(e + r * (tau - (s <= e)), -self.max), self.max)
                          for e, r in zip(self.e[j], self.rates, strict=True)]
-            w = [p * math.exp(-self.beta * (loss - min(losses))) for p, loss in zip(self.p[j], losses, strict=True)]
-            self.p[j] = [(1 - self.sigma) * x / sum(w) + self.sigma / len(self.rates) for x in w]
             self.g[j] = min(max(self.g[j] + self.eta * (tau - (y <= served[j])), -self.max), self.max)
+        w = [p * math.exp(-self.beta * (loss - min(losses))) for p, loss in zip(self.p, losses, strict=True)]
+        self.p = [(1 - self.sigma) * x / sum(w) + self.sigma / len(self.rates) for x in w]
         self.n += 1
 
 

@@ -37,8 +37,12 @@ class Scored:
     """A batch's scores (the surface of models.scoring.scorer.Emitted the sender reads); ``gate`` holds the
     build until it is set, ``error`` makes it fail."""
 
-    def __init__(self, *series: str, gate: threading.Event | None = None, error: Exception | None = None):
-        self.series, self.gate, self.error = series, gate, error
+    def __init__(self, *series: str, gate: threading.Event | None = None, error: Exception | None = None,
+                 anomalies: tuple[str, ...] = ()):
+        self.series, self.gate, self.error, self.anomalies = series, gate, error, anomalies
+
+    def anomaly_messages(self) -> list[tuple[str, bytes]]:
+        return [(s, f'{{"anomaly":"{s}"}}'.encode()) for s in self.anomalies]
 
     def messages(self) -> list[tuple[str, bytes]]:
         if self.gate is not None:
@@ -53,7 +57,8 @@ class Scored:
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return load_settings(env={"ROLLCAST_DATA_DIR": str(tmp_path), "ROLLCAST_TOPICS__SCORES": "scores"})
+    return load_settings(env={"ROLLCAST_DATA_DIR": str(tmp_path), "ROLLCAST_TOPICS__SCORES": "scores",
+                                  "ROLLCAST_TOPICS__ANOMALIES": "anomalies"})
 
 
 def test_submit_returns_before_the_messages_are_built_and_confirm_waits_for_them(settings: Settings) -> None:
@@ -97,5 +102,19 @@ def test_a_confirm_the_broker_refuses_is_sticky(settings: Settings) -> None:
         sender.confirm()
     producer.fail_confirm = False
     with pytest.raises(BrokerUnavailable):
+        sender.confirm()
+    sender.close(1.0)
+
+
+def test_anomalies_go_to_their_topic_with_the_scores_and_are_confirmed_with_them(settings: Settings) -> None:
+    producer = ScriptedProducer()
+    sender = ScoreSender(settings, producer)
+    sender.submit(Scored("a", anomalies=("b",)), {"a": 0}, {"b": 2})
+    sender.confirm()
+    assert producer.sent == [("scores", [(b"a", b'{"series":"a"}', 0)]),
+                             ("anomalies", [(b"b", b'{"anomaly":"b"}', 2)])]
+    assert producer.confirmed == [2]
+    sender.submit(Scored(anomalies=("c",)), {}, None)  # flagged, but no partitions given: a bug, raised
+    with pytest.raises(ValueError, match="partitions"):
         sender.confirm()
     sender.close(1.0)

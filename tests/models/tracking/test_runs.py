@@ -76,7 +76,7 @@ def test_run_params_flatten_the_model_the_training_settings_and_the_span(tmp_pat
     s = train_settings("http://127.0.0.1:1", tmp_path)
     params = tracking.run_params(s, candidate(s), SPAN)
     assert params["model_type"] == "tcn" and params["model.context"] == 48 and params["train.holdout_windows"] == 48
-    assert json.loads(params["model.quantiles"]) == [0.1, 0.5, 0.9]  # lists as JSON
+    assert json.loads(params["model.quantiles"]) == [0.01, 0.1, 0.5, 0.9, 0.99]  # lists as JSON
     assert params["data_end_ms"] == 800 * HOUR_MS and params["data_series"] == 3
     assert params["window.length_ms"] == HOUR_MS and params["window.target"] == "mean"
 

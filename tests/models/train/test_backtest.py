@@ -516,7 +516,8 @@ def test_cli_backtest_origins_every_window_after_a_burn_in(tmp_path: Path) -> No
     data = windows_to_matrix(frame, "mean")
     for row in table.iter_rows(named=True):
         ours = rolling_origin(row["model"], data, n_origins=80, season=24, origin_every=1, burn_in=20,
-                              config={"context": 48, "horizon": 6, "season": 24},
+                              config={"context": 48, "horizon": 6, "season": 24,
+                                      "quantiles": load_settings(env={}).model.quantiles},
                               calibration=load_settings(env={}).calibration)
         for key in ("mae", "coverage", "calibrated_coverage"):
             assert row[key] == pytest.approx(ours.metrics[key], rel=1e-9), key
