@@ -137,7 +137,9 @@ def run_case(bootstrap: str, model_name: str, n_series: int, rounds: int, contex
     history = pl.concat([windows_at(series, i, rng) for i in range(context)])
     HistoryStore(settings).write_checkpoint("seed", 0, history, Progress(0, None))
     # saved as training saves it, with its ONNX graph: forecast.runtime says which form serves
-    model_dir = models.save_model(models.create_model(model_name, context=context, horizon=horizon),
+    # with the quantiles the settings give (the default: 0.01, 0.1, 0.5, 0.9, 0.99, so anomalies are flagged)
+    model_dir = models.save_model(models.create_model(model_name, context=context, horizon=horizon,
+                                                      quantiles=list(settings.model.quantiles)),
                                   work / suffix / "model")
 
     log = open(work / f"{suffix}.log", "wb")  # noqa: SIM115
