@@ -54,12 +54,12 @@ class LiveTotals:
 
     @property
     def coverage(self) -> float:
-        """Share of actuals inside the served outer interval."""
+        """Share of actuals inside the served interval (q0.1-q0.9, pipeline.quantiles)."""
         return self.inside / self.points if self.points else math.nan
 
     @property
     def model_coverage(self) -> float:
-        """Share of actuals inside the model's own outer interval."""
+        """Share of actuals inside the model's own interval (q0.1-q0.9, pipeline.quantiles)."""
         return self.model_inside / self.points if self.points else math.nan
 
     def as_dict(self) -> dict[str, float]:

@@ -113,7 +113,7 @@ class PointErrors:
     abs_error: np.ndarray
     sq_error: np.ndarray
     pinball: np.ndarray  # of each served quantile
-    inside: np.ndarray  # within the served outer interval
+    inside: np.ndarray  # within the served interval (pipeline.quantiles: q0.1-q0.9)
     model_inside: np.ndarray  # within the model's own
     naive: np.ndarray  # seasonal naive's forecast from the same origin
     naive_abs_error: np.ndarray

@@ -14,7 +14,7 @@ batched over origins (:func:`forecast_at`).
 With calibration settings (``rollcast backtest`` passes ``settings.calibration``), the quantiles are also
 calibrated online as the forecast job serves them (:func:`calibrate_sequentially`, the
 :class:`~models.scoring.calibration.QuantileTracker` of the live job, same learning rate and offset bound), origin
-after origin, and ``calibrated_coverage`` is the coverage of the served outer interval next to
+after origin, and ``calibrated_coverage`` is the coverage of the served interval (q0.1-q0.9) next to
 ``coverage``, the model's own. The median, so every point metric, is the same either way. ``burn_in``
 origins (the first ones) are left out of both coverages, not of the calibration nor of the point metrics.
 """
@@ -253,7 +253,7 @@ def evaluate(
 
     ``calibration`` (enabled): the quantiles are also calibrated online, origin after origin, as the
     forecast job serves them (:func:`calibrate_sequentially`; ``versions`` and ``priors`` as there); the result holds them
-    (``calibrated``) and the metrics add ``calibrated_coverage``, the coverage of their outer interval
+    (``calibrated``) and the metrics add ``calibrated_coverage``, the coverage of their interval (q0.1-q0.9)
     (``coverage`` stays the model's own). The median is not moved: every other metric is unchanged.
 
     ``burn_in``: the first ``burn_in`` origins' forecasts are left out of ``coverage`` and

@@ -323,7 +323,7 @@ def train_candidates(
         backtest = evaluate_on_holdout(model, data, settings)
         metrics = {f"holdout_{k}": v for k, v in backtest.metrics.items()}
         calibration = holdout_calibration(model, data, settings)
-        if calibration is not None:  # coverage of the outer interval, raw and split-conformal (out of sample)
+        if calibration is not None:  # coverage of the 80% interval, raw and split-conformal (out of sample)
             metrics.update({f"holdout_coverage_{k}": v for k, v in calibration.coverage.items()})
         cand = Candidate(model_type, config, model, result.train_loss, result.val_loss, metrics, backtest, seconds,
                          cycle_kind=plan.kind, parent_version=plan.parent, warm_cycles=plan.warm_cycles,
