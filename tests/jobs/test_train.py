@@ -142,7 +142,8 @@ def test_pyfunc_champion_predicts_like_the_saved_model(mlflow_server: str, tmp_p
     })
     pyfunc = mlflow.pyfunc.load_model(f"models:/{s.mlflow.registered_model}@{s.mlflow.champion_alias}")
     out = pyfunc.predict(frame)
-    assert list(out.columns) == ["series", "step", "ts", "mean", "q0.1", "q0.5", "q0.9"]
+    qcols = [f"q{q:g}" for q in s.model.quantiles]  # the default: q0.01, q0.1, q0.5, q0.9, q0.99
+    assert list(out.columns) == ["series", "step", "ts", "mean", *qcols]
     assert len(out) == 3 * H
 
     model = models.load_model(model_dir)
@@ -153,9 +154,10 @@ def test_pyfunc_champion_predicts_like_the_saved_model(mlflow_server: str, tmp_p
     expected = models.predict(model, ctx, window_end_ms=ends)  # (B, H, Q)
     got = out.sort_values(["series", "step"])
     # the pyfunc model runs the version's ONNX graph (models.compiled): equal to eager within its tolerance
-    np.testing.assert_allclose(got[["q0.1", "q0.5", "q0.9"]].to_numpy().reshape(len(names), H, 3), expected,
+    np.testing.assert_allclose(got[qcols].to_numpy().reshape(len(names), H, len(qcols)), expected,
                                rtol=RTOL, atol=ATOL)
-    np.testing.assert_allclose(got["mean"].to_numpy(), expected[:, :, 1].reshape(-1), rtol=RTOL, atol=ATOL)
+    median = list(s.model.quantiles).index(0.5)
+    np.testing.assert_allclose(got["mean"].to_numpy(), expected[:, :, median].reshape(-1), rtol=RTOL, atol=ATOL)
     assert got["series"].iloc[0] == names[0]
     assert (got.groupby("series")["ts"].min().to_numpy() == ends[:, -1]).all()  # step 1 starts at the last end
     assert (np.diff(got["ts"].to_numpy()[:H]) == s.window.length_ms).all()
