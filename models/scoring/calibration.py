@@ -329,6 +329,16 @@ class QuantileTracker:
             getattr(self, k)[rows] = arrays[f"cal_{k}"]
         return True
 
+    def load_offsets(self, rows: np.ndarray, offsets: np.ndarray, updates: np.ndarray) -> None:
+        """Put the state of a single-offset tracker (scoring state format 1: offsets ``(n, H, Q)`` and settled
+        windows ``(n, H)``) in ``rows``: every expert starts from the offset, weights uniform, the guard at 0,
+        the settled windows as the evidence."""
+        self.experts[rows] = np.asarray(offsets, dtype=np.float64)[..., None]
+        self.weights[rows] = 1.0 / len(self.rates)
+        self.guard[rows] = 0.0
+        self.evidence[rows] = updates
+        self.updates[rows] = updates
+
     # ------------------------------------------------------------------ serving and settling
 
     def served_offsets(self, rows: np.ndarray) -> np.ndarray:

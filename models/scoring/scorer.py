@@ -192,15 +192,13 @@ class Emitted:
         """``(series, JSON bytes)`` per anomaly flagged in the batch (:mod:`pipeline.anomalies_io`)."""
         if not self._anomalies:
             return []
-        j = {k: ([x for p in self._anomalies for x in p[k]] if k == "names"
-                 else np.concatenate([p[k] for p in self._anomalies])) for k in self._anomalies[0]}
+        j = _concat(self._anomalies)
         return anomaly_messages(j["names"], j["ts"], j["actual"], j["forecast"], j["lower"], j["upper"], j["tail"],
                                 float(self.anomaly_level), self.models, j["model_index"], j["issued_at"], self.step)
 
     def _joined(self) -> dict[str, Any]:
         if len(self._parts) > 1:
-            self._parts = [{k: ([x for p in self._parts for x in p[k]] if k == "names"
-                                else np.concatenate([p[k] for p in self._parts])) for k in self._parts[0]}]
+            self._parts = [_concat(self._parts)]
         return self._parts[0]
 
     def _point_errors(self) -> PointErrors:
@@ -235,6 +233,12 @@ class Emitted:
         if None in decoded:
             raise ValueError("pipeline.scores_io built a score message its decode_score rejects (a bug)")
         return [m for m in decoded if m is not None]
+
+
+def _concat(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Parts of :class:`Emitted` (``names`` a list, the rest arrays) as one."""
+    return {k: ([x for p in parts for x in p[k]] if k == "names" else np.concatenate([p[k] for p in parts]))
+            for k in parts[0]}
 
 
 @dataclass
@@ -557,13 +561,8 @@ class Scorer:
                 self.a[k][rows] = z[k]
             self.a["model"][rows] = remap[z["model"]]
             self.a["partition"][rows] = partition
-            if meta["format"] == 1:  # one offset per (step, quantile): every expert starts from it
-                old = {"cal_experts": np.repeat(z["offsets"][..., None], len(self.tracker.rates), axis=-1),
-                       "cal_weights": np.full((*z["offsets"].shape[:-1], len(self.tracker.rates)),
-                                              1.0 / len(self.tracker.rates)),
-                       "cal_guard": np.zeros(z["offsets"].shape), "cal_evidence": z["updates"].astype(np.float64),
-                       "cal_updates": z["updates"]}
-                self.tracker.load_state(rows, old)
+            if meta["format"] == 1:  # one offset per (step, quantile), before the experts
+                self.tracker.load_offsets(rows, z["offsets"], z["updates"])
             elif not self.tracker.load_state(rows, z):
                 log.warning("calibration state of windows partition %d is of other expert steps: its series "
                             "start from the model's holdout offsets", partition)

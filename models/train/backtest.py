@@ -127,12 +127,19 @@ def window_offsets(model: ForecastModel, data: SeriesMatrix, first: int, end: in
     every = max(1, -(-(last - first + 1) * S // max_contexts))
     origins = np.arange(first, last + 1, every)
     preds = forecast_at(model, data, origins)
-    actuals = np.stack([data.values[:, o : o + H] for o in origins], axis=1).astype(np.float64)
-    if data.known is not None:
-        actuals = np.where(np.stack([data.known[:, o : o + H] for o in origins], axis=1), actuals, np.nan)
+    actuals = settled_actuals(data, origins, np.stack([data.values[:, o : o + H] for o in origins], axis=1))
     offsets = holdout_offsets(preds, actuals, data.series, cfg.quantiles, max_offset)
     offsets.coverage = holdout_coverage(preds, actuals, data.series, cfg.quantiles, max_offset)
     return offsets
+
+
+def settled_actuals(data: SeriesMatrix, origins: np.ndarray, actuals: np.ndarray) -> np.ndarray:
+    """``actuals`` ``(S, n_origins, H)`` as the forecast job settles them: live, a gap window settles nothing
+    (its value is NaN), while the matrix carries the last value forward across gaps."""
+    if data.known is None:
+        return actuals
+    H = actuals.shape[2]
+    return np.where(np.stack([data.known[:, o : o + H] for o in origins], axis=1), actuals, np.nan)
 
 
 def fit_window_offsets(model: ForecastModel, data: SeriesMatrix, origin: int, train: TrainSettings,
@@ -272,11 +279,7 @@ def evaluate(
     measured = slice(burn_in, None)  # the origins the coverages count
     calibrated = None
     if calibration is not None and calibration.enabled:
-        # live, a gap window settles nothing (its value is NaN); the actuals here carry the last value
-        # forward across gaps, so the tracker sees NaN there instead
-        settled = actuals if data.known is None else np.where(
-            np.stack([data.known[:, o : o + H] for o in origins], axis=1), actuals, np.nan)
-        calibrated = calibrate_sequentially(forecasts, settled, origins, qs, calibration, versions, priors,
+        calibrated = calibrate_sequentially(forecasts, settled_actuals(data, origins, actuals), origins, qs, calibration, versions, priors,
                                             data.series)
         lo, hi = interval_indices(qs)
         scores["calibrated_coverage"] = M.coverage(actuals[:, measured], calibrated[:, measured, :, lo],

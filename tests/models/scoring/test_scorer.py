@@ -129,6 +129,31 @@ def test_a_saved_state_resumes_with_the_same_scores_and_forecasts() -> None:
         np.testing.assert_array_equal(served, whole[0][key][0][0])
 
 
+def test_a_state_saved_before_the_experts_loads_with_every_expert_at_its_offset() -> None:
+    """Scoring state format 1 (one offset per series, step and quantile, and the settled windows), as a
+    forecast job saved it before this version: read, every expert starting from the offset."""
+    import io
+    import json
+
+    scorer = Scorer(settings(), MODEL, H, STEP)
+    run_all(scorer, stream(), batch=3)
+    with np.load(io.BytesIO(scorer.save(0, offset=7)), allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files if not k.startswith("cal_")}
+    meta = json.loads(bytes(arrays.pop("meta")).decode())
+    n = len(meta["series"])
+    offsets = np.random.default_rng(1).normal(size=(n, H, len(Q))) * np.array([1.0, 0.0, 1.0])
+    updates = np.arange(n * H).reshape(n, H)
+    buf = io.BytesIO()
+    np.savez(buf, meta=np.frombuffer(json.dumps({**meta, "format": 1}).encode(), dtype=np.uint8),
+             offsets=offsets, updates=updates, **arrays)
+    again = Scorer(settings(), MODEL, H, STEP)
+    assert again.load(0, buf.getvalue()) == 7
+    rows = np.array([again.rows[s] for s in meta["series"]])
+    np.testing.assert_array_equal(again.tracker.experts[rows], np.repeat(offsets[..., None], 3, axis=-1))
+    np.testing.assert_array_equal(again.tracker.updates[rows], updates)
+    assert (again.tracker.guard[rows] == 0).all() and np.allclose(again.tracker.weights[rows], 1 / 3)
+
+
 def test_a_repeated_window_is_sent_as_first_served_and_settles_nothing_again() -> None:
     rows = stream(n_series=1, n=12)
     scorer = Scorer(settings(), MODEL, H, STEP)
