@@ -302,9 +302,14 @@ class CalibrationSettings(_Section):
         "offsets from its holdout (holdout) or the model's own quantiles (zero)",
     )
     expert_rates: list[float] = Field(
-        default_factory=lambda: [0.01, 0.1, 1.0], min_length=1,
-        description="step sizes of the online experts, in model interval widths per settled window; the served "
-        "offset weights them by their recent pinball loss (DtACI)",
+        default_factory=lambda: [0.01, 0.05, 0.2], min_length=1,
+        description="step sizes of the online experts, in model interval widths per settled window (at horizon "
+        "step 1; see delay_exponent); the served offset weights them by their recent pinball loss (DtACI)",
+    )
+    delay_exponent: float = Field(
+        0.5, ge=0, le=1, description="the expert and guard step sizes of horizon step h are divided by "
+        "h ** this: step h settles h windows after it is served, so h forecasts of it are out before the first "
+        "feedback, and full steps would overshoot and oscillate (0: no damping, 1: divided by the delay)",
     )
     weight_rate: float = Field(2.0, ge=0, description="how fast the experts' weights follow their pinball loss")
     mixing: float = Field(0.005, ge=0, lt=1, description="share of uniform weight mixed in after every update")
@@ -334,7 +339,7 @@ class CalibrationSettings(_Section):
         """The :class:`models.scoring.calibration.QuantileTracker` keyword arguments of these settings."""
         return {"learning_rate": self.learning_rate, "max_offset": self.max_offset,
                 "expert_rates": tuple(self.expert_rates), "weight_rate": self.weight_rate, "mixing": self.mixing,
-                "shrink_windows": self.shrink_windows}
+                "shrink_windows": self.shrink_windows, "delay_exponent": self.delay_exponent}
 
 
 class AnomalySettings(_Section):

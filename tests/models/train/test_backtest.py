@@ -234,10 +234,12 @@ def _reference(fc, actuals, origins, cal, versions):
     step t - o of every earlier origin o (of the serving model)."""
     S, n_origins, H, Q = fc.shape
     params = {"rates": tuple(cal.expert_rates), "beta": cal.weight_rate, "sigma": cal.mixing,
-              "n0": cal.shrink_windows, "eta": cal.learning_rate, "max_offset": cal.max_offset}
+              "n0": cal.shrink_windows, "eta": cal.learning_rate, "max_offset": cal.max_offset,
+              "delay": cal.delay_exponent}
 
     def fresh():  # no prior: every series starts from 0
-        return [[ReferenceCell([0.0] * Q, 0.0, [0.0] * Q, CAL_Q, **params) for _ in range(H)] for _ in range(S)]
+        return [[ReferenceCell([0.0] * Q, 0.0, [0.0] * Q, CAL_Q, step=h + 1, **params) for h in range(H)]
+                for _ in range(S)]
 
     c = fresh()
     served = np.full(fc.shape, np.nan, dtype=np.float32)
