@@ -279,6 +279,9 @@ class QuantileTracker:
         self.experts = np.zeros((0, H, Q, K))
         self.weights = np.zeros((0, H, K))  # shared by the levels of a (row, step)
         self.guard = np.zeros((0, H, Q))
+        # sum_k p_k e_k + g of every (row, step, level): derived from the three above, kept up to date where
+        # they change, so that serving reads one array instead of mixing every expert again
+        self.own = np.zeros((0, H, Q))
         self.evidence = np.zeros((0, H))  # windows behind each row's own offsets: holdout + settled live
         self.updates = np.zeros((0, H), dtype=np.int64)  # settled windows seen live per step
         self.prior = prior
@@ -307,6 +310,7 @@ class QuantileTracker:
             self.experts = np.concatenate([self.experts, np.zeros((extra, *self.experts.shape[1:]))])
             self.weights = np.concatenate([self.weights, np.zeros((extra, *self.weights.shape[1:]))])
             self.guard = np.concatenate([self.guard, np.zeros((extra, *self.guard.shape[1:]))])
+            self.own = np.concatenate([self.own, np.zeros((extra, *self.own.shape[1:]))])
             self.evidence = np.concatenate([self.evidence, np.zeros((extra, self.horizon))])
             self.updates = np.concatenate([self.updates, np.zeros((extra, self.horizon), dtype=np.int64)])
             self.reset(np.arange(have, have + extra))
@@ -326,6 +330,11 @@ class QuantileTracker:
         self.guard[idx] = 0.0
         self.evidence[idx] = np.asarray(evidence, dtype=np.float64)[:, None]
         self.updates[idx] = 0
+        self._mix(idx)
+
+    def _mix(self, rows: np.ndarray) -> None:
+        """Recompute :attr:`own` of ``rows`` from the experts, weights and guard."""
+        self.own[rows] = (self.experts[rows] * self.weights[rows][:, :, None, :]).sum(-1) + self.guard[rows]
 
     # ------------------------------------------------------------------ state (the forecast job's checkpoint)
 
@@ -343,6 +352,7 @@ class QuantileTracker:
             return False
         for k in self.STATE:
             getattr(self, k)[rows] = arrays[f"cal_{k}"]
+        self._mix(rows)
         return True
 
     def load_offsets(self, rows: np.ndarray, offsets: np.ndarray, updates: np.ndarray) -> None:
@@ -354,12 +364,13 @@ class QuantileTracker:
         self.guard[rows] = 0.0
         self.evidence[rows] = updates
         self.updates[rows] = updates
+        self._mix(rows)
 
     # ------------------------------------------------------------------ serving and settling
 
     def served_offsets(self, rows: np.ndarray) -> np.ndarray:
         """The offsets served for ``rows`` ``(n, H, Q)`` (module docstring)."""
-        own = (self.experts[rows] * self.weights[rows][:, :, None, :]).sum(-1) + self.guard[rows]
+        own = self.own[rows]
         n = self.evidence[rows][..., None]
         lam = n / (n + self.shrink_windows) if self.shrink_windows > 0 else np.ones_like(n)
         return (lam * own + (1.0 - lam) * self.pooled) * self.levels
@@ -429,14 +440,17 @@ class QuantileTracker:
         w += self.mixing / K
         weights[cell] = w
         covered = actual[:, None] <= served  # (N, Q): at or below the served quantile
-        guard[cell] = np.clip(guard[cell] + self.learning_rate * f[:, :, 0] * levels * (tau - covered), -M, M)
+        gd = np.clip(guard[cell] + self.learning_rate * f[:, :, 0] * levels * (tau - covered), -M, M)
+        guard[cell] = gd
+        e *= w[:, None, :]
+        self.own.reshape(-1, Q)[cell] = e.sum(-1) + gd  # _mix of the cells
         self.evidence.reshape(-1)[cell] += 1.0
         self.updates.reshape(-1)[cell] += 1
 
 
 def calibrate(preds: np.ndarray, offsets: np.ndarray, median: int) -> np.ndarray:
-    """``preds + offsets * width``, with lower quantiles kept at or below the median and upper ones at or
-    above it, in order (``preds`` and ``offsets`` broadcast over ``(..., H, Q)``)."""
+    """``preds + offsets * width``, each quantile at or beyond its inner neighbour outward from the median
+    (``preds`` and ``offsets`` broadcast over ``(..., H, Q)``)."""
     out = preds + offsets * widths(preds, median)[..., None]
     out[..., median] = preds[..., median]
     # outward from the median: each quantile at or beyond its inner neighbour. Not a sort: a sort would
