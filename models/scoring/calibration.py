@@ -25,13 +25,6 @@ an offset ``e_k`` tracked with its own step ``gamma_k`` (``calibration.expert_ra
 
     e_k <- clip(e_k + gamma_k * h^-p * (tau - 1{s <= e_k}))
 
-**Delayed feedback.** Step ``h`` of a forecast settles ``h`` windows after it is served, so ``h`` more
-forecasts of that step are out before the first feedback on an offset arrives: an integrator with a
-delay, which overshoots and oscillates when its gain times the delay is large (at 0.05 interval widths
-per window and a 24-step horizon, intervals widened 1.4 times to cover what the model's own did, and a
-guard of 0.2 made them three times as wide). Every step size of step ``h`` (1-based) is therefore divided
-by ``h^p`` (``p = calibration.delay_exponent``, 0.5: between ignoring the delay and dividing by it).
-
 weighted by their recent pinball loss, summed over the levels of the (series, step) (the quantile score
 of the set the expert's step size gives; one weight per expert and (series, step), shared by the levels),
 ``l_k = sum_tau rho_tau(s_tau - e_k,tau)``: ``p_k <- p_k exp(-beta l_k)``, normalised, then mixed with the uniform, ``p <- (1 - sigma) p + sigma / K`` (``calibration.weight_rate``
@@ -41,6 +34,13 @@ move to whichever has been right lately. On 200 series whose model interval stay
 and then sees the spread triple at once (the worst case: the model learns nothing), the 80% interval of
 step 1 is back above 0.75 within 75 windows (``tests/models/scoring/test_calibration.py``); the single
 fixed step of 0.05 used before this recovers markedly slower.
+
+**Delayed feedback.** Step ``h`` of a forecast settles ``h`` windows after it is served, so ``h`` more
+forecasts of that step are out before the first feedback on an offset arrives: an integrator with a
+delay, which overshoots and oscillates when its gain times the delay is large (at 0.05 interval widths
+per window and a 24-step horizon, intervals widened 1.4 times to cover what the model's own did, and a
+guard of 0.2 made them three times as wide). Every step size of step ``h`` (1-based) is therefore divided
+by ``h^p`` (``p = calibration.delay_exponent``, 0.5: between ignoring the delay and dividing by it).
 
 **Shrink while young.** A series with few settled windows leans on the offsets of all series: with ``n``
 windows of evidence (its holdout windows, when it was started from its own, plus those settled live),
@@ -78,7 +78,7 @@ above the next one down). So each served quantile rises with its own offset and 
 offsets of the levels inside it, and the guard above always sees its own level: sorting instead would
 hand a level another level's value whenever two cross, and the two guards would then push each other
 apart (a runaway that cut the live coverage of a bundled dataset from 0.80 to 0.74). The guard sees the
-served (clamped) quantile, so its identity below is about what was served.
+served (clamped) quantile, so its identity above is about what was served.
 
 The same tracker serves the forecast job (``models.scoring.scorer``) and ``rollcast backtest``.
 """
@@ -334,7 +334,7 @@ class QuantileTracker:
 
     def _mix(self, rows: np.ndarray) -> None:
         """Recompute :attr:`own` of ``rows`` from the experts, weights and guard."""
-        self.own[rows] = (self.experts[rows] * self.weights[rows][:, :, None, :]).sum(-1) + self.guard[rows]
+        self.own[rows] = _mixed(self.experts[rows], self.weights[rows], self.guard[rows])
 
     # ------------------------------------------------------------------ state (the forecast job's checkpoint)
 
@@ -442,10 +442,15 @@ class QuantileTracker:
         covered = actual[:, None] <= served  # (N, Q): at or below the served quantile
         gd = np.clip(guard[cell] + self.learning_rate * f[:, :, 0] * levels * (tau - covered), -M, M)
         guard[cell] = gd
-        e *= w[:, None, :]
-        self.own.reshape(-1, Q)[cell] = e.sum(-1) + gd  # _mix of the cells
+        self.own.reshape(-1, Q)[cell] = _mixed(e, w, gd)
         self.evidence.reshape(-1)[cell] += 1.0
         self.updates.reshape(-1)[cell] += 1
+
+
+def _mixed(experts: np.ndarray, weights: np.ndarray, guard: np.ndarray) -> np.ndarray:
+    """``sum_k p_k e_k + g``: experts ``(..., Q, K)``, weights ``(..., K)`` (shared by the levels), guard
+    ``(..., Q)``."""
+    return (experts * weights[..., None, :]).sum(-1) + guard
 
 
 def calibrate(preds: np.ndarray, offsets: np.ndarray, median: int) -> np.ndarray:
@@ -453,10 +458,7 @@ def calibrate(preds: np.ndarray, offsets: np.ndarray, median: int) -> np.ndarray
     (``preds`` and ``offsets`` broadcast over ``(..., H, Q)``)."""
     out = preds + offsets * widths(preds, median)[..., None]
     out[..., median] = preds[..., median]
-    # outward from the median: each quantile at or beyond its inner neighbour. Not a sort: a sort would
-    # hand a level another level's value when two cross, and the guard of each would then track the
-    # other's coverage, pushing them further apart (a runaway). Clamped so, each served quantile rises
-    # with its own offset and depends only on those of the levels inside it.
+    # outward from the median, not a sort (module docstring: a sort lets the guards run away)
     out[..., median::-1] = np.minimum.accumulate(out[..., median::-1], axis=-1)
     out[..., median:] = np.maximum.accumulate(out[..., median:], axis=-1)
     return out
